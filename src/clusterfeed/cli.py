@@ -1,0 +1,346 @@
+"""The ``clusterfeed`` command: thin wrappers that parse, call the service, print.
+
+Every command takes ``--config`` (or $CLUSTERFEED_CONFIG). Errors an operator can fix
+(a bad config, an unreachable database) are printed as plain sentences with exit code
+2; a traceback means a bug in clusterfeed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from clusterfeed import __version__
+from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
+from clusterfeed.service import FeedOutcome, Service
+from clusterfeed.store import Delivery, Store, StoreError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    if _interactive():
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        fmt = "%(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "apscheduler.executors", "aiosmtplib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=CONFIG_ENV,
+        default=None,
+        help=f"Config file (default: ${CONFIG_ENV}, else config/clusterfeed.toml).",
+    )(func)
+
+
+def _fail(lines: list[str], code: int = 2) -> None:
+    for line in lines:
+        err.print(line, markup=False)
+    sys.exit(code)
+
+
+@contextmanager
+def _service(config_path: Path | None) -> Iterator[Service]:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"{len(exc.problems)} problem(s) in the config."]
+        )
+    store = Store(config.database_url)
+    try:
+        service = Service(config, store)
+        service.prepare()
+        yield service
+    except StoreError as exc:
+        _fail([f"error: {exc}"])
+    except ConfigError as exc:
+        _fail([f"error: {p}" for p in exc.problems])
+    finally:
+        store.close()
+
+
+def _handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except StoreError as exc:
+            _fail([f"error: {exc}"])
+        except KeyboardInterrupt:
+            _fail(["interrupted"], 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="clusterfeed")
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
+def main(verbose: bool) -> None:
+    """Merge a cluster's partner news into one Atom feed and a mailed digest."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@config_option
+def check(config_path: Path | None) -> None:
+    """Validate the config; exit non-zero listing every problem."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"{len(exc.problems)} problem(s) in the config."],
+            1,
+        )
+    subs = all_subscribers(config)
+    out.print(f"{config.source}: OK", markup=False)
+    out.print(
+        f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
+        f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
+        f"mail via {config.mail.transport}, store {config.database_url.split('://')[0]}",
+        markup=False,
+    )
+
+
+def _fetch_with_progress(service: Service) -> list[FeedOutcome]:
+    total = sum(1 for f in service.config.feeds if f.enabled)
+    if not _interactive():
+
+        def log_one(o: FeedOutcome) -> None:
+            logging.getLogger("clusterfeed.fetch").info(
+                "%s: %s%s",
+                o.name,
+                o.state,
+                f" ({o.new_entries} new, {o.updated_entries} updated)"
+                if o.state == "new"
+                else (f" – {o.message}" if o.message else ""),
+            )
+
+        return asyncio.run(service.fetch(log_one))
+    with Progress(
+        TextColumn("fetching"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("", total=total)
+
+        def advance(o: FeedOutcome) -> None:
+            progress.update(task, advance=1, description=o.name)
+
+        return asyncio.run(service.fetch(advance))
+
+
+def _print_outcomes(outcomes: list[FeedOutcome]) -> None:
+    new = sum(o.new_entries for o in outcomes)
+    failed = [o for o in outcomes if o.state == "failed"]
+    out.print(f"fetched {len(outcomes)} feeds: {new} new items, {len(failed)} failed", markup=False)
+    for o in failed:
+        out.print(f"  FAILED {o.name}: {o.message}", markup=False)
+    for o in outcomes:
+        if o.state != "failed" and o.message:
+            out.print(f"  warning {o.name}: {o.message}", markup=False)
+
+
+@main.command()
+@config_option
+@_handle_errors
+def fetch(config_path: Path | None) -> None:
+    """Fetch every feed once and store new items."""
+    with _service(config_path) as service:
+        _print_outcomes(_fetch_with_progress(service))
+
+
+@main.command()
+@config_option
+@_handle_errors
+def publish(config_path: Path | None) -> None:
+    """Write the combined Atom feed from what is stored."""
+    with _service(config_path) as service:
+        changed = service.publish()
+        out.print(f"{'wrote' if changed else 'unchanged'}: {service.feed_path()}", markup=False)
+
+
+def _send_with_progress(service: Service) -> Any:
+    if not _interactive():
+
+        def log_one(d: Delivery, outcome: str) -> None:
+            logging.getLogger("clusterfeed.mail").info("%s: %s", d.subscriber.email, outcome)
+
+        return asyncio.run(service.send_pending(on_progress=log_one))
+    total = len(service.store.pending_deliveries())
+    with Progress(
+        TextColumn("sending"), BarColumn(), MofNCompleteColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task("", total=total)
+        return asyncio.run(service.send_pending(on_progress=lambda d, o: progress.advance(task)))
+
+
+@main.command()
+@config_option
+@click.option(
+    "--preview",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML a subscriber would get to this file; send nothing.",
+)
+@click.option("--dry-run", is_flag=True, help="Show who would get how many stories; send nothing.")
+@_handle_errors
+def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> None:
+    """Send the digest now to every subscriber who has something new."""
+    with _service(config_path) as service:
+        if preview is not None:
+            preview.write_text(service.preview(), encoding="utf-8")
+            out.print(f"wrote preview: {preview}", markup=False)
+            return
+        if dry_run:
+            plan = service.plan_digest(service.clock())
+            for subscriber, stories in plan:
+                out.print(f"{subscriber.email}: {len(stories)} stories", markup=False)
+            out.print(
+                f"{len(plan)} subscribers would get a digest (dry run, nothing sent)", markup=False
+            )
+            return
+        _send_with_progress(service)  # finish what an earlier run left
+        now = service.clock()
+        _created, planned = service.create_digest(f"manual:{now.isoformat()}", now)
+        report = _send_with_progress(service)
+        out.print(
+            f"digest: {planned} planned, {report.sent} sent, "
+            f"{report.retry} deferred, {report.failed} failed"
+            + (
+                f" (mail in {service.config.mail.maildir}/new)"
+                if service.config.mail.transport == "maildir"
+                else ""
+            ),
+            markup=False,
+        )
+
+
+@main.command()
+@config_option
+@click.option("--once", is_flag=True, help="Run one full cycle (fetch, publish, digest) and exit.")
+@_handle_errors
+def run(config_path: Path | None, once: bool) -> None:
+    """Start the scheduler (or run one cycle with --once)."""
+    with _service(config_path) as service:
+        if not once:
+            from clusterfeed.schedule import run_forever
+
+            asyncio.run(run_forever(service))
+            return
+        outcomes = _fetch_with_progress(service)
+        _print_outcomes(outcomes)
+        changed = service.publish()
+        out.print(
+            f"feed {'written' if changed else 'unchanged'}: {service.feed_path()}", markup=False
+        )
+        _send_with_progress(service)
+        now = service.clock()
+        _created, planned = service.create_digest(f"once:{now.isoformat()}", now)
+        report = _send_with_progress(service)
+        where = (
+            f"{service.config.mail.maildir / 'new'}"
+            if service.config.mail.transport == "maildir"
+            else f"{service.config.mail.host}"
+        )
+        out.print(
+            f"digest: {report.sent} sent of {planned} planned"
+            + (f", {report.failed} failed" if report.failed else "")
+            + f" → {where}",
+            markup=False,
+        )
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "never"
+
+
+@main.command()
+@config_option
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per feed instead of a table."
+)
+@_handle_errors
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Show each feed's last fetch, HTTP status, items and errors."""
+    with _service(config_path) as service:
+        configured = {f.name for f in service.config.feeds if f.enabled}
+        rows = [s for s in service.store.feed_statuses() if s.name in configured]
+        if as_json:
+            data = [
+                {
+                    "name": s.name,
+                    "url": s.url,
+                    "state": "failing"
+                    if s.consecutive_failures
+                    else ("ok" if s.last_success_at else "new"),
+                    "last_attempt": s.last_attempt_at.isoformat() if s.last_attempt_at else None,
+                    "last_success": s.last_success_at.isoformat() if s.last_success_at else None,
+                    "http_status": s.last_status,
+                    "items": s.entries,
+                    "consecutive_errors": s.consecutive_failures,
+                    "last_error": s.last_error,
+                    "warning": s.last_warning,
+                }
+                for s in rows
+            ]
+            click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+            return
+        table = Table(title=f"{len(rows)} feeds")
+        for column in ("feed", "last fetch", "HTTP", "items", "errors", "problem"):
+            table.add_column(column)
+        for s in rows:
+            table.add_row(
+                s.name,
+                _when(s.last_attempt_at),
+                str(s.last_status) if s.last_status else ("file" if s.last_success_at else "–"),
+                str(s.entries),
+                str(s.consecutive_failures),
+                s.last_error or s.last_warning or "",
+                style="red" if s.consecutive_failures else None,
+            )
+        out.print(table)
+        counts = service.store.delivery_counts()
+        out.print(
+            f"stories: {service.store.count_stories()}, items: {service.store.count_entries()}, "
+            f"deliveries: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}",
+            markup=False,
+        )

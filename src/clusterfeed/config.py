@@ -1,0 +1,596 @@
+"""Load and validate the operator's TOML config.
+
+The operator is a communications manager, not a programmer, so a bad config must never
+produce a traceback: every problem becomes one line naming the file, the key path, the
+value that was found and what is expected, and all problems are reported together so
+one round of editing fixes them all. pydantic does the type checking (unknown keys are
+errors, because a typo that silently falls back to a default is worse than a refusal);
+the checks that need the file system (local feeds, templates, CSV) run afterwards.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import re
+import tomllib
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
+CONFIG_ENV = "CLUSTERFEED_CONFIG"
+
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_TOPIC = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the config, phrased for the person who has to fix it."""
+
+    file: Path
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` lists every reason at once."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _is_http_url(value: str) -> bool:
+    return re.match(r"^https?://[^\s/?#]+[^\s]*$", value) is not None
+
+
+def _http_url(value: str) -> str:
+    if not _is_http_url(value):
+        raise ValueError("expected an absolute http:// or https:// URL")
+    return value
+
+
+class ClusterConfig(_Strict):
+    name: str = Field(min_length=1)
+    url: str
+    imprint: list[str] = Field(default_factory=list)
+    contact: str | None = None
+    logo_url: str | None = None
+    color: str = "#0b5d7a"
+
+    _check_url = field_validator("url")(_http_url)
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, value: str) -> str:
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+            raise ValueError("expected a colour like #0b5d7a")
+        return value
+
+
+class ScheduleConfig(_Strict):
+    fetch_interval_minutes: int = Field(30, ge=1, le=24 * 60)
+    digest_cron: str = "0 7 * * *"
+    timezone: str = "Europe/Berlin"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                "expected an IANA time zone name such as Europe/Berlin or Asia/Tokyo"
+            ) from None
+        return value
+
+    @field_validator("digest_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(
+                "expected a cron expression with five fields "
+                f'(minute hour day month weekday), e.g. "0 7 * * 1-5" ({exc})'
+            ) from None
+        return value
+
+
+class FetchConfig(_Strict):
+    concurrency: int = Field(8, ge=1, le=100)
+    timeout_seconds: float = Field(30.0, gt=0, le=600)
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    max_bytes: int = Field(10_000_000, ge=10_000)
+    user_agent: str | None = None
+
+
+class FeedConfig(_Strict):
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    site: str | None = None
+    topics: list[str] = Field(default_factory=list)
+    language: str = "en"
+    enabled: bool = True
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str) -> str:
+        if not _LANGUAGE.match(value):
+            raise ValueError('expected a language code such as "de", "en" or "ja"')
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: list[str]) -> list[str]:
+        for topic in value:
+            if not _TOPIC.match(topic):
+                raise ValueError(
+                    f"topic {topic!r} must be lower case letters, digits, - or _ "
+                    '(e.g. "gene-therapy")'
+                )
+        return value
+
+    @property
+    def is_remote(self) -> bool:
+        return self.url.startswith(("http://", "https://"))
+
+
+class PublishConfig(_Strict):
+    output_dir: Path = Path("public")
+    feed_url: str | None = None
+    filename: str = "feed.atom"
+    title: str | None = None
+    subtitle: str | None = None
+    max_entries: int = Field(50, ge=1, le=10_000)
+
+    @field_validator("feed_url")
+    @classmethod
+    def _feed_url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError('expected a plain file name such as "feed.atom"')
+        return value
+
+
+class DigestConfig(_Strict):
+    templates_dir: Path | None = None
+    html_template: str = "digest.html"
+    text_template: str = "digest.txt"
+    subject_template: str = "digest_subject.txt"
+    from_address: str = Field(alias="from")
+    reply_to: str | None = None
+    group_by: Literal["topic", "source"] = "topic"
+    send_when_empty: bool = False
+    max_stories: int = Field(40, ge=1, le=500)
+    summary_chars: int = Field(300, ge=40, le=5000)
+    lookback_days: int = Field(14, ge=1, le=365)
+
+
+class MailConfig(_Strict):
+    transport: Literal["maildir", "smtp"] = "maildir"
+    maildir: Path = Path("mail")
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    security: Literal["none", "starttls", "tls"] = "starttls"
+    username: str | None = None
+    password_env: str | None = None
+    connections: int = Field(2, ge=1, le=50)
+    timeout_seconds: float = Field(60.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _smtp_needs_host(self) -> MailConfig:
+        if self.transport == "smtp" and not self.host:
+            raise ValueError('transport "smtp" needs host (the SMTP server name)')
+        if self.password_env and not self.username:
+            raise ValueError("password_env is set but username is not")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        if self.port:
+            return self.port
+        return {"tls": 465, "starttls": 587}.get(self.security, 25)
+
+
+class StoreConfig(_Strict):
+    url: str | None = None
+
+
+class WebConfig(_Strict):
+    base_url: str = "http://127.0.0.1:8080"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    secret_env: str = "CLUSTERFEED_SECRET"
+
+    _check_base = field_validator("base_url")(_http_url)
+
+
+class SubscriberConfig(_Strict):
+    email: str
+    name: str | None = None
+    topics: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
+    frequency: Literal["daily", "weekly"] = "daily"
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str) -> str:
+        return normalize_email(value)
+
+
+class Config(_Strict):
+    """The whole config. Paths are absolute once ``load_config`` returns it."""
+
+    subscribers_csv: Path | None = None
+    cluster: ClusterConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    fetch: FetchConfig = FetchConfig()
+    feeds: list[FeedConfig] = Field(min_length=1)
+    publish: PublishConfig = PublishConfig()
+    digest: DigestConfig
+    mail: MailConfig = MailConfig()
+    store: StoreConfig = StoreConfig()
+    web: WebConfig = WebConfig()
+    subscribers: list[SubscriberConfig] = Field(default_factory=list)
+    # Not read from TOML: where the file lives, so relative paths and messages can use it.
+    source: Path = Field(default=Path("."), exclude=True)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent
+
+    @property
+    def feed_url(self) -> str:
+        return self.publish.feed_url or f"{self.web.base_url.rstrip('/')}/{self.publish.filename}"
+
+    @property
+    def feed_title(self) -> str:
+        return self.publish.title or f"{self.cluster.name} – news from our partners"
+
+    @property
+    def database_url(self) -> str:
+        return self.store.url or f"sqlite:///{self.base_dir / 'clusterfeed.sqlite3'}"
+
+    @property
+    def user_agent(self) -> str:
+        from clusterfeed import __version__
+
+        return self.fetch.user_agent or (
+            f"clusterfeed/{__version__} "
+            f"(+{self.cluster.url}; news aggregator of {self.cluster.name})"
+        )
+
+    def feed(self, name: str) -> FeedConfig:
+        for feed in self.feeds:
+            if feed.name == name:
+                return feed
+        raise KeyError(name)
+
+
+def normalize_email(value: str) -> str:
+    """Check an address and return its normalized form, or raise ValueError.
+
+    email-validator knows internationalized domains and the syntax corners that a
+    regular expression gets wrong; deliverability (DNS) is not checked, because the
+    config check must work offline.
+    """
+    from email_validator import EmailNotValidError, validate_email
+
+    if any(ch in value for ch in "\r\n\0"):
+        raise ValueError("an e-mail address must not contain line breaks")
+    try:
+        info = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"not a valid e-mail address ({exc})") from None
+    return info.normalized
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """The config to use: the argument, else $CLUSTERFEED_CONFIG, else the default."""
+    if path:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read, validate and resolve a config file; raise ConfigError listing every problem."""
+    file = resolve_config_path(path).absolute()
+    if not file.is_file():
+        raise ConfigError(
+            [
+                Problem(
+                    file,
+                    "",
+                    "config file not found; pass --config PATH or set "
+                    f"{CONFIG_ENV} (config/example.toml is a complete example)",
+                )
+            ]
+        )
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [Problem(file, "", f"the file is not UTF-8 text ({exc.reason})")]
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(file, "", f"TOML syntax error: {exc}")]) from None
+
+    problems = _duplicate_name_problems(file, raw)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems.extend(_explain(file, raw, exc))
+        raise ConfigError(problems) from None
+    config = _resolve_paths(config, file)
+    problems.extend(_file_problems(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _resolve_paths(config: Config, file: Path) -> Config:
+    base = file.parent
+
+    def absolute(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    store_url = config.store.url
+    if store_url and store_url.startswith("sqlite:///") and not store_url.startswith("sqlite:////"):
+        rel = store_url.removeprefix("sqlite:///")
+        if rel and rel != ":memory:":
+            store_url = f"sqlite:///{(base / rel).resolve()}"
+    feeds = [
+        f if f.is_remote else f.model_copy(update={"url": str(absolute(Path(f.url)))})
+        for f in config.feeds
+    ]
+    return config.model_copy(
+        update={
+            "source": file,
+            "subscribers_csv": absolute(config.subscribers_csv),
+            "feeds": feeds,
+            "publish": config.publish.model_copy(
+                update={"output_dir": absolute(config.publish.output_dir)}
+            ),
+            "digest": config.digest.model_copy(
+                update={"templates_dir": absolute(config.digest.templates_dir)}
+            ),
+            "mail": config.mail.model_copy(update={"maildir": absolute(config.mail.maildir)}),
+            "store": config.store.model_copy(update={"url": store_url}),
+        }
+    )
+
+
+def _duplicate_name_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    feeds = raw.get("feeds")
+    if isinstance(feeds, list):
+        for i, feed in enumerate(feeds):
+            name = feed.get("name") if isinstance(feed, dict) else None
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append(
+                        Problem(
+                            file,
+                            f"feeds[{i}].name",
+                            f"{name!r} is already the name of feeds[{seen[name]}]; "
+                            "every feed needs its own name",
+                        )
+                    )
+                seen.setdefault(name, i)
+    return problems
+
+
+def _file_problems(config: Config) -> list[Problem]:
+    """Checks that need the file system or the environment, after types are right."""
+    file = config.source
+    problems: list[Problem] = []
+    for i, feed in enumerate(config.feeds):
+        if not feed.is_remote and not Path(feed.url).is_file():
+            problems.append(
+                Problem(
+                    file,
+                    f"feeds[{i}].url",
+                    f"{feed.url!r} is neither an http(s) URL nor an existing file "
+                    "(local paths are relative to the config file's folder)",
+                )
+            )
+    from clusterfeed.digest import template_dir
+
+    templates = template_dir(config)
+    for key in ("html_template", "text_template", "subject_template"):
+        name = getattr(config.digest, key)
+        if not (templates / name).is_file():
+            problems.append(
+                Problem(
+                    file,
+                    f"digest.{key}",
+                    f"template {name!r} not found in {templates}; "
+                    "set digest.templates_dir to the folder that holds it",
+                )
+            )
+    password_env = config.mail.password_env
+    if config.mail.transport == "smtp" and password_env and password_env not in os.environ:
+        problems.append(
+            Problem(
+                file,
+                "mail.password_env",
+                f"environment variable {config.mail.password_env} is not set; "
+                "export it with the SMTP password before starting clusterfeed",
+            )
+        )
+    if config.subscribers_csv is not None:
+        try:
+            read_subscribers_csv(config.subscribers_csv)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
+
+
+def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
+    """Read subscribers from a CSV with a header row; ``email`` is the only required column.
+
+    ``topics`` and ``languages`` hold several values separated by ``;``.
+    """
+    problems: list[Problem] = []
+    result: list[SubscriberConfig] = []
+    if not path.is_file():
+        raise ConfigError([Problem(path, "", "subscribers CSV file not found")])
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = [f.strip().lower() for f in reader.fieldnames or []]
+        if "email" not in fields:
+            raise ConfigError(
+                [Problem(path, "line 1", "the header row must have an 'email' column")]
+            )
+        allowed = {"email", "name", "topics", "languages", "frequency"}
+        unknown = [f for f in fields if f not in allowed]
+        if unknown:
+            problems.append(
+                Problem(
+                    path,
+                    "line 1",
+                    f"unknown column(s) {', '.join(unknown)}; "
+                    f"expected {', '.join(sorted(allowed))}",
+                )
+            )
+        for row in reader:
+            line = reader.line_num
+            clean = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            data: dict[str, Any] = {"email": clean.get("email", "")}
+            if clean.get("name"):
+                data["name"] = clean["name"]
+            for key in ("topics", "languages"):
+                if clean.get(key):
+                    data[key] = [t.strip() for t in clean[key].split(";") if t.strip()]
+            if clean.get("frequency"):
+                data["frequency"] = clean["frequency"]
+            try:
+                result.append(SubscriberConfig.model_validate(data))
+            except ValidationError as exc:
+                for err in exc.errors():
+                    column = ".".join(str(p) for p in err["loc"][:1]) or "row"
+                    problems.append(
+                        Problem(
+                            path,
+                            f"line {line}, column {column}",
+                            f"{_clean_msg(err['msg'])} (found {err['input']!r})",
+                        )
+                    )
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def all_subscribers(config: Config) -> list[SubscriberConfig]:
+    """Subscribers from the config and its CSV, the config's entry winning for an address."""
+    merged: dict[str, SubscriberConfig] = {}
+    if config.subscribers_csv is not None:
+        for sub in read_subscribers_csv(config.subscribers_csv):
+            merged[sub.email.lower()] = sub
+    for sub in config.subscribers:
+        merged[sub.email.lower()] = sub
+    return list(merged.values())
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _clean_msg(msg: str) -> str:
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed in the table that holds ``loc``, by walking the model."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return []
+    return sorted((f.alias or name) for name, f in model.model_fields.items() if name != "source")
+
+
+def _lookup(raw: Any, loc: tuple[int | str, ...]) -> Any:
+    for part in loc:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return raw
+
+
+def _explain(file: Path, raw: dict[str, Any], exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = _key_path(loc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown key; {hint}allowed here: {', '.join(allowed)}"
+        elif kind == "missing":
+            message = "required key is missing"
+        else:
+            value = _lookup(raw, loc) if loc else None
+            shown = f"found {value!r}; " if value is not None else ""
+            message = f"{shown}{_clean_msg(err['msg'])}"
+            if err.get("ctx", {}).get("expected"):
+                message = f"{shown}expected {err['ctx']['expected']}"
+        problems.append(Problem(file, key, message))
+    return problems

@@ -1,0 +1,138 @@
+"""Plain data that flows through the pipeline.
+
+These are frozen dataclasses, not database rows: the pure modules (normalize, dedup,
+digest selection, rendering) take and return them, and only ``store`` maps them to
+tables. That keeps every decision testable without a database or a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What one attempt to get a feed's bytes produced.
+
+    Exactly one of three outcomes: ``body`` is set (new content), ``not_modified`` is
+    true (the server or the file said nothing changed), or ``error`` says why it failed.
+    """
+
+    feed_name: str
+    url: str
+    status: int | None = None
+    body: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    etag: str | None = None
+    last_modified: str | None = None
+    not_modified: bool = False
+    error: str | None = None
+    final_url: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class ParsedFeed:
+    """A feed's metadata and raw entries as feedparser saw them."""
+
+    title: str | None
+    link: str | None
+    feed_id: str | None
+    entries: list[Mapping[str, object]]
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One partner's version of a news item, normalized.
+
+    ``identity`` is unique within its feed; ``link_key`` is the aggressive form of the
+    link that is compared across feeds to find the same item told by another partner.
+    """
+
+    feed_name: str
+    identity: str
+    guid: str | None
+    link: str | None
+    link_key: str | None
+    title: str
+    summary_html: str
+    summary_text: str
+    content_html: str
+    image_url: str | None
+    image_alt: str | None
+    author: str | None
+    topics: tuple[str, ...]
+    language: str
+    published: datetime
+    updated: datetime
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A partner that told a story, as credited in feeds and emails."""
+
+    feed_name: str
+    feed_title: str
+    feed_url: str
+    site_url: str | None
+    entry_title: str
+    entry_link: str | None
+
+
+@dataclass(frozen=True)
+class Story:
+    """One event, told by one or more partners.
+
+    ``entry`` is the representative version shown to readers; ``sources`` lists every
+    partner that told it, the representative's first.
+    """
+
+    id: int
+    key: str
+    entry: Entry
+    sources: tuple[Source, ...]
+    topics: tuple[str, ...]
+    languages: tuple[str, ...]
+    first_seen: datetime
+    updated: datetime
+
+    @property
+    def also_reported_by(self) -> tuple[Source, ...]:
+        return self.sources[1:]
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    """Someone who receives the digest; empty topics or languages mean "all"."""
+
+    email: str
+    name: str | None = None
+    topics: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ()
+    frequency: str = "daily"
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class FeedStatus:
+    """What the store remembers of the conversation with one feed's server."""
+
+    name: str
+    url: str
+    title: str | None
+    etag: str | None
+    last_modified: str | None
+    last_attempt_at: datetime | None
+    last_success_at: datetime | None
+    last_status: int | None
+    last_error: str | None
+    last_warning: str | None
+    consecutive_failures: int
+    entries: int

@@ -1,0 +1,165 @@
+"""Run the service on its schedule with APScheduler.
+
+Two jobs: fetch-and-publish every N minutes, and the digest on its cron in its time
+zone. Each job runs at most once at a time (``max_instances=1``) and late runs are
+coalesced, so a slow cycle never piles up copies of itself. APScheduler's in-memory
+job store forgets everything at exit, so missed digests are found from our own store
+instead: at start-up the latest cron slot is computed, and if it passed while the
+service was down and no digest for it exists, it is sent once. The digest's key is its
+slot, so a second worker, or a restart at the wrong moment, cannot send it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from clusterfeed.service import Service
+
+log = logging.getLogger(__name__)
+
+STARTED_KEY = "scheduler_first_started_at"
+
+
+def digest_trigger(cron: str, timezone: str) -> CronTrigger:
+    return CronTrigger.from_crontab(cron, timezone=timezone)
+
+
+def latest_slot(
+    trigger: CronTrigger, now: datetime, horizon: timedelta = timedelta(days=35)
+) -> datetime | None:
+    """The most recent fire time of ``trigger`` at or before ``now``, within ``horizon``."""
+    current: datetime | None = trigger.get_next_fire_time(None, now - horizon)
+    latest = None
+    while current is not None and current <= now:
+        latest = current
+        current = trigger.get_next_fire_time(current, current + timedelta(seconds=1))
+    return latest
+
+
+def slot_key(slot: datetime) -> str:
+    """The digest key of a cron slot: the same instant gives the same key on any worker."""
+    return f"scheduled:{slot.astimezone(UTC).isoformat()}"
+
+
+def missed_slot(service: Service, now: datetime) -> datetime | None:
+    """A digest slot that passed while the service was down, if one must still be sent.
+
+    Only slots after the service first started count: installing clusterfeed today must
+    not send yesterday's digest.
+    """
+    first = service.store.setting_or_create(STARTED_KEY, lambda: now.isoformat())
+    first_started = datetime.fromisoformat(first)
+    trigger = digest_trigger(service.config.schedule.digest_cron, service.config.schedule.timezone)
+    slot = latest_slot(trigger, now)
+    if slot is None or slot < first_started:
+        return None
+    if service.store.digest_exists(slot_key(slot)):
+        return None
+    return slot
+
+
+async def _fetch_and_publish(service: Service) -> None:
+    try:
+        outcomes = await service.fetch()
+        changed = service.publish()
+        failed = sum(1 for o in outcomes if o.state == "failed")
+        log.info(
+            "fetch cycle: %d feeds, %d failed, feed %s",
+            len(outcomes),
+            failed,
+            "updated" if changed else "unchanged",
+        )
+    except Exception:  # a job must never take the scheduler down
+        log.exception("fetch cycle failed")
+
+
+async def _digest(service: Service, slot: datetime) -> None:
+    try:
+        created, planned, report = await service.digest(slot_key(slot), slot)
+        log.info(
+            "digest %s: %s, %d deliveries planned, %d sent, %d deferred, %d failed",
+            slot.isoformat(),
+            "built" if created else "already built",
+            planned,
+            report.sent,
+            report.retry,
+            report.failed,
+        )
+    except Exception:
+        log.exception("digest for %s failed", slot.isoformat())
+
+
+async def run_forever(service: Service, stop: asyncio.Event | None = None) -> None:
+    """Run the jobs until SIGTERM or SIGINT, then let the job in flight finish."""
+    cfg = service.config
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    in_flight: set[asyncio.Task[None]] = set()
+
+    def track(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+        return task
+
+    scheduler = AsyncIOScheduler(timezone=cfg.schedule.timezone)
+    trigger = digest_trigger(cfg.schedule.digest_cron, cfg.schedule.timezone)
+
+    # Shielded, so a shutdown never cancels a job half-way: it is awaited instead.
+    async def fetch_job() -> None:
+        await asyncio.shield(track(_fetch_and_publish(service)))
+
+    async def digest_job() -> None:
+        slot = latest_slot(trigger, service.clock()) or service.clock()
+        await asyncio.shield(track(_digest(service, slot)))
+
+    scheduler.add_job(
+        fetch_job,
+        IntervalTrigger(minutes=cfg.schedule.fetch_interval_minutes),
+        id="fetch",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+        next_run_time=datetime.now(trigger.timezone),
+    )
+    scheduler.add_job(
+        digest_job, trigger, id="digest", max_instances=1, coalesce=True, misfire_grace_time=3600
+    )
+
+    missed = missed_slot(service, service.clock())
+    if missed is not None:
+        log.info(
+            "a digest was due at %s while clusterfeed was not running: sending it now",
+            missed.isoformat(),
+        )
+        track(_digest(service, missed))
+
+    scheduler.start()
+    log.info(
+        "clusterfeed running: fetching every %d min, digest on '%s' (%s); Ctrl-C stops",
+        cfg.schedule.fetch_interval_minutes,
+        cfg.schedule.digest_cron,
+        cfg.schedule.timezone,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: finishing the work in flight")
+        scheduler.shutdown(wait=False)
+        if in_flight:
+            await asyncio.gather(*list(in_flight), return_exceptions=True)
+        log.info("stopped cleanly")

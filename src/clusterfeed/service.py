@@ -1,0 +1,317 @@
+"""One cycle of work: fetch → parse → normalize → store → publish → digest → deliver.
+
+This module wires the edges (network, store, transport, clock) to the pure decisions.
+The CLI and the scheduler call it; nothing here prints. The clock is a function
+passed in, so tests control time and never sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+
+from clusterfeed.config import Config, all_subscribers
+from clusterfeed.digest import (
+    DigestLinks,
+    build_message,
+    is_due,
+    make_environment,
+    message_id,
+    render_digest,
+    select_stories,
+    template_dir,
+)
+from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
+from clusterfeed.mail import SendReport, Transport, deliver_pending, make_transport
+from clusterfeed.model import FetchResult, Story, Subscriber
+from clusterfeed.normalize import normalize_entries
+from clusterfeed.parse import FeedParseError, parse_feed
+from clusterfeed.publish import FeedMeta, build_atom, write_atomic
+from clusterfeed.store import Delivery, Store
+from clusterfeed.tokens import UNSUBSCRIBE, make_token
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+@dataclass
+class FeedOutcome:
+    name: str
+    state: str  # "new", "unchanged", "failed"
+    new_entries: int = 0
+    updated_entries: int = 0
+    message: str | None = None
+
+
+@dataclass
+class CycleReport:
+    feeds: list[FeedOutcome] = field(default_factory=list)
+    published: bool = False
+    feed_path: Path | None = None
+    digest_created: bool = False
+    deliveries_planned: int = 0
+    send: SendReport | None = None
+
+    @property
+    def failed_feeds(self) -> list[FeedOutcome]:
+        return [f for f in self.feeds if f.state == "failed"]
+
+
+class Service:
+    """The pipeline for one config and one store."""
+
+    def __init__(self, config: Config, store: Store, clock: Clock = utc_now) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+
+    def prepare(self) -> None:
+        """Bring the store up to date with the schema and the config's feeds and subscribers."""
+        self.store.migrate()
+        self.store.sync_feeds((f.name, f.url, f.site) for f in self.config.feeds if f.enabled)
+        subs = [
+            Subscriber(
+                email=s.email,
+                name=s.name,
+                topics=tuple(s.topics),
+                languages=tuple(s.languages),
+                frequency=s.frequency,
+            )
+            for s in all_subscribers(self.config)
+        ]
+        self.store.sync_subscribers(subs, self.clock())
+
+    # -- fetching -----------------------------------------------------------------
+
+    async def fetch(
+        self, on_feed: Callable[[FeedOutcome], None] | None = None
+    ) -> list[FeedOutcome]:
+        """Fetch every enabled feed concurrently and store what changed."""
+        cfg = self.config
+        limits = FetchLimits(
+            concurrency=cfg.fetch.concurrency,
+            timeout_seconds=cfg.fetch.timeout_seconds,
+            connect_timeout_seconds=cfg.fetch.connect_timeout_seconds,
+            max_bytes=cfg.fetch.max_bytes,
+            user_agent=cfg.user_agent,
+        )
+        requests = []
+        for feed in cfg.feeds:
+            if not feed.enabled:
+                continue
+            etag, last_modified = self.store.feed_validators(feed.name)
+            requests.append(FetchRequest(feed.name, feed.url, etag, last_modified))
+        outcomes: list[FeedOutcome] = []
+
+        async def handle(result: FetchResult) -> None:
+            # Parsing a large feed is CPU work: keep the event loop free for the fetches.
+            outcome = await asyncio.to_thread(self.ingest, result)
+            outcomes.append(outcome)
+            if on_feed is not None:
+                on_feed(outcome)
+
+        await fetch_all(requests, limits, handle)
+        order = {f.name: i for i, f in enumerate(cfg.feeds)}
+        outcomes.sort(key=lambda o: order.get(o.name, 0))
+        return outcomes
+
+    def ingest(self, result: FetchResult) -> FeedOutcome:
+        """Store one fetch result; any failure is recorded on the feed, never raised."""
+        now = self.clock()
+        name = result.feed_name
+        if result.error is not None:
+            self.store.record_failure(name, status=result.status, error=result.error, now=now)
+            log.warning("feed %r failed: %s", name, result.error)
+            return FeedOutcome(name, "failed", message=result.error)
+        if result.not_modified or result.body is None:
+            self.store.record_not_modified(
+                name,
+                status=result.status,
+                etag=result.etag,
+                last_modified=result.last_modified,
+                now=now,
+            )
+            return FeedOutcome(name, "unchanged")
+        feed_cfg = self.config.feed(name)
+        remote_base = result.final_url if feed_cfg.is_remote else None
+        try:
+            parsed = parse_feed(result.body, result.headers, remote_base or feed_cfg.site)
+        except FeedParseError as exc:
+            self.store.record_failure(name, status=result.status, error=str(exc), now=now)
+            log.warning("feed %r failed: %s", name, exc)
+            return FeedOutcome(name, "failed", message=str(exc))
+        base = remote_base or feed_cfg.site or parsed.link
+        entries = normalize_entries(
+            parsed.entries,
+            feed_name=name,
+            feed_topics=feed_cfg.topics,
+            feed_language=feed_cfg.language,
+            base_url=base,
+            now=now,
+        )
+        summary = self.store.apply_feed_update(
+            name,
+            entries,
+            status=result.status,
+            etag=result.etag,
+            last_modified=result.last_modified,
+            title=name,
+            warning=parsed.warning,
+            now=now,
+        )
+        if parsed.warning:
+            log.warning("feed %r has problems but was read: %s", name, parsed.warning)
+        return FeedOutcome(
+            name,
+            "new" if summary.new_entries or summary.updated_entries else "unchanged",
+            summary.new_entries,
+            summary.updated_entries,
+            parsed.warning,
+        )
+
+    # -- publishing ---------------------------------------------------------------
+
+    def feed_path(self) -> Path:
+        return self.config.publish.output_dir / self.config.publish.filename
+
+    def publish(self) -> bool:
+        """Write the combined Atom feed; True if its bytes changed."""
+        cfg = self.config
+        stories = self.store.recent_stories(limit=cfg.publish.max_entries)
+        meta = FeedMeta(
+            title=cfg.feed_title,
+            feed_url=cfg.feed_url,
+            site_url=cfg.cluster.url,
+            author=cfg.cluster.name,
+            subtitle=cfg.publish.subtitle,
+            logo_url=cfg.cluster.logo_url,
+        )
+        return write_atomic(self.feed_path(), build_atom(stories, meta))
+
+    # -- digests ------------------------------------------------------------------
+
+    def secret(self) -> str:
+        return os.environ.get(self.config.web.secret_env) or self.store.secret()
+
+    def links_for(self, subscriber: Subscriber) -> DigestLinks:
+        base = self.config.web.base_url.rstrip("/")
+        assert subscriber.id is not None
+        token = make_token(self.secret(), UNSUBSCRIBE, subscriber.id, subscriber.email)
+        return DigestLinks(
+            unsubscribe_url=f"{base}/unsubscribe/{token}",
+            preferences_url=f"{base}/preferences/{token}",
+            feed_url=self.config.feed_url,
+            site_url=self.config.cluster.url,
+        )
+
+    def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
+        """Who gets which stories if a digest were built now (nothing is written)."""
+        cfg = self.config
+        since = now - timedelta(days=cfg.digest.lookback_days)
+        candidates = self.store.recent_stories(since=since)
+        plan = []
+        for subscriber in self.store.active_subscribers():
+            assert subscriber.id is not None
+            if not is_due(subscriber, self.store.last_sent_at(subscriber.id), now):
+                continue
+            had = self.store.unavailable_story_ids(subscriber.id)
+            chosen = select_stories(candidates, subscriber, had, max_stories=cfg.digest.max_stories)
+            if chosen or cfg.digest.send_when_empty:
+                plan.append((subscriber, chosen))
+        return plan
+
+    def create_digest(self, key: str, slot: datetime) -> tuple[bool, int]:
+        """Record the digest ``key`` and its outbox rows; (created, deliveries)."""
+        if self.store.digest_exists(key):
+            return False, 0
+        plan = self.plan_digest(self.clock())
+        rows = []
+        for subscriber, stories in plan:
+            assert subscriber.id is not None
+            rows.append(
+                (
+                    subscriber,
+                    [s.id for s in stories],
+                    message_id(key, subscriber.id, self.config.digest.from_address),
+                )
+            )
+        created = self.store.create_digest(key, slot, rows, self.clock())
+        return created, len(rows) if created else 0
+
+    def compose(self, delivery: Delivery) -> EmailMessage:
+        """Render one outbox row into the message the subscriber receives."""
+        env = make_environment(template_dir(self.config))
+        stories = self.store.recent_stories(only_ids=delivery.story_ids)
+        order = {sid: i for i, sid in enumerate(delivery.story_ids)}
+        stories.sort(key=lambda s: order.get(s.id, 0))
+        links = self.links_for(delivery.subscriber)
+        rendered = render_digest(
+            env, self.config, delivery.subscriber, stories, slot=delivery.digest_slot, links=links
+        )
+        return build_message(
+            self.config,
+            rendered,
+            to=delivery.subscriber,
+            message_id=delivery.message_id,
+            slot=delivery.digest_slot,
+            links=links,
+        )
+
+    def preview(self) -> str:
+        """The HTML the first matching subscriber would get now, for ``digest --preview``."""
+        env = make_environment(template_dir(self.config))
+        now = self.clock()
+        plan = self.plan_digest(now)
+        if plan:
+            subscriber, stories = plan[0]
+        else:
+            subscriber = Subscriber(email="preview@example.org", name="Preview", id=0)
+            stories = self.store.recent_stories(limit=self.config.digest.max_stories)
+        rendered = render_digest(
+            env, self.config, subscriber, stories, slot=now, links=self.links_for(subscriber)
+        )
+        return rendered.html
+
+    async def send_pending(
+        self,
+        transport: Transport | None = None,
+        on_progress: Callable[[Delivery, str], None] | None = None,
+    ) -> SendReport:
+        return await deliver_pending(
+            self.store,
+            transport or make_transport(self.config.mail),
+            self.compose,
+            clock=self.clock,
+            on_progress=on_progress,
+        )
+
+    async def digest(self, key: str, slot: datetime) -> tuple[bool, int, SendReport]:
+        """Finish any earlier digest's deliveries, then build and send ``key``."""
+        await self.send_pending()
+        created, planned = self.create_digest(key, slot)
+        report = await self.send_pending()
+        return created, planned, report
+
+    # -- a whole cycle --------------------------------------------------------------
+
+    async def cycle(self, *, with_digest: bool) -> CycleReport:
+        report = CycleReport()
+        report.feeds = await self.fetch()
+        report.published = self.publish()
+        report.feed_path = self.feed_path()
+        if with_digest:
+            now = self.clock()
+            created, planned, send = await self.digest(f"once:{now.isoformat()}", now)
+            report.digest_created, report.deliveries_planned, report.send = created, planned, send
+        return report

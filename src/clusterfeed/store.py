@@ -1,0 +1,991 @@
+"""All state, in SQLite or PostgreSQL, through one class.
+
+SQLAlchemy Core (not the ORM) keeps the SQL visible and lets the same statements run
+on both databases; the URL alone picks one. Every unit of work has a key here: a feed
+by its name, an entry by (feed, identity), a story by its key, a digest by its slot,
+a delivery by (digest, subscriber). Writes that belong together happen in one
+transaction, so a crash leaves either the old state or the new one, never half.
+
+The schema carries a version; ``MIGRATIONS`` lists the steps from each version to the
+next, and ``Store.migrate`` applies the missing ones at start-up, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+
+from clusterfeed.dedup import EntryChange, plan_feed_update
+from clusterfeed.model import Entry, FeedStatus, Source, Story, Subscriber
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says which and why."""
+
+
+class _UTCDateTime(DateTime):
+    """Timestamps are stored and returned in UTC on both databases."""
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(timezone=True)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+schema_info = Table(
+    "schema_info",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+feeds = Table(
+    "feeds",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(300), nullable=False, unique=True),
+    Column("url", Text, nullable=False),
+    Column("title", Text),
+    Column("site_url", Text),
+    Column("etag", Text),
+    Column("last_modified", Text),
+    Column("last_attempt_at", _UTCDateTime()),
+    Column("last_success_at", _UTCDateTime()),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("last_warning", Text),
+    Column("consecutive_failures", Integer, nullable=False, default=0),
+)
+
+stories = Table(
+    "stories",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(100), nullable=False, unique=True),
+    Column("first_seen_at", _UTCDateTime(), nullable=False),
+    Column("updated_at", _UTCDateTime(), nullable=False),
+    Column("published_at", _UTCDateTime(), nullable=False),
+)
+
+entries = Table(
+    "entries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("feed_id", Integer, ForeignKey("feeds.id"), nullable=False),
+    Column("story_id", Integer, ForeignKey("stories.id"), nullable=False),
+    Column("identity", String(1100), nullable=False),
+    Column("guid", Text),
+    Column("link", Text),
+    Column("link_key", String(2000)),
+    Column("title", Text, nullable=False),
+    Column("summary_html", Text, nullable=False),
+    Column("summary_text", Text, nullable=False),
+    Column("content_html", Text, nullable=False),
+    Column("image_url", Text),
+    Column("image_alt", Text),
+    Column("author", Text),
+    Column("topics", JSON, nullable=False),
+    Column("language", String(20), nullable=False),
+    Column("published_at", _UTCDateTime(), nullable=False),
+    Column("updated_at", _UTCDateTime(), nullable=False),
+    Column("first_seen_at", _UTCDateTime(), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    UniqueConstraint("feed_id", "identity", name="uq_entries_feed_identity"),
+)
+Index("ix_entries_link_key", entries.c.link_key)
+Index("ix_entries_guid", entries.c.guid)
+Index("ix_entries_story", entries.c.story_id)
+
+subscribers = Table(
+    "subscribers",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("name", Text),
+    Column("topics", JSON, nullable=False),
+    Column("languages", JSON, nullable=False),
+    Column("frequency", String(20), nullable=False, default="daily"),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("origin", String(20), nullable=False, default="config"),
+    Column("created_at", _UTCDateTime(), nullable=False),
+)
+
+digests = Table(
+    "digests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String(200), nullable=False, unique=True),
+    Column("created_at", _UTCDateTime(), nullable=False),
+    Column("slot_at", _UTCDateTime(), nullable=False),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("digest_id", Integer, ForeignKey("digests.id"), nullable=False),
+    Column("subscriber_id", Integer, ForeignKey("subscribers.id"), nullable=False),
+    Column("state", String(20), nullable=False),  # pending | sending | sent | failed
+    Column("story_ids", JSON, nullable=False),
+    Column("message_id", String(300), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", Text),
+    Column("claimed_by", String(200)),
+    Column("claimed_at", _UTCDateTime()),
+    Column("sent_at", _UTCDateTime()),
+    UniqueConstraint("digest_id", "subscriber_id", name="uq_deliveries_digest_subscriber"),
+)
+Index("ix_deliveries_state", deliveries.c.state)
+
+sent_stories = Table(
+    "sent_stories",
+    metadata,
+    Column("subscriber_id", Integer, ForeignKey("subscribers.id"), primary_key=True),
+    Column("story_id", Integer, ForeignKey("stories.id"), primary_key=True),
+    Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
+)
+
+SCHEMA_VERSION = 1
+
+
+def _migrate_to_1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+# MIGRATIONS[n] brings a version-n database to version n+1. Append, never edit.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_1]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One (digest, subscriber) row of the outbox."""
+
+    id: int
+    digest_id: int
+    digest_key: str
+    digest_slot: datetime
+    subscriber: Subscriber
+    story_ids: tuple[int, ...]
+    message_id: str
+    state: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class FeedUpdateSummary:
+    new_entries: int
+    updated_entries: int
+    new_stories: int
+
+
+def worker_id() -> str:
+    """Who holds a claim: host and process, so a restarted process can tell its own dead claims."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim_is_dead(
+    claimed_by: str | None, claimed_at: datetime | None, lease: timedelta, now: datetime
+) -> bool:
+    if not claimed_by or claimed_at is None:
+        return True
+    host, _, pid = claimed_by.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        if int(pid) == os.getpid():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+    return now - claimed_at > lease
+
+
+class Store:
+    """The one gateway to the database."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            connect_args = {"timeout": 30, "check_same_thread": False}
+        try:
+            self.engine: Engine = create_engine(
+                url, echo=echo, connect_args=connect_args, future=True
+            )
+        except Exception as exc:  # bad URL or a missing driver: tell the operator which
+            raise StoreError(f"cannot use database {self._safe_url()}: {exc}") from exc
+        if url.startswith("sqlite"):
+            self._tune_sqlite(self.engine)
+
+    def _safe_url(self) -> str:
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(self.url).render_as_string(hide_password=True)
+        except Exception:
+            return "(unparseable URL)"
+
+    @staticmethod
+    def _tune_sqlite(engine: Engine) -> None:
+        # WAL lets the web server read while a cycle writes; a busy timeout lets a
+        # second process wait for the lock instead of failing.
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "schema_info"):
+                return 0
+            version = conn.execute(select(schema_info.c.version)).scalar()
+            return int(version or 0)
+
+    def migrate(self) -> int:
+        """Bring the schema to the current version; safe to call on every start."""
+        if self.url.startswith("sqlite:///"):
+            path = self.url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            current = self.schema_version()
+        except Exception as exc:
+            raise StoreError(f"cannot open database {self._safe_url()}: {exc}") from exc
+        if current > SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self._safe_url()} has schema version {current}, newer than this "
+                f"clusterfeed understands ({SCHEMA_VERSION}); upgrade clusterfeed"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            with self._tx() as conn:
+                MIGRATIONS[version](conn)
+                if version == 0:
+                    conn.execute(insert(schema_info).values(id=1, version=1))
+                else:
+                    conn.execute(update(schema_info).values(version=version + 1))
+        return SCHEMA_VERSION
+
+    # -- settings ---------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(select(settings.c.value).where(settings.c.key == key)).scalar()
+            return None if value is None else str(value)
+
+    def setting_or_create(self, key: str, make: Callable[[], str]) -> str:
+        """Read a setting, creating it once; two processes racing agree on one value."""
+        existing = self.get_setting(key)
+        if existing is not None:
+            return existing
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(settings).values(key=key, value=make()))
+        except IntegrityError:
+            pass
+        value = self.get_setting(key)
+        assert value is not None
+        return value
+
+    def secret(self) -> str:
+        """A signing secret that survives restarts when none is configured."""
+        return self.setting_or_create("signing_secret", lambda: secrets.token_urlsafe(32))
+
+    # -- feeds ------------------------------------------------------------------
+
+    def sync_feeds(self, configured: Iterable[tuple[str, str, str | None]]) -> None:
+        """Make sure every configured feed has a row; a changed URL forgets old validators."""
+        with self._tx() as conn:
+            for name, url, site in configured:
+                row = conn.execute(
+                    select(feeds.c.id, feeds.c.url).where(feeds.c.name == name)
+                ).first()
+                if row is None:
+                    conn.execute(
+                        insert(feeds).values(
+                            name=name, url=url, site_url=site, consecutive_failures=0
+                        )
+                    )
+                elif row.url != url:
+                    conn.execute(
+                        update(feeds)
+                        .where(feeds.c.id == row.id)
+                        .values(url=url, site_url=site, etag=None, last_modified=None)
+                    )
+                else:
+                    conn.execute(update(feeds).where(feeds.c.id == row.id).values(site_url=site))
+
+    def feed_validators(self, name: str) -> tuple[str | None, str | None]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(feeds.c.etag, feeds.c.last_modified).where(feeds.c.name == name)
+            ).first()
+            return (row.etag, row.last_modified) if row else (None, None)
+
+    def record_failure(self, name: str, *, status: int | None, error: str, now: datetime) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(feeds)
+                .where(feeds.c.name == name)
+                .values(
+                    last_attempt_at=now,
+                    last_status=status,
+                    last_error=error,
+                    consecutive_failures=feeds.c.consecutive_failures + 1,
+                )
+            )
+
+    def record_not_modified(
+        self,
+        name: str,
+        *,
+        status: int | None,
+        etag: str | None,
+        last_modified: str | None,
+        now: datetime,
+    ) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(feeds)
+                .where(feeds.c.name == name)
+                .values(
+                    last_attempt_at=now,
+                    last_success_at=now,
+                    last_status=status,
+                    last_error=None,
+                    consecutive_failures=0,
+                    etag=etag,
+                    last_modified=last_modified,
+                )
+            )
+
+    def apply_feed_update(
+        self,
+        name: str,
+        new_entries: Sequence[Entry],
+        *,
+        status: int | None,
+        etag: str | None,
+        last_modified: str | None,
+        title: str | None,
+        warning: str | None,
+        now: datetime,
+    ) -> FeedUpdateSummary:
+        """Store one successful fetch: entries, story links and caching headers, atomically.
+
+        The validators are saved in the same transaction as the entries: if the process
+        dies before the commit, the next fetch is unconditional and nothing is lost.
+        """
+        with self._tx() as conn:
+            feed_id = conn.execute(select(feeds.c.id).where(feeds.c.name == name)).scalar_one()
+            identities = [e.identity for e in new_entries]
+            existing: dict[str, tuple[int, str]] = {}
+            for chunk in _chunks(identities, 500):
+                for row in conn.execute(
+                    select(entries.c.identity, entries.c.id, entries.c.content_hash).where(
+                        entries.c.feed_id == feed_id, entries.c.identity.in_(chunk)
+                    )
+                ):
+                    existing[row.identity] = (row.id, row.content_hash)
+            changes = plan_feed_update(new_entries, existing)
+            summary = FeedUpdateSummary(0, 0, 0)
+            for change in changes:
+                summary = self._apply_change(conn, feed_id, change, now, summary)
+            conn.execute(
+                update(feeds)
+                .where(feeds.c.id == feed_id)
+                .values(
+                    last_attempt_at=now,
+                    last_success_at=now,
+                    last_status=status,
+                    last_error=None,
+                    last_warning=warning,
+                    consecutive_failures=0,
+                    etag=etag,
+                    last_modified=last_modified,
+                    title=title,
+                )
+            )
+            return summary
+
+    def _apply_change(
+        self,
+        conn: Connection,
+        feed_id: int,
+        change: EntryChange,
+        now: datetime,
+        summary: FeedUpdateSummary,
+    ) -> FeedUpdateSummary:
+        entry = change.entry
+        values = {
+            "guid": entry.guid,
+            "link": entry.link,
+            "link_key": entry.link_key,
+            "title": entry.title,
+            "summary_html": entry.summary_html,
+            "summary_text": entry.summary_text,
+            "content_html": entry.content_html,
+            "image_url": entry.image_url,
+            "image_alt": entry.image_alt,
+            "author": entry.author,
+            "topics": list(entry.topics),
+            "language": entry.language,
+            "published_at": entry.published,
+            "updated_at": entry.updated,
+            "content_hash": entry.content_hash,
+        }
+        if change.kind == "update":
+            conn.execute(update(entries).where(entries.c.id == change.entry_id).values(**values))
+            story_id = conn.execute(
+                select(entries.c.story_id).where(entries.c.id == change.entry_id)
+            ).scalar_one()
+            self._touch_story(conn, story_id, now)
+            return FeedUpdateSummary(
+                summary.new_entries, summary.updated_entries + 1, summary.new_stories
+            )
+        story_id = self._matching_story(conn, feed_id, entry)
+        new_story = story_id is None
+        if story_id is None:
+            story_id = conn.execute(
+                insert(stories)
+                .values(
+                    key=f"{feed_id}-{_short_hash(entry.identity)}",
+                    first_seen_at=now,
+                    updated_at=now,
+                    published_at=entry.published,
+                )
+                .returning(stories.c.id)
+            ).scalar_one()
+        else:
+            # A second partner told a story we already have: it gains a source and a
+            # new updated date, but stays one story.
+            self._touch_story(conn, story_id, now)
+        conn.execute(
+            insert(entries).values(
+                feed_id=feed_id,
+                story_id=story_id,
+                identity=entry.identity,
+                first_seen_at=now,
+                **values,
+            )
+        )
+        return FeedUpdateSummary(
+            summary.new_entries + 1, summary.updated_entries, summary.new_stories + int(new_story)
+        )
+
+    @staticmethod
+    def _touch_story(conn: Connection, story_id: int, now: datetime) -> None:
+        conn.execute(update(stories).where(stories.c.id == story_id).values(updated_at=now))
+
+    @staticmethod
+    def _matching_story(conn: Connection, feed_id: int, entry: Entry) -> int | None:
+        """The story another feed already holds for the same item (same GUID or page)."""
+        conditions = []
+        if entry.guid:
+            conditions.append(entries.c.guid == entry.guid)
+        if entry.link_key:
+            conditions.append(entries.c.link_key == entry.link_key)
+        if not conditions:
+            return None
+        row = conn.execute(
+            select(entries.c.story_id)
+            .where(entries.c.feed_id != feed_id, or_(*conditions))
+            .order_by(entries.c.id)
+            .limit(1)
+        ).first()
+        return None if row is None else int(row.story_id)
+
+    def feed_statuses(self) -> list[FeedStatus]:
+        with self.engine.connect() as conn:
+            counts: dict[int, int] = dict(
+                conn.execute(
+                    select(entries.c.feed_id, func.count()).group_by(entries.c.feed_id)
+                ).all()
+            )
+            result = []
+            for row in conn.execute(select(feeds).order_by(feeds.c.name)):
+                result.append(
+                    FeedStatus(
+                        name=row.name,
+                        url=row.url,
+                        title=row.title,
+                        etag=row.etag,
+                        last_modified=row.last_modified,
+                        last_attempt_at=_utc(row.last_attempt_at),
+                        last_success_at=_utc(row.last_success_at),
+                        last_status=row.last_status,
+                        last_error=row.last_error,
+                        last_warning=row.last_warning,
+                        consecutive_failures=row.consecutive_failures or 0,
+                        entries=int(counts.get(row.id, 0)),
+                    )
+                )
+            return result
+
+    # -- stories ------------------------------------------------------------------
+
+    def recent_stories(
+        self,
+        *,
+        limit: int | None = None,
+        since: datetime | None = None,
+        exclude_ids: Iterable[int] = (),
+        only_ids: Iterable[int] | None = None,
+    ) -> list[Story]:
+        """Stories newest first (by their representative's publication date)."""
+        query = select(stories).order_by(stories.c.published_at.desc(), stories.c.id.desc())
+        if since is not None:
+            query = query.where(stories.c.first_seen_at >= since)
+        excluded = set(exclude_ids)
+        if only_ids is not None:
+            wanted = list(only_ids)
+            if not wanted:
+                return []
+            query = query.where(stories.c.id.in_(wanted))
+        with self.engine.connect() as conn:
+            rows = [r for r in conn.execute(query) if r.id not in excluded]
+            if limit is not None:
+                rows = rows[:limit]
+            return self._load_stories(conn, rows)
+
+    def _load_stories(self, conn: Connection, story_rows: Sequence[Any]) -> list[Story]:
+        if not story_rows:
+            return []
+        ids = [r.id for r in story_rows]
+        members: dict[int, list[Any]] = {}
+        for chunk in _chunks(ids, 500):
+            query = (
+                select(
+                    entries,
+                    feeds.c.name.label("feed_name"),
+                    feeds.c.title.label("feed_title"),
+                    feeds.c.url.label("feed_url"),
+                    feeds.c.site_url,
+                )
+                .join(feeds, feeds.c.id == entries.c.feed_id)
+                .where(entries.c.story_id.in_(chunk))
+                .order_by(entries.c.first_seen_at, entries.c.id)
+            )
+            for row in conn.execute(query):
+                members.setdefault(row.story_id, []).append(row)
+        result = []
+        for s in story_rows:
+            rows = members.get(s.id, [])
+            if not rows:
+                continue
+            # The representative is the first-seen version for now; a later issue adds
+            # a configurable rule (most complete version, the cluster's own).
+            rep = rows[0]
+            topics = sorted({t for r in rows for t in (r.topics or [])})
+            sources = tuple(
+                Source(
+                    feed_name=r.feed_name,
+                    feed_title=r.feed_title or r.feed_name,
+                    feed_url=r.feed_url,
+                    site_url=r.site_url,
+                    entry_title=r.title,
+                    entry_link=r.link,
+                )
+                for r in rows
+            )
+            result.append(
+                Story(
+                    id=s.id,
+                    key=s.key,
+                    entry=_row_to_entry(rep),
+                    sources=sources,
+                    topics=tuple(topics),
+                    languages=tuple(sorted({r.language for r in rows})),
+                    first_seen=_utc(s.first_seen_at) or s.first_seen_at,
+                    updated=_utc(s.updated_at) or s.updated_at,
+                )
+            )
+        return result
+
+    def count_entries(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(entries)).scalar_one())
+
+    def count_stories(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(stories)).scalar_one())
+
+    # -- subscribers ----------------------------------------------------------------
+
+    def sync_subscribers(self, configured: Iterable[Subscriber], now: datetime) -> None:
+        """Mirror the config's subscriber list: add new ones, update changed preferences,
+        deactivate those that were removed from the config (their history stays)."""
+        wanted = {s.email.lower(): s for s in configured}
+        with self._tx() as conn:
+            rows = {
+                r.email: r
+                for r in conn.execute(select(subscribers).where(subscribers.c.origin == "config"))
+            }
+            for email, sub in wanted.items():
+                values = {
+                    "name": sub.name,
+                    "topics": list(sub.topics),
+                    "languages": list(sub.languages),
+                    "frequency": sub.frequency,
+                    "active": True,
+                }
+                existing = conn.execute(
+                    select(subscribers.c.id).where(subscribers.c.email == email)
+                ).first()
+                if existing is None:
+                    conn.execute(
+                        insert(subscribers).values(
+                            email=email, origin="config", created_at=now, **values
+                        )
+                    )
+                else:
+                    conn.execute(
+                        update(subscribers).where(subscribers.c.id == existing.id).values(**values)
+                    )
+            for email, row in rows.items():
+                if email not in wanted and row.active:
+                    conn.execute(
+                        update(subscribers).where(subscribers.c.id == row.id).values(active=False)
+                    )
+
+    def active_subscribers(self) -> list[Subscriber]:
+        with self.engine.connect() as conn:
+            return [
+                _row_to_subscriber(r)
+                for r in conn.execute(
+                    select(subscribers)
+                    .where(subscribers.c.active.is_(True))
+                    .order_by(subscribers.c.id)
+                )
+            ]
+
+    # -- digests and the outbox -------------------------------------------------------
+
+    def digest_exists(self, key: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(select(digests.c.id).where(digests.c.key == key)).first() is not None
+            )
+
+    def last_digest_slot(self, prefix: str) -> datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.max(digests.c.slot_at)).where(digests.c.key.like(f"{prefix}%"))
+            ).scalar()
+            return _utc(value)
+
+    def unavailable_story_ids(self, subscriber_id: int) -> set[int]:
+        """Stories this subscriber was sent, or that wait in one of their pending mails."""
+        with self.engine.connect() as conn:
+            sent = {
+                r[0]
+                for r in conn.execute(
+                    select(sent_stories.c.story_id).where(
+                        sent_stories.c.subscriber_id == subscriber_id
+                    )
+                )
+            }
+            for (ids,) in conn.execute(
+                select(deliveries.c.story_ids).where(
+                    deliveries.c.subscriber_id == subscriber_id,
+                    deliveries.c.state.in_(("pending", "sending")),
+                )
+            ):
+                sent.update(int(i) for i in ids)
+            return sent
+
+    def create_digest(
+        self,
+        key: str,
+        slot: datetime,
+        plan: Sequence[tuple[Subscriber, Sequence[int], str]],
+        now: datetime,
+    ) -> bool:
+        """Record a digest and its outbox rows in one transaction.
+
+        Returns False when a digest with this key exists already (another worker or an
+        earlier run built it): building is then a no-op, which makes it idempotent.
+        """
+        try:
+            with self._tx() as conn:
+                digest_id = conn.execute(
+                    insert(digests)
+                    .values(key=key, created_at=now, slot_at=slot)
+                    .returning(digests.c.id)
+                ).scalar_one()
+                for subscriber, story_ids, message_id in plan:
+                    conn.execute(
+                        insert(deliveries).values(
+                            digest_id=digest_id,
+                            subscriber_id=subscriber.id,
+                            state="pending",
+                            story_ids=list(story_ids),
+                            message_id=message_id,
+                            attempts=0,
+                        )
+                    )
+        except IntegrityError:
+            return False
+        return True
+
+    def recover_claims(
+        self, now: datetime, lease: timedelta, is_delivered: Callable[[Delivery], bool]
+    ) -> int:
+        """Release deliveries held by a dead worker; those already delivered become sent.
+
+        ``is_delivered`` lets the transport answer for the uncertain window between
+        handing a message over and committing that fact (the Maildir transport can say
+        for sure; SMTP cannot, so such a message is sent again, at most one per
+        connection that was open when the process died).
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._delivery_query().where(deliveries.c.state == "sending")).all()
+        released = 0
+        for row in rows:
+            if not _claim_is_dead(row.claimed_by, _utc(row.claimed_at), lease, now):
+                continue
+            delivery = _row_to_delivery(row)
+            if is_delivered(delivery):
+                self.mark_sent(delivery, now, claimed_by=row.claimed_by)
+            else:
+                with self._tx() as conn:
+                    conn.execute(
+                        update(deliveries)
+                        .where(
+                            deliveries.c.id == row.id,
+                            deliveries.c.state == "sending",
+                            deliveries.c.claimed_by == row.claimed_by,
+                        )
+                        .values(state="pending", claimed_by=None, claimed_at=None)
+                    )
+            released += 1
+        return released
+
+    @staticmethod
+    def _delivery_query() -> Any:
+        return (
+            select(
+                deliveries,
+                digests.c.key.label("digest_key"),
+                digests.c.slot_at.label("digest_slot"),
+                subscribers.c.email,
+                subscribers.c.name,
+                subscribers.c.topics,
+                subscribers.c.languages,
+                subscribers.c.frequency,
+            )
+            .join(digests, digests.c.id == deliveries.c.digest_id)
+            .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
+        )
+
+    def pending_deliveries(self, limit: int | None = None) -> list[Delivery]:
+        query = (
+            self._delivery_query().where(deliveries.c.state == "pending").order_by(deliveries.c.id)
+        )
+        if limit:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_row_to_delivery(r) for r in conn.execute(query)]
+
+    def claim(self, delivery_id: int, worker: str, now: datetime) -> bool:
+        """Take a pending delivery for this worker; False if someone else has it."""
+        with self._tx() as conn:
+            result = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id, deliveries.c.state == "pending")
+                .values(
+                    state="sending",
+                    claimed_by=worker,
+                    claimed_at=now,
+                    attempts=deliveries.c.attempts + 1,
+                )
+            )
+            return bool(result.rowcount == 1)
+
+    def mark_sent(self, delivery: Delivery, now: datetime, claimed_by: str | None = None) -> None:
+        """Record acceptance and which stories the subscriber now has, in one commit."""
+        with self._tx() as conn:
+            conditions = [deliveries.c.id == delivery.id, deliveries.c.state == "sending"]
+            if claimed_by is not None:
+                conditions.append(deliveries.c.claimed_by == claimed_by)
+            result = conn.execute(
+                update(deliveries)
+                .where(and_(*conditions))
+                .values(state="sent", sent_at=now, last_error=None)
+            )
+            if result.rowcount != 1:
+                return
+            for story_id in delivery.story_ids:
+                exists = conn.execute(
+                    select(sent_stories.c.story_id).where(
+                        sent_stories.c.subscriber_id == delivery.subscriber.id,
+                        sent_stories.c.story_id == story_id,
+                    )
+                ).first()
+                if exists is None:
+                    conn.execute(
+                        insert(sent_stories).values(
+                            subscriber_id=delivery.subscriber.id,
+                            story_id=story_id,
+                            delivery_id=delivery.id,
+                        )
+                    )
+
+    def mark_retry(self, delivery: Delivery, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id)
+                .values(state="pending", claimed_by=None, claimed_at=None, last_error=error)
+            )
+
+    def mark_failed(self, delivery: Delivery, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id)
+                .values(state="failed", claimed_by=None, last_error=error)
+            )
+
+    def last_sent_at(self, subscriber_id: int) -> datetime | None:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.max(deliveries.c.sent_at)).where(
+                    deliveries.c.subscriber_id == subscriber_id, deliveries.c.state == "sent"
+                )
+            ).scalar()
+            return _utc(value)
+
+    def delivery_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {
+                str(state): int(n)
+                for state, n in conn.execute(
+                    select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
+                ).all()
+            }
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _row_to_entry(row: Any) -> Entry:
+    return Entry(
+        feed_name=row.feed_name,
+        identity=row.identity,
+        guid=row.guid,
+        link=row.link,
+        link_key=row.link_key,
+        title=row.title,
+        summary_html=row.summary_html,
+        summary_text=row.summary_text,
+        content_html=row.content_html,
+        image_url=row.image_url,
+        image_alt=row.image_alt,
+        author=row.author,
+        topics=tuple(row.topics or ()),
+        language=row.language,
+        published=_utc(row.published_at) or row.published_at,
+        updated=_utc(row.updated_at) or row.updated_at,
+        content_hash=row.content_hash,
+    )
+
+
+def _row_to_subscriber(row: Any) -> Subscriber:
+    return Subscriber(
+        id=row.id,
+        email=row.email,
+        name=row.name,
+        topics=tuple(row.topics or ()),
+        languages=tuple(row.languages or ()),
+        frequency=row.frequency,
+    )
+
+
+def _row_to_delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        digest_id=row.digest_id,
+        digest_key=row.digest_key,
+        digest_slot=_utc(row.digest_slot) or row.digest_slot,
+        subscriber=Subscriber(
+            id=row.subscriber_id,
+            email=row.email,
+            name=row.name,
+            topics=tuple(row.topics or ()),
+            languages=tuple(row.languages or ()),
+            frequency=row.frequency,
+        ),
+        story_ids=tuple(int(i) for i in row.story_ids),
+        message_id=row.message_id,
+        state=row.state,
+        attempts=row.attempts,
+    )
