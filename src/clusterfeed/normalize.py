@@ -260,10 +260,12 @@ def _struct_to_datetime(value: Any) -> datetime | None:
 
 def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
     """(published, updated) in UTC; missing means first seen now, the future is clamped."""
-    published = _struct_to_datetime(raw.get("published_parsed")) or _struct_to_datetime(
-        raw.get("created_parsed")
+    # dict.get, not raw.get: feedparser's mapping silently aliases a missing
+    # updated_parsed to published_parsed (with a deprecation warning).
+    published = _struct_to_datetime(dict.get(raw, "published_parsed")) or _struct_to_datetime(
+        dict.get(raw, "created_parsed")
     )
-    updated = _struct_to_datetime(raw.get("updated_parsed"))
+    updated = _struct_to_datetime(dict.get(raw, "updated_parsed"))
     published = published or updated or now
     updated = updated or published
     limit = now + FUTURE_TOLERANCE

@@ -17,6 +17,7 @@ import secrets
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -41,6 +42,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -193,6 +195,12 @@ sent_stories = Table(
 
 SCHEMA_VERSION = 1
 
+# Writers take one lock for the length of their transaction. Store writes are short
+# (one feed's entries, one outbox row), so one lock costs little and rules out the
+# races between "is there a story for this link?" and "insert a new story".
+_WRITING: ContextVar[bool] = ContextVar("clusterfeed_store_writing", default=False)
+_LOCK_KEY = 0x636C7573  # "clus"
+
 
 def _migrate_to_1(conn: Connection) -> None:
     metadata.create_all(conn)
@@ -274,10 +282,11 @@ class Store:
 
     @staticmethod
     def _tune_sqlite(engine: Engine) -> None:
-        # WAL lets the web server read while a cycle writes; a busy timeout lets a
-        # second process wait for the lock instead of failing.
+        # WAL lets readers go on while a cycle writes; a busy timeout lets a second
+        # process wait for the lock instead of failing.
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
@@ -285,10 +294,24 @@ class Store:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+        # A write transaction takes the write lock when it begins (BEGIN IMMEDIATE), not
+        # at its first write: two feeds' updates that both look for a matching story
+        # then run one after the other instead of both deciding "new story".
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if _WRITING.get() else "BEGIN")
+
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        """A write transaction, serialized against other writers on both databases."""
+        token = _WRITING.set(True)
+        try:
+            with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+                yield conn
+        finally:
+            _WRITING.reset(token)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,321 @@
+"""Shared fixtures: real servers on 127.0.0.1, real databases, a config in a temp folder.
+
+Nothing of clusterfeed's own boundaries is mocked: feeds come from a real HTTP server,
+mail goes to a real SMTP server (aiosmtpd), state lives in a real SQLite file, and in
+a real PostgreSQL database when CLUSTERFEED_TEST_DATABASE_URL names one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+from aiosmtpd.smtp import Envelope, Session
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_FEEDS = REPO / "config" / "example-feeds"
+TEMPLATES = REPO / "templates"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+# -- HTTP ---------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    body: bytes
+    content_type: str = "application/xml"
+    status: int = 200
+    etag: bool = True
+    last_modified: bool = True
+    gzip: bool = False
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SeenRequest:
+    path: str
+    headers: dict[str, str]
+
+
+class FeedServer:
+    """A real HTTP server whose routes a test can change while it runs."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: list[SeenRequest] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.requests.append(
+                        SeenRequest(self.path, {k.lower(): v for k, v in self.headers.items()})
+                    )
+                    route = server.routes.get(self.path)
+                if route is None:
+                    self._send(404, b"not found", "text/plain", {})
+                    return
+                if route.delay:
+                    time.sleep(route.delay)
+                headers = dict(route.headers)
+                tag = '"' + hashlib.sha256(route.body).hexdigest()[:20] + '"'
+                if route.etag:
+                    headers["ETag"] = tag
+                if route.last_modified:
+                    headers["Last-Modified"] = formatdate(1_790_000_000, usegmt=True)
+                if route.status == 200 and route.etag and self.headers.get("If-None-Match") == tag:
+                    self._send(304, b"", None, headers)
+                    return
+                body = route.body
+                if route.gzip and "gzip" in self.headers.get("Accept-Encoding", ""):
+                    body = gzip.compress(body)
+                    headers["Content-Encoding"] = "gzip"
+                self._send(route.status, body, route.content_type, headers)
+
+            def _send(self, status: int, body: bytes, ctype: str | None, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                if ctype:
+                    self.send_header("Content-Type", ctype)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if body:
+                    try:
+                        self.wfile.write(body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def serve_file(self, path: str, file: Path, **kwargs: Any) -> str:
+        self.routes[path] = Route(file.read_bytes(), **kwargs)
+        return self.url(path)
+
+    def requests_for(self, path: str) -> list[SeenRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def feed_server() -> Iterator[FeedServer]:
+    server = FeedServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- SMTP ---------------------------------------------------------------------------
+
+
+class RecordingHandler:
+    """An aiosmtpd handler that keeps every accepted message.
+
+    ``rcpt_replies`` / ``data_replies`` are queues of SMTP replies to give instead of
+    accepting, so a test can make the server answer 4xx or 5xx.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[Envelope] = []
+        self.rcpt_replies: list[str] = []
+        self.data_replies: list[str] = []
+        self.connections = 0
+
+    async def handle_RCPT(
+        self, server: SMTPProtocol, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.rcpt_replies:
+            return self.rcpt_replies.pop(0)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
+        if self.data_replies:
+            return self.data_replies.pop(0)
+        self.messages.append(envelope)
+        return "250 Message accepted for delivery"
+
+
+@dataclass
+class SmtpServer:
+    host: str
+    port: int
+    handler: RecordingHandler
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    handler = RecordingHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    controller.start()
+    try:
+        port = controller.server.sockets[0].getsockname()[1]
+        yield SmtpServer("127.0.0.1", port, handler)
+    finally:
+        controller.stop()
+
+
+# -- databases ------------------------------------------------------------------------
+
+
+def _postgres_url() -> str | None:
+    return os.environ.get("CLUSTERFEED_TEST_DATABASE_URL") or None
+
+
+DATABASES = ["sqlite", *(["postgresql"] if _postgres_url() else [])]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a new schema in the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        return
+    import sqlalchemy
+
+    base = _postgres_url()
+    assert base is not None
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+# -- configs --------------------------------------------------------------------------
+
+
+def write_config(
+    folder: Path,
+    feeds: list[dict[str, Any]],
+    *,
+    database_url: str | None = None,
+    mail: dict[str, Any] | None = None,
+    subscribers: list[dict[str, Any]] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write a complete config into ``folder`` and return its path."""
+    import json
+
+    def toml_value(v: Any) -> str:
+        return json.dumps(v, ensure_ascii=False)
+
+    lines = [
+        "[cluster]",
+        'name = "NordBio Cluster"',
+        'url = "https://www.nordbio.example"',
+        'imprint = ["NordBio Cluster Management GmbH", "Hafenstraße 12, 20457 Hamburg"]',
+        'contact = "presse@nordbio.example"',
+        "",
+        "[publish]",
+        'output_dir = "public"',
+        'feed_url = "https://news.nordbio.example/feed.atom"',
+        "max_entries = 100",
+        "",
+        "[digest]",
+        f"templates_dir = {toml_value(str(TEMPLATES))}",
+        'from = "NordBio News <news@nordbio.example>"',
+        'reply_to = "presse@nordbio.example"',
+        "max_stories = 100",
+        "",
+        "[web]",
+        'base_url = "https://news.nordbio.example"',
+        "",
+        "[mail]",
+    ]
+    for k, v in (mail or {"transport": "maildir", "maildir": "mail"}).items():
+        lines.append(f"{k} = {toml_value(v)}")
+    lines += ["", "[store]", f"url = {toml_value(database_url or 'sqlite:///state.sqlite3')}", ""]
+    for feed in feeds:
+        lines.append("[[feeds]]")
+        for k, v in feed.items():
+            lines.append(f"{k} = {toml_value(v)}")
+        lines.append("")
+    for sub in subscribers or [{"email": "reader@example.org", "name": "Rita Reader"}]:
+        lines.append("[[subscribers]]")
+        for k, v in sub.items():
+            lines.append(f"{k} = {toml_value(v)}")
+        lines.append("")
+    lines.append(extra)
+    path = folder / "clusterfeed.toml"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+EXAMPLE_FEED_META = [
+    ("NordBio Cluster", "nordbio-en.atom", "en", ["cluster"]),
+    ("NordBio Cluster (Deutsch)", "nordbio-de.rss", "de", ["cluster"]),
+    ("Helix Vektor", "helix-vektor.rss", "en", ["gene-therapy"]),
+    ("Hanse Innovationsfonds", "hanse-innovationsfonds.rss", "de", ["financing"]),
+    ("KristallWerk Discovery", "kristallwerk.atom", "en", ["drug-discovery"]),
+    ("Elbmed Pharma", "elbmed-pharma.atom", "de", ["drug-discovery"]),
+    ("Universitätsklinikum Förde", "uk-foerde.rdf", "de", ["research"]),
+    ("Kansai Bio Frontier", "kansai-bio.rss", "ja", ["international"]),
+    ("Biotech Campus Lübeck", "biotech-luebeck.rss", "en", ["research", "medtech"]),
+]
+
+
+def served_example_feeds(server: FeedServer) -> list[dict[str, Any]]:
+    """The bundled example feeds, each served over HTTP by ``server``."""
+    feeds = []
+    for name, file, language, topics in EXAMPLE_FEED_META:
+        ctype = "application/atom+xml" if file.endswith(".atom") else "application/rss+xml"
+        if file.endswith(".rdf"):
+            ctype = "application/rdf+xml"
+        url = server.serve_file(f"/feeds/{file}", EXAMPLE_FEEDS / file, content_type=ctype)
+        feeds.append({"name": name, "url": url, "language": language, "topics": topics})
+    return feeds
+
+
+@pytest.fixture
+def example_config(tmp_path: Path, feed_server: FeedServer, database_url: str) -> Path:
+    """The example partner feeds served over real HTTP, mail into a Maildir, a fresh store."""
+    return write_config(tmp_path, served_example_feeds(feed_server), database_url=database_url)
+
+
+@pytest.fixture
+def example_copy(tmp_path: Path) -> Path:
+    """A copy of the bundled config folder and templates, as an operator would make it."""
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    shutil.copytree(REPO / "templates", tmp_path / "templates")
+    return tmp_path / "config" / "example.toml"

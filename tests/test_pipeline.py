@@ -1,0 +1,61 @@
+"""The whole cycle over real HTTP, a real store and a real Maildir."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+from email import policy
+from pathlib import Path
+
+import feedparser
+
+from clusterfeed.config import load_config
+from clusterfeed.service import Service
+from clusterfeed.store import Store
+from tests.conftest import FeedServer
+
+
+def _service(config_path: Path) -> Service:
+    config = load_config(config_path)
+    service = Service(config, Store(config.database_url))
+    service.prepare()
+    return service
+
+
+def _maildir_messages(folder: Path) -> list[email.message.EmailMessage]:
+    return [
+        email.message_from_bytes(p.read_bytes(), policy=policy.default)  # type: ignore[misc]
+        for p in sorted((folder / "new").iterdir())
+    ]
+
+
+def test_cycle_fetches_publishes_and_mails_once(example_config: Path, feed_server: FeedServer) -> None:
+    service = _service(example_config)
+    report = asyncio.run(service.cycle(with_digest=True))
+
+    assert [f.state for f in report.feeds] == ["new"] * 9
+    assert sum(f.new_entries for f in report.feeds) == 47
+    assert report.published
+    assert report.send is not None and report.send.sent == 1
+    mails = _maildir_messages(example_config.parent / "mail")
+    assert len(mails) == 1
+    assert mails[0]["To"].addresses[0].addr_spec == "reader@example.org"
+
+    parsed = feedparser.parse(report.feed_path.read_bytes())
+    assert not parsed.bozo
+    # 47 items, but the acquisition press release is linked by three partners
+    # (plain, with utm_ parameters, with an upper-case host and a fragment): one story.
+    assert len(parsed.entries) == service.store.count_stories() == 45
+
+    # Second cycle: every feed answers 304, nothing new is stored or mailed.
+    before = feed_server.requests_for("/feeds/helix-vektor.rss")
+    again = asyncio.run(service.cycle(with_digest=True))
+    after = feed_server.requests_for("/feeds/helix-vektor.rss")
+    assert len(after) == len(before) + 1
+    assert after[-1].headers.get("if-none-match")
+    assert [f.state for f in again.feeds] == ["unchanged"] * 9
+    assert not again.published
+    assert again.send is not None and again.send.sent == 0
+    assert service.store.count_entries() == 47
+    assert len(_maildir_messages(example_config.parent / "mail")) == 1
+    service.store.close()
