@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -298,10 +298,25 @@ def _when(value: datetime | None) -> str:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object per feed instead of a table."
 )
+@click.option(
+    "--max-age",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit 1 unless some feed was fetched successfully within this many minutes "
+    "(for container health checks).",
+)
 @_handle_errors
-def status(config_path: Path | None, as_json: bool) -> None:
+def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None:
     """Show each feed's last fetch, HTTP status, items and errors."""
     with _service(config_path) as service:
+        if max_age is not None:
+            latest = max(
+                (s.last_success_at for s in service.store.feed_statuses() if s.last_success_at),
+                default=None,
+            )
+            fresh = latest is not None and service.clock() - latest <= timedelta(minutes=max_age)
+            out.print(f"last successful fetch: {_when(latest)}", markup=False)
+            sys.exit(0 if fresh else 1)
         configured = {f.name for f in service.config.feeds if f.enabled}
         rows = [s for s in service.store.feed_statuses() if s.name in configured]
         if as_json:
