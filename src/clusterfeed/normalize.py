@@ -262,10 +262,13 @@ def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, dateti
     """(published, updated) in UTC; missing means first seen now, the future is clamped."""
     # dict.get, not raw.get: feedparser's mapping silently aliases a missing
     # updated_parsed to published_parsed (with a deprecation warning).
-    published = _struct_to_datetime(dict.get(raw, "published_parsed")) or _struct_to_datetime(
-        dict.get(raw, "created_parsed")
+    def plain(key: str) -> Any:
+        return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
+
+    published = _struct_to_datetime(plain("published_parsed")) or _struct_to_datetime(
+        plain("created_parsed")
     )
-    updated = _struct_to_datetime(dict.get(raw, "updated_parsed"))
+    updated = _struct_to_datetime(plain("updated_parsed"))
     published = published or updated or now
     updated = updated or published
     limit = now + FUTURE_TOLERANCE
