@@ -7,6 +7,7 @@ a real PostgreSQL database when CLUSTERFEED_TEST_DATABASE_URL names one.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -94,7 +95,9 @@ class FeedServer:
                     headers["Content-Encoding"] = "gzip"
                 self._send(route.status, body, route.content_type, headers)
 
-            def _send(self, status: int, body: bytes, ctype: str | None, headers: dict[str, str]) -> None:
+            def _send(
+                self, status: int, body: bytes, ctype: str | None, headers: dict[str, str]
+            ) -> None:
                 self.send_response(status)
                 if ctype:
                     self.send_header("Content-Type", ctype)
@@ -103,15 +106,15 @@ class FeedServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if body:
-                    try:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         self.wfile.write(body)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -156,7 +159,12 @@ class RecordingHandler:
         self.connections = 0
 
     async def handle_RCPT(
-        self, server: SMTPProtocol, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
         if self.rcpt_replies:
             return self.rcpt_replies.pop(0)

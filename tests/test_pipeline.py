@@ -29,7 +29,9 @@ def _maildir_messages(folder: Path) -> list[email.message.EmailMessage]:
     ]
 
 
-def test_cycle_fetches_publishes_and_mails_once(example_config: Path, feed_server: FeedServer) -> None:
+def test_cycle_fetches_publishes_and_mails_once(
+    example_config: Path, feed_server: FeedServer
+) -> None:
     service = _service(example_config)
     report = asyncio.run(service.cycle(with_digest=True))
 

@@ -110,7 +110,9 @@ def describe_error(exc: BaseException) -> str:
             or ("getaddrinfo" in text)
         ):
             return "the host name does not resolve (DNS); check the URL"
-        if "Connection refused" in text:
+        # By type as well as by text: anyio wraps the refusal as "All connection attempts
+        # failed" over a ConnectionRefusedError whose text is "Connect call failed (...)".
+        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in text:
             return "connection refused by the server"
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.ConnectError):

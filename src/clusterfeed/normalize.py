@@ -175,6 +175,11 @@ def link_key(url: str | None) -> str | None:
 def _attribute_filter(base: str | None) -> Any:
     def keep(tag: str, attribute: str, value: str) -> str | None:
         if attribute in URL_ATTRIBUTES:
+            if not value.strip():
+                # An empty URL is no link (feedparser leaves href="" where it removed a
+                # javascript: URL); resolving it would turn it into a link to the item
+                # itself, or an <img> of the article page.
+                return None
             resolved = urljoin(base, value.strip()) if base else value.strip()
             scheme = urlsplit(resolved).scheme.lower()
             if scheme not in URL_SCHEMES:
@@ -185,6 +190,17 @@ def _attribute_filter(base: str | None) -> Any:
     return keep
 
 
+# Characters XML 1.0 forbids. feedparser's lenient parser keeps them (a vertical tab
+# pasted from a word processor is common), and one of them in one item made lxml refuse
+# to build the published Atom feed at all.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+
+
+def xml_safe(text: str) -> str:
+    """``text`` without characters that cannot appear in XML (form feeds become spaces)."""
+    return _XML_INVALID.sub(lambda m: " " if m.group() in "\x0b\x0c" else "", text)
+
+
 def sanitize_html(fragment: str, base: str | None = None) -> str:
     """Allow-listed HTML: no scripts, styles, event handlers, frames or unsafe URLs.
 
@@ -193,15 +209,18 @@ def sanitize_html(fragment: str, base: str | None = None) -> str:
     """
     if not fragment:
         return ""
-    return nh3.clean(
-        fragment,
-        tags=set(ALLOWED_TAGS),
-        clean_content_tags={"script", "style", "template", "iframe", "noscript", "object"},
-        attributes={k: set(v) for k, v in ALLOWED_ATTRIBUTES.items()},
-        attribute_filter=_attribute_filter(base),
-        url_schemes=set(URL_SCHEMES),
-        link_rel="noopener noreferrer nofollow",
-        strip_comments=True,
+    # After cleaning, too: the parser turns references such as "&#8;" into the character.
+    return xml_safe(
+        nh3.clean(
+            fragment,
+            tags=set(ALLOWED_TAGS),
+            clean_content_tags={"script", "style", "template", "iframe", "noscript", "object"},
+            attributes={k: set(v) for k, v in ALLOWED_ATTRIBUTES.items()},
+            attribute_filter=_attribute_filter(base),
+            url_schemes=set(URL_SCHEMES),
+            link_rel="noopener noreferrer nofollow",
+            strip_comments=True,
+        )
     ).strip()
 
 
@@ -217,7 +236,7 @@ def html_to_text(fragment: str) -> str:
         return ""
     spaced = _BLOCK.sub(r" <\1", fragment)  # "</p><p>" must not glue two sentences
     text = nh3.clean(spaced, tags=set(), clean_content_tags={"script", "style"})
-    return _WS.sub(" ", html.unescape(text)).strip()
+    return _WS.sub(" ", xml_safe(html.unescape(text))).strip()
 
 
 def single_line(text: str) -> str:

@@ -20,6 +20,20 @@ class FeedParseError(Exception):
     """The bytes are not a feed we can read; the message says why, in one line."""
 
 
+def _looks_like_html(body: bytes, headers: Mapping[str, str]) -> bool:
+    """Whether bytes that are no feed are a web page, for a more useful message.
+
+    Checking only whether the body *starts* with ``<!doctype html`` missed the common
+    real pages: a UTF-8 byte order mark, a leading comment or an XML declaration before
+    the doctype (XHTML) all gave the cryptic "not an XML media type" instead.
+    """
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in ("text/html", "application/xhtml+xml"):
+        return True
+    head = body[:1024].lower()
+    return b"<!doctype html" in head or b"<html" in head
+
+
 def parse_feed(body: bytes, headers: Mapping[str, str], base_url: str | None) -> ParsedFeed:
     """Parse one feed document; raise FeedParseError only when nothing can be recovered."""
     response_headers = {k.lower(): v for k, v in headers.items()}
@@ -38,8 +52,7 @@ def parse_feed(body: bytes, headers: Mapping[str, str], base_url: str | None) ->
         exc = parsed.get("bozo_exception")
         warning = f"{type(exc).__name__}: {exc}" if exc else "feed is not well-formed"
     if not parsed.get("version") and not parsed.entries:
-        sniff = body[:512].lstrip().lower()
-        if sniff.startswith((b"<!doctype html", b"<html")):
+        if _looks_like_html(body, response_headers):
             raise FeedParseError(
                 "the URL returned an HTML page, not a feed; open it in a browser and use "
                 "the address of its RSS or Atom link"

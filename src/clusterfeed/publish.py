@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from feedgen.ext.base import BaseEntryExtension, BaseExtension
 from feedgen.feed import FeedGenerator
@@ -24,7 +24,6 @@ from feedgen.util import xml_elem
 from clusterfeed import __version__
 from clusterfeed.model import Source, Story
 
-ATOM_NS = "http://www.w3.org/2005/Atom"
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -45,45 +44,76 @@ class _NoFeedExtension(BaseExtension):  # type: ignore[misc]
 
 
 class _SourceExtension(BaseEntryExtension):  # type: ignore[misc]
-    """Adds a complete ``atom:source`` (id, title, link, updated) to an entry.
+    """Adds an entry's links and a complete ``atom:source`` (id, title, links, updated).
 
     feedgen's own source element carries only a title and link; RFC 4287 asks that a
     copied entry keep the original feed's id and updated too, which is what lets a
-    reader credit and find the partner.
+    reader credit and find the partner. The partner's feed itself is linked with
+    ``rel="self"`` whenever it is on the web, so the source names the partner feed even
+    when the config gives no ``site`` for it (then there is no ``alternate`` link).
     """
 
     def __init__(self) -> None:
         self._source: dict[str, str] | None = None
+        self._links: list[dict[str, str]] = []
 
-    def set(self, *, id: str, title: str, link: str | None, updated: datetime) -> None:
+    def add_link(self, **attributes: str) -> None:
+        """An entry link written with all its attributes.
+
+        feedgen 1.0's ``FeedEntry.link`` loses ``rel``, ``type`` and ``title`` when it
+        writes Atom (its loop variable shadows the link's data), which turned every
+        ``related`` link into a second ``alternate`` one; entry links are written here.
+        """
+        self._links.append(attributes)
+
+    def set(
+        self,
+        *,
+        id: str,
+        title: str,
+        link: str | None,
+        updated: datetime,
+        self_link: str | None = None,
+    ) -> None:
         self._source = {
             "id": id,
             "title": title,
             "link": link or "",
+            "self": self_link or "",
             "updated": updated.isoformat(),
         }
 
     def extend_atom(self, entry: Any) -> Any:
+        for attributes in self._links:
+            xml_elem("link", entry, **attributes)
         if self._source is None:
             return entry
-        source = xml_elem(f"{{{ATOM_NS}}}source", entry)
-        xml_elem(f"{{{ATOM_NS}}}id", source).text = self._source["id"]
-        xml_elem(f"{{{ATOM_NS}}}title", source).text = self._source["title"]
+        source = xml_elem("source", entry)
+        xml_elem("id", source).text = self._source["id"]
+        xml_elem("title", source).text = self._source["title"]
         if self._source["link"]:
-            xml_elem(f"{{{ATOM_NS}}}link", source, rel="alternate", href=self._source["link"])
-        xml_elem(f"{{{ATOM_NS}}}updated", source).text = self._source["updated"]
+            xml_elem("link", source, rel="alternate", href=self._source["link"])
+        if self._source["self"]:
+            xml_elem("link", source, rel="self", href=self._source["self"])
+        xml_elem("updated", source).text = self._source["updated"]
         return entry
 
 
 def tag_uri(site_url: str, kind: str, key: str) -> str:
     """A permanent id (RFC 4151 tag URI) that does not change if the feed moves."""
     host = urlsplit(site_url).hostname or "clusterfeed.invalid"
-    return f"tag:{host},2026:{kind}/{key}"
+    # Quoted: a key can be a feed's name ("Universitätsklinikum Förde"), and a URI may
+    # hold neither spaces nor non-ASCII letters. Story keys are unchanged by this.
+    return f"tag:{host},2026:{kind}/{quote(key, safe='-._~')}"
+
+
+def _is_web_url(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
 
 
 def source_id(source: Source) -> str:
     """The partner feed's id: its URL when it has one on the web, else a tag URI."""
-    if source.feed_url.startswith(("http://", "https://")):
+    if _is_web_url(source.feed_url):
         return source.feed_url
     return tag_uri(source.site_url or "https://clusterfeed.invalid", "source", source.feed_name)
 
@@ -148,10 +178,12 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
         fe.id(tag_uri(meta.site_url, "story", story.key))
         fe.title(entry.title)
         if entry.link:
-            fe.link(href=entry.link, rel="alternate", type="text/html")
+            fe.cfsource.add_link(rel="alternate", type="text/html", href=entry.link)
+        linked = {entry.link}
         for other in story.also_reported_by:
-            if other.entry_link and other.entry_link != entry.link:
-                fe.link(href=other.entry_link, rel="related", title=other.feed_title)
+            if other.entry_link and other.entry_link not in linked:
+                linked.add(other.entry_link)
+                fe.cfsource.add_link(rel="related", href=other.entry_link, title=other.feed_title)
         fe.published(entry.published)
         fe.updated(max(story.updated, entry.updated))
         fe.author(
@@ -169,6 +201,7 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
             title=source.feed_title,
             link=source.site_url,
             updated=entry.updated,
+            self_link=source.feed_url if _is_web_url(source.feed_url) else None,
         )
     result: bytes = fg.atom_str(pretty=True, encoding="UTF-8", xml_declaration=True)
     return result

@@ -1,0 +1,393 @@
+"""The published Atom feed, as feed readers and validators see it.
+
+The feed is produced the way the service produces it: partner feeds fetched over real
+HTTP into a real store, then ``Service.publish``. Structure is checked on the bytes
+with lxml (what any reader gets), and the whole document with feedparser and, where
+available, the shared feed validator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import feedparser
+import pytest
+from lxml import etree
+
+from clusterfeed.config import load_config
+from clusterfeed.publish import write_atomic
+from clusterfeed.service import Service
+from clusterfeed.store import Store
+from tests.conftest import (
+    DATA,
+    EXAMPLE_FEED_META,
+    FeedServer,
+    served_example_feeds,
+    write_config,
+)
+
+NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
+ATOM = "http://www.w3.org/2005/Atom"
+NS = {"a": ATOM}
+FEED_URL = "https://news.nordbio.example/feed.atom"
+REALCLIENTS = Path(__file__).resolve().parents[2] / "shared" / "realclients"
+PARTNER_NAMES = {name for name, *_ in EXAMPLE_FEED_META}
+
+
+@dataclass
+class Clock:
+    now: datetime = NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+def module_feed_server() -> Iterator[FeedServer]:
+    """One real server for the module: stopping one waits out its 0.5 s poll interval."""
+    server = FeedServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def feed_server(module_feed_server: FeedServer) -> FeedServer:
+    """conftest's ``feed_server``, shared by this module's tests, emptied for each one."""
+    module_feed_server.routes.clear()
+    module_feed_server.requests.clear()
+    return module_feed_server
+
+
+@pytest.fixture
+def open_service(clock: Clock) -> Iterator[Any]:
+    """Open a prepared Service on a config file; its store is closed after the test."""
+    stores: list[Store] = []
+
+    def open_(config_path: Path) -> Service:
+        config = load_config(config_path)
+        store = Store(config.database_url)
+        stores.append(store)
+        service = Service(config, store, clock=clock)
+        service.prepare()
+        return service
+
+    yield open_
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def example_service(example_config: Path, open_service: Any) -> Service:
+    """The nine example partner feeds fetched over HTTP into a fresh store."""
+    service: Service = open_service(example_config)
+    outcomes = asyncio.run(service.fetch())
+    assert [o.state for o in outcomes] == ["new"] * 9
+    return service
+
+
+@pytest.fixture
+def published(example_service: Service) -> bytes:
+    assert example_service.publish() is True
+    return example_service.feed_path().read_bytes()
+
+
+def entries_of(document: bytes) -> list[Any]:
+    return list(etree.fromstring(document).iterfind("a:entry", NS))
+
+
+def text_of(element: Any, path: str) -> str:
+    found = element.find(path, NS)
+    assert found is not None, f"{path} missing in {etree.tostring(element)[:200]!r}"
+    return str(found.text or "")
+
+
+def entry_titled(document: bytes, title: str) -> Any:
+    (entry,) = [e for e in entries_of(document) if text_of(e, "a:title") == title]
+    return entry
+
+
+def rfc3339(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    assert parsed.tzinfo is not None, f"{value} has no time zone"
+    return parsed
+
+
+# -- the example cluster's feed ------------------------------------------------------------
+
+
+def test_published_feed_parses_back_cleanly(published: bytes) -> None:
+    parsed = feedparser.parse(published)
+    assert not parsed.bozo, parsed.get("bozo_exception")
+    assert parsed.version == "atom10"
+    assert parsed.feed.title == "NordBio Cluster – news from our partners"
+    # 47 partner items; the acquisition press release linked by three partners is one.
+    assert len(parsed.entries) == 45
+    titles = {e.title for e in parsed.entries}
+    assert "ドイツ・ノルトバイオ・クラスターと連携に関する覚書を締結 ― 神戸で調印式" in titles
+    assert "Forschungspreis für Kieler Herzchirurgie: Gewebezüchtung für Herzklappen" in titles
+
+
+def test_feed_describes_itself(published: bytes) -> None:
+    feed = etree.fromstring(published)
+    assert feed.tag == f"{{{ATOM}}}feed"
+    assert text_of(feed, "a:id") == FEED_URL
+    assert text_of(feed, "a:title") == "NordBio Cluster – news from our partners"
+    # Not the clock at publishing time: the newest story's date (first seen at NOW).
+    assert rfc3339(text_of(feed, "a:updated")) == NOW
+    assert text_of(feed, "a:author/a:name") == "NordBio Cluster"
+    links = {link.get("rel"): link.get("href") for link in feed.iterfind("a:link", NS)}
+    assert links["self"] == FEED_URL
+    assert links["alternate"] == "https://www.nordbio.example"
+
+
+def test_every_entry_is_complete_and_credits_its_partner_feed(
+    published: bytes, feed_server: FeedServer
+) -> None:
+    entries = entries_of(published)
+    ids = [text_of(e, "a:id") for e in entries]
+    assert len(set(ids)) == len(ids) == 45
+    served = {name: feed_server.url(f"/feeds/{file}") for name, file, *_ in EXAMPLE_FEED_META}
+    for entry in entries:
+        assert text_of(entry, "a:id").startswith("tag:www.nordbio.example,2026:story/")
+        assert text_of(entry, "a:title").strip()
+        assert rfc3339(text_of(entry, "a:updated")) <= NOW
+        assert rfc3339(text_of(entry, "a:published")) <= rfc3339(text_of(entry, "a:updated"))
+        (link,) = entry.findall("a:link[@rel='alternate']", NS)
+        assert link.get("type") == "text/html"
+        assert link.get("href").startswith("https://")
+
+        source = entry.find("a:source", NS)
+        assert source is not None
+        partner = text_of(source, "a:title")
+        assert partner in PARTNER_NAMES
+        assert text_of(source, "a:id") == served[partner]
+        source_links = source.findall("a:link", NS)
+        assert [(s.get("rel"), s.get("href")) for s in source_links] == [("self", served[partner])]
+        assert rfc3339(text_of(source, "a:updated"))
+        assert text_of(entry, "a:author/a:name") == partner
+
+
+def test_story_told_by_three_partners_credits_all(published: bytes) -> None:
+    release = "https://www.helixvektor.example/press/2026/coastline-acquisition.html"
+    (entry,) = [
+        e
+        for e in entries_of(published)
+        if e.find("a:link[@rel='alternate']", NS) is not None
+        and e.find("a:link[@rel='alternate']", NS).get("href") == release
+    ]
+    author = text_of(entry, "a:author/a:name")
+    contributors = [c.text for c in entry.iterfind("a:contributor/a:name", NS)]
+    assert {author, *contributors} == {
+        "Helix Vektor",
+        "Hanse Innovationsfonds",
+        "NordBio Cluster (Deutsch)",
+    }
+    content = text_of(entry, "a:content")
+    assert "Also reported by:" in content
+    for name in contributors:
+        assert f">{name}</a></li>" in content
+    # All three link the same page (after removing utm_ and the fragment): no related
+    # link repeats the entry's own link.
+    assert entry.findall("a:link[@rel='related']", NS) == []
+
+
+def test_entries_newest_first_and_limited_to_max_entries(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any
+) -> None:
+    path = write_config(tmp_path, served_example_feeds(feed_server), database_url=database_url)
+    path.write_text(path.read_text().replace("max_entries = 100", "max_entries = 5"))
+    service = open_service(path)
+    asyncio.run(service.fetch())
+    service.publish()
+
+    entries = entries_of(service.feed_path().read_bytes())
+    assert [text_of(e, "a:title") for e in entries] == [
+        "Forschungspreis für Kieler Herzchirurgie: Gewebezüchtung für Herzklappen",
+        "Webinar: Fragment screening meets machine learning",
+        "国際シンポジウム「再生医療の社会実装」を12月に神戸で開催",
+        "Call for applications: NordBio Digital Health Accelerator 2027",
+        "Personalie: Dr. Friederike Claußen wird Forschungsvorständin",
+    ]
+    dates = [rfc3339(text_of(e, "a:published")) for e in entries]
+    assert dates == sorted(dates, reverse=True)
+    assert dates[0] == datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+
+
+def test_publishing_again_with_nothing_new_changes_nothing(
+    example_service: Service, clock: Clock
+) -> None:
+    assert example_service.publish() is True
+    path = example_service.feed_path()
+    first = path.read_bytes()
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+
+    clock.now = NOW + timedelta(hours=1)
+    assert example_service.publish() is False
+    # A whole cycle where every partner answers 304 does not touch the file either.
+    outcomes = asyncio.run(example_service.fetch())
+    assert {o.state for o in outcomes} == {"unchanged"}
+    assert example_service.publish() is False
+
+    assert path.read_bytes() == first
+    assert path.stat().st_mtime == 1_700_000_000
+    assert sorted(p.name for p in path.parent.iterdir()) == ["feed.atom"]
+
+
+def test_scripts_and_handlers_never_reach_the_feed(published: bytes) -> None:
+    lowered = published.lower()
+    for needle in (b"script", b"onerror", b"onclick", b"alert(", b"javascript:"):
+        assert needle not in lowered, needle
+    entry = entry_titled(
+        published, "New GMP cleanrooms for vector production in Hamburg-Bahrenfeld"
+    )
+    content = text_of(entry, "a:content")
+    assert '<img alt="Cleanroom" src="https://www.helixvektor.example/newsroom/img/' in content
+    assert "Take the virtual tour</a>" in content
+
+
+def test_published_feed_passes_the_feed_validator(published: bytes, tmp_path: Path) -> None:
+    script = REALCLIENTS / "validate_feed.sh"
+    if not script.is_file():
+        pytest.skip(f"feed validator not installed here ({script} is absent)")
+    feed = tmp_path / "published.atom"
+    feed.write_bytes(published)
+    result = subprocess.run(
+        ["bash", str(script), str(feed)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "format=atom entries=45 errors=0" in result.stdout
+
+
+# -- stories from the test partners -----------------------------------------------------
+
+
+@pytest.fixture
+def hafen_and_nordlicht(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any, clock: Clock
+) -> Service:
+    """Hafen Campus (a local file) first; an hour later Nordlicht (HTTP) links the same page."""
+    hafen = tmp_path / "feeds" / "hafen-campus.rss"
+    hafen.parent.mkdir()
+    # A vertical tab pasted from a word processor: not allowed in XML, common in feeds.
+    hafen.write_bytes(
+        (DATA / "hafen-campus.rss")
+        .read_bytes()
+        .replace(b"Das Land Schleswig-Holstein", b"Das Land\x0bSchleswig-Holstein")
+    )
+    feeds = [
+        {
+            "name": "Life Science Campus Hafen",
+            "url": str(hafen),
+            "site": "https://www.hafen-campus.example",
+            "language": "de",
+        },
+        {
+            "name": "Nordlicht Diagnostics",
+            "url": feed_server.url("/en/news/feed.atom"),
+            "site": "https://www.nordlicht-diagnostics.example",
+        },
+    ]
+    service: Service = open_service(write_config(tmp_path, feeds, database_url=database_url))
+    asyncio.run(service.fetch())  # Nordlicht answers 404 this time
+    feed_server.serve_file("/en/news/feed.atom", DATA / "nordlicht-diagnostics.atom")
+    clock.now = NOW + timedelta(hours=1)
+    asyncio.run(service.fetch())
+    assert service.publish() is True
+    return service
+
+
+def test_second_source_is_listed_and_linked_as_related(hafen_and_nordlicht: Service) -> None:
+    document = hafen_and_nordlicht.feed_path().read_bytes()
+    entry = entry_titled(document, "Nordlicht Diagnostics bezieht neues Labor auf dem Campus")
+
+    (alternate,) = entry.findall("a:link[@rel='alternate']", NS)
+    assert alternate.get("href") == (
+        "https://www.hafen-campus.example/presse/2026/nordlicht-labor/?lang=de"
+    )
+    (related,) = entry.findall("a:link[@rel='related']", NS)
+    assert related.get("href") == "http://hafen-campus.example/presse/2026/nordlicht-labor?lang=de"
+    assert related.get("title") == "Nordlicht Diagnostics"
+    assert [c.text for c in entry.iterfind("a:contributor/a:name", NS)] == ["Nordlicht Diagnostics"]
+    content = text_of(entry, "a:content")
+    assert "Source: <a href=" in content and ">Life Science Campus Hafen</a>" in content
+    assert (
+        '<p>Also reported by:</p><ul><li><a href="http://hafen-campus.example/presse/2026/'
+        'nordlicht-labor?lang=de" title="We have moved: our new laboratory at Hafen Campus in '
+        'Kiel">Nordlicht Diagnostics</a></li></ul>'
+    ) in content
+    # The partner's own feed is named in atom:source (site given: alternate link too).
+    source = entry.find("a:source", NS)
+    assert text_of(source, "a:title") == "Life Science Campus Hafen"
+    # A file feed has no URL on the web: its id is a tag URI, a valid URI without spaces.
+    assert text_of(source, "a:id") == (
+        "tag:www.hafen-campus.example,2026:source/Life%20Science%20Campus%20Hafen"
+    )
+    assert {(s.get("rel"), s.get("href")) for s in source.iterfind("a:link", NS)} == {
+        ("alternate", "https://www.hafen-campus.example")
+    }
+    # A second partner telling the story makes it current again.
+    assert rfc3339(text_of(entry, "a:updated")) == NOW + timedelta(hours=1)
+
+
+def test_feed_with_control_characters_and_scripts_publishes_cleanly(
+    hafen_and_nordlicht: Service,
+) -> None:
+    document = hafen_and_nordlicht.feed_path().read_bytes()
+    parsed = feedparser.parse(document)
+    assert not parsed.bozo, parsed.get("bozo_exception")
+    assert len(parsed.entries) == 6
+    entry = entry_titled(
+        document, "Förderbescheid über 2,4 Mio. Euro für das Organoid-Labor am Campus"
+    )
+    assert "Das Land Schleswig-Holstein fördert" in text_of(entry, "a:content")
+    assert b"document.cookie" not in document and b"onerror" not in document
+    script = REALCLIENTS / "validate_feed.sh"
+    if script.is_file():
+        path = str(hafen_and_nordlicht.feed_path())
+        result = subprocess.run(["bash", str(script), path], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_feed_before_any_news_is_valid_and_empty(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any
+) -> None:
+    feeds = [{"name": "Helix Vektor", "url": feed_server.url("/not-yet.rss")}]
+    service = open_service(write_config(tmp_path, feeds, database_url=database_url))
+    asyncio.run(service.fetch())
+
+    assert service.publish() is True
+    parsed = feedparser.parse(service.feed_path().read_bytes())
+    assert not parsed.bozo
+    assert parsed.entries == []
+    assert parsed.feed.title == "NordBio Cluster – news from our partners"
+
+
+# -- write_atomic ---------------------------------------------------------------------------
+
+
+def test_write_atomic_replaces_only_when_bytes_change(tmp_path: Path) -> None:
+    path = tmp_path / "public" / "feed.atom"
+    assert write_atomic(path, b"<feed>eins</feed>") is True  # creates the folder
+    assert path.read_bytes() == b"<feed>eins</feed>"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)  # the web server may read it
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+
+    assert write_atomic(path, b"<feed>eins</feed>") is False
+    assert path.stat().st_mtime == 1_700_000_000
+
+    assert write_atomic(path, b"<feed>zwei</feed>") is True
+    assert path.read_bytes() == b"<feed>zwei</feed>"
+    assert path.stat().st_mtime != 1_700_000_000
+    assert sorted(p.name for p in path.parent.iterdir()) == ["feed.atom"]
