@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -40,6 +43,7 @@ class FetchLimits:
     connect_timeout_seconds: float = 10.0
     max_bytes: int = 10_000_000
     user_agent: str = "clusterfeed"
+    per_host: int = 2
 
 
 class _TooLarge(Exception):
@@ -95,8 +99,6 @@ def describe_error(exc: BaseException) -> str:
         return "the server stopped answering (read timeout)"
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return "the whole request took longer than fetch.timeout_seconds"
-    if isinstance(exc, httpx.TooManyRedirects):
-        return f"more than {MAX_REDIRECTS} redirects"
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -122,66 +124,141 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+PERMANENT_REDIRECTS = frozenset({301, 308})
+TEMPORARY_REDIRECTS = frozenset({302, 303, 307})
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def parse_max_age(cache_control: str | None) -> int | None:
+    """``max-age`` from a Cache-Control header, or None."""
+    if not cache_control:
+        return None
+    for part in cache_control.split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "max-age" and value.strip().strip('"').isdigit():
+            return int(value.strip().strip('"'))
+    return None
+
+
 async def fetch_http(
     client: httpx.AsyncClient, request: FetchRequest, limits: FetchLimits
 ) -> FetchResult:
-    """One conditional GET with a streaming size cap (applied after decompression)."""
+    """One conditional GET with redirects handled by hand and a streaming size cap.
+
+    Redirects are followed here rather than by httpx so the operator can be told
+    when a feed moved for good: the target of an unbroken chain of 301/308 answers is
+    reported as ``moved_to`` (a 302/307 in the chain ends it: that move is temporary).
+    """
     headers = {}
     if request.etag:
         headers["If-None-Match"] = request.etag
     if request.last_modified:
         headers["If-Modified-Since"] = request.last_modified
+    url = request.url
+    moved_to: str | None = None
+    permanent_so_far = True
     try:
         async with asyncio.timeout(limits.timeout_seconds):
-            async with client.stream("GET", request.url, headers=headers) as response:
-                final_url = str(response.url)
-                if response.status_code == 304:
-                    return FetchResult(
-                        request.feed_name,
-                        request.url,
-                        status=304,
-                        not_modified=True,
-                        etag=response.headers.get("etag", request.etag),
-                        last_modified=response.headers.get("last-modified", request.last_modified),
-                        final_url=final_url,
-                    )
-                if response.status_code >= 400:
-                    reason = response.reason_phrase or "error"
-                    return FetchResult(
-                        request.feed_name,
-                        request.url,
-                        status=response.status_code,
-                        error=f"HTTP {response.status_code} {reason}",
-                        final_url=final_url,
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_bytes * 20:
-                    raise _TooLarge(
-                        f"response announces {declared} bytes, far above the limit of "
-                        f"{limits.max_bytes} (fetch.max_bytes)"
-                    )
-                chunks: list[bytes] = []
-                total = 0
-                async for chunk in response.aiter_bytes():
-                    total += len(chunk)
-                    if total > limits.max_bytes:
-                        raise _TooLarge(
-                            f"response is larger than the limit of {limits.max_bytes} bytes "
-                            "(fetch.max_bytes)"
-                        )
-                    chunks.append(chunk)
-                return FetchResult(
-                    request.feed_name,
-                    request.url,
-                    status=response.status_code,
-                    body=b"".join(chunks),
-                    headers={k.lower(): v for k, v in response.headers.items()},
-                    etag=response.headers.get("etag"),
-                    last_modified=response.headers.get("last-modified"),
-                    final_url=final_url,
-                )
+            for _hop in range(MAX_REDIRECTS + 1):
+                async with client.stream("GET", url, headers=headers) as response:
+                    status = response.status_code
+                    location = response.headers.get("location")
+                    if status in PERMANENT_REDIRECTS | TEMPORARY_REDIRECTS and location:
+                        url = urljoin(str(response.url), location)
+                        if status in PERMANENT_REDIRECTS and permanent_so_far:
+                            moved_to = url
+                        else:
+                            permanent_so_far = False
+                        continue
+                    return await _read_response(response, request, limits, moved_to)
+            return FetchResult(
+                request.feed_name,
+                request.url,
+                error=f"more than {MAX_REDIRECTS} redirects (last to {url})",
+                moved_to=moved_to,
+            )
     except (httpx.HTTPError, _TooLarge, TimeoutError, OSError, ssl.SSLError) as exc:
-        return FetchResult(request.feed_name, request.url, error=describe_error(exc))
+        return FetchResult(
+            request.feed_name, request.url, error=describe_error(exc), moved_to=moved_to
+        )
+
+
+async def _read_response(
+    response: httpx.Response, request: FetchRequest, limits: FetchLimits, moved_to: str | None
+) -> FetchResult:
+    final_url = str(response.url)
+    status = response.status_code
+    now = datetime.now(UTC)
+    max_age = parse_max_age(response.headers.get("cache-control"))
+    if status == 304:
+        return FetchResult(
+            request.feed_name,
+            request.url,
+            status=304,
+            not_modified=True,
+            etag=response.headers.get("etag", request.etag),
+            last_modified=response.headers.get("last-modified", request.last_modified),
+            final_url=final_url,
+            moved_to=moved_to,
+            max_age=max_age,
+        )
+    if status >= 400 or status < 200:
+        reason = response.reason_phrase or "error"
+        return FetchResult(
+            request.feed_name,
+            request.url,
+            status=status,
+            error=f"HTTP {status} {reason}",
+            final_url=final_url,
+            moved_to=moved_to,
+            retry_after=parse_retry_after(response.headers.get("retry-after"), now)
+            if status in (429, 503)
+            else None,
+        )
+    declared = response.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_bytes * 20:
+        raise _TooLarge(
+            f"response announces {declared} bytes, far above the limit of "
+            f"{limits.max_bytes} (fetch.max_bytes)"
+        )
+    chunks: list[bytes] = []
+    total = 0
+    # aiter_bytes yields decoded (decompressed) bytes: the cap applies after gzip, so a
+    # small compressed bomb stops at the limit instead of filling memory.
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > limits.max_bytes:
+            raise _TooLarge(
+                f"response is larger than the limit of {limits.max_bytes} bytes (fetch.max_bytes)"
+            )
+        chunks.append(chunk)
+    return FetchResult(
+        request.feed_name,
+        request.url,
+        status=status,
+        body=b"".join(chunks),
+        headers={k.lower(): v for k, v in response.headers.items()},
+        etag=response.headers.get("etag"),
+        last_modified=response.headers.get("last-modified"),
+        final_url=final_url,
+        moved_to=moved_to,
+        max_age=max_age,
+    )
 
 
 def make_client(limits: FetchLimits) -> httpx.AsyncClient:
@@ -193,8 +270,7 @@ def make_client(limits: FetchLimits) -> httpx.AsyncClient:
             "application/feed+json, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.5",
         },
         timeout=httpx.Timeout(limits.timeout_seconds, connect=limits.connect_timeout_seconds),
-        follow_redirects=True,
-        max_redirects=MAX_REDIRECTS,
+        follow_redirects=False,
         limits=httpx.Limits(
             max_connections=limits.concurrency, max_keepalive_connections=limits.concurrency
         ),
@@ -208,19 +284,25 @@ async def fetch_all(
 ) -> list[FetchResult]:
     """Fetch every feed with at most ``limits.concurrency`` in flight.
 
+    At most ``limits.per_host`` requests go to one host at a time, whatever the global
+    concurrency: many partners share one hosting provider, which must not see a burst.
     ``on_result`` sees each result as soon as it arrives (for progress and for storing
     early), so a slow feed does not hold back the others' processing.
     """
     semaphore = asyncio.Semaphore(limits.concurrency)
+    per_host: dict[str, asyncio.Semaphore] = {}
     results: list[FetchResult] = []
 
     async with make_client(limits) as client:
 
         async def one(request: FetchRequest) -> None:
-            async with semaphore:
-                if _is_remote(request.url):
+            if _is_remote(request.url):
+                host = (urlsplit(request.url).hostname or "").lower()
+                host_limit = per_host.setdefault(host, asyncio.Semaphore(limits.per_host))
+                async with host_limit, semaphore:
                     result = await fetch_http(client, request, limits)
-                else:
+            else:
+                async with semaphore:
                     result = await asyncio.to_thread(fetch_local, request, limits)
             results.append(result)
             if on_result is not None:
@@ -230,10 +312,3 @@ async def fetch_all(
 
         await asyncio.gather(*(one(r) for r in requests))
     return results
-
-
-def response_headers_for_parser(result: FetchResult) -> Mapping[str, str]:
-    """The headers feedparser uses to pick an encoding and a base for relative links."""
-    headers = dict(result.headers)
-    headers.setdefault("content-location", result.final_url or result.url)
-    return headers

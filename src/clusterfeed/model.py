@@ -30,6 +30,12 @@ class FetchResult:
     not_modified: bool = False
     error: str | None = None
     final_url: str | None = None
+    # What the server said about the future: a permanent new address (an unbroken
+    # chain of 301/308), how long to wait (Retry-After on 429/503) and how long the
+    # answer stays fresh (Cache-Control max-age).
+    moved_to: str | None = None
+    retry_after: float | None = None
+    max_age: int | None = None
 
     @property
     def ok(self) -> bool:

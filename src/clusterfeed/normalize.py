@@ -279,6 +279,7 @@ def _struct_to_datetime(value: Any) -> datetime | None:
 
 def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
     """(published, updated) in UTC; missing means first seen now, the future is clamped."""
+
     # dict.get, not raw.get: feedparser's mapping silently aliases a missing
     # updated_parsed to published_parsed (with a deprecation warning).
     def plain(key: str) -> Any:
