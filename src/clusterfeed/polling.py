@@ -30,7 +30,7 @@ class PollDecision:
 def backoff(interval: timedelta, failures: int, rng: random.Random) -> timedelta:
     """The wait after ``failures`` consecutive failures: the interval, doubled per
     further failure, with ±20 % jitter, capped at one day."""
-    base = min(interval * 2 ** min(max(failures - 1, 0), 20), MAX_DELAY)
+    base = min(interval * (1 << min(max(failures - 1, 0), 20)), MAX_DELAY)
     jittered = base * (1 + rng.uniform(-JITTER, JITTER))
     return min(max(jittered, interval), MAX_DELAY)
 
