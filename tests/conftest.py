@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -188,10 +189,15 @@ class SmtpServer:
 @pytest.fixture
 def smtp_server() -> Iterator[SmtpServer]:
     handler = RecordingHandler()
-    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    # aiosmtpd's Controller checks that it started by connecting to the port it was
+    # given, so port=0 ("any free port") fails with "connection refused": ask the
+    # system for a free port first.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        port = controller.server.sockets[0].getsockname()[1]
         yield SmtpServer("127.0.0.1", port, handler)
     finally:
         controller.stop()
@@ -327,3 +333,74 @@ def example_copy(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "config", tmp_path / "config")
     shutil.copytree(REPO / "templates", tmp_path / "templates")
     return tmp_path / "config" / "example.toml"
+
+
+# -- running the command line; building small feeds --------------------------------------
+
+
+@pytest.fixture
+def run_cli() -> Iterator[Any]:
+    """``run_cli("digest", "--config", path)`` runs the real ``clusterfeed`` command in-process.
+
+    click's CliRunner captures stdout and stderr apart (``result.stdout``,
+    ``result.stderr``). The command points the root logger at the runner's stream; the
+    logging set-up is put back afterwards so later tests do not log into a closed stream.
+    """
+    import logging
+
+    from click.testing import CliRunner, Result
+
+    from clusterfeed.cli import main
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+
+    def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+        try:
+            return CliRunner().invoke(main, [str(a) for a in args], env=env)
+        finally:
+            root.handlers[:] = saved_handlers
+            root.setLevel(saved_level)
+
+    yield invoke
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+
+
+@pytest.fixture
+def rss_feed() -> Any:
+    """``rss_feed(title, items)`` returns the bytes of an RSS 2.0 feed.
+
+    Each item is a dict with ``title`` and ``link`` and optionally ``guid``,
+    ``description`` (HTML, escaped here), ``date`` (RFC 822), ``image`` (an image
+    enclosure URL) and ``raw_title`` (put into the XML as it is, for entities such as
+    ``&#13;&#10;``).
+    """
+    from xml.sax.saxutils import escape
+
+    def build(
+        title: str, items: list[dict[str, str]], link: str = "https://partner.example/"
+    ) -> bytes:
+        parts = [
+            '<?xml version="1.0" encoding="utf-8"?>',
+            '<rss version="2.0"><channel>',
+            f"<title>{escape(title)}</title><link>{escape(link)}</link>",
+            "<description>Partner news</description>",
+        ]
+        for item in items:
+            parts.append("<item>")
+            parts.append(f"<title>{item.get('raw_title') or escape(item['title'])}</title>")
+            parts.append(f"<link>{escape(item['link'])}</link>")
+            parts.append(f"<guid>{escape(item.get('guid', item['link']))}</guid>")
+            date = item.get("date", "Fri, 20 Nov 2026 09:30:00 +0000")
+            parts.append(f"<pubDate>{date}</pubDate>")
+            if item.get("description"):
+                parts.append(f"<description>{escape(item['description'])}</description>")
+            if item.get("image"):
+                url = escape(item["image"], {'"': "&quot;"})
+                parts.append(f'<enclosure url="{url}" type="image/jpeg" length="0"/>')
+            parts.append("</item>")
+        parts.append("</channel></rss>")
+        return "\n".join(parts).encode("utf-8")
+
+    return build

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
-from clusterfeed.service import FeedOutcome, Service
+from clusterfeed.service import FeedOutcome, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -238,13 +238,15 @@ def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> Non
                 f"{len(plan)} subscribers would get a digest (dry run, nothing sent)", markup=False
             )
             return
-        _send_with_progress(service)  # finish what an earlier run left
+        earlier = _send_with_progress(service)  # finish what an earlier run left
         now = service.clock()
-        _created, planned = service.create_digest(f"manual:{now.isoformat()}", now)
+        _created, planned = service.create_digest(adhoc_digest_key("manual", now), now)
         report = _send_with_progress(service)
+        # Count what the first pass delivered too: a message deferred last time and
+        # sent now was reported as "0 sent". Deferred is what is still waiting.
         out.print(
-            f"digest: {planned} planned, {report.sent} sent, "
-            f"{report.retry} deferred, {report.failed} failed"
+            f"digest: {planned} planned, {earlier.sent + report.sent} sent, "
+            f"{report.retry} deferred, {earlier.failed + report.failed} failed"
             + (
                 f" (mail in {service.config.mail.maildir}/new)"
                 if service.config.mail.transport == "maildir"
@@ -274,7 +276,7 @@ def run(config_path: Path | None, once: bool) -> None:
         )
         _send_with_progress(service)
         now = service.clock()
-        _created, planned = service.create_digest(f"once:{now.isoformat()}", now)
+        _created, planned = service.create_digest(adhoc_digest_key("once", now), now)
         report = _send_with_progress(service)
         where = (
             f"{service.config.mail.maildir / 'new'}"

@@ -25,8 +25,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
@@ -108,16 +108,60 @@ class ScheduleConfig(_Strict):
     @field_validator("digest_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        from apscheduler.triggers.cron import CronTrigger
-
         try:
-            CronTrigger.from_crontab(value, timezone="UTC")
+            cron_trigger(value, "UTC")
         except ValueError as exc:
             raise ValueError(
                 "expected a cron expression with five fields "
                 f'(minute hour day month weekday), e.g. "0 7 * * 1-5" ({exc})'
             ) from None
         return value
+
+
+_CRON_WEEKDAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _crontab_weekdays(field: str) -> str:
+    """A crontab day-of-week field with its numbers written as weekday names.
+
+    APScheduler 3 counts weekdays from 0 = Monday, while crontab (and every cron
+    tutorial an operator has read) counts from 0 or 7 = Sunday: passed on as it is,
+    "0 7 * * 1-5" fired Tuesday to Saturday. Names mean the same day to both.
+    """
+    parts: list[str] = []
+    for token in field.split(","):
+        body, slash, step = token.partition("/")
+        if (body == "*" and not slash) or any(ch.isalpha() for ch in body):
+            parts.append(token)  # every day, or names ("mon-fri"): nothing to translate
+            continue
+        if body == "*":
+            first, last = 0, 6
+        else:
+            start, dash, end = body.partition("-")
+            if not start.isdigit() or (dash and not end.isdigit()):
+                raise ValueError(f"day of week {token!r} is not a number, range or name")
+            first = int(start)
+            last = int(end) if dash else (6 if slash else first)
+        if not 0 <= first <= last <= 7:
+            raise ValueError(
+                f"day of week {token!r} must be a day or a rising range within 0-7 "
+                "(0 and 7 are Sunday)"
+            )
+        if slash and (not step.isdigit() or int(step) == 0):
+            raise ValueError(f"day of week {token!r} has an invalid step")
+        parts.extend(_CRON_WEEKDAYS[d] for d in range(first, last + 1, int(step) if slash else 1))
+    return ",".join(dict.fromkeys(parts))
+
+
+def cron_trigger(expression: str, timezone: str) -> Any:
+    """An APScheduler CronTrigger for a standard five-field crontab expression."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(f"Wrong number of fields; got {len(fields)}, expected 5")
+    fields[4] = _crontab_weekdays(fields[4])
+    return CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
 
 
 class FetchConfig(_Strict):
@@ -202,7 +246,7 @@ class DigestConfig(_Strict):
 class MailConfig(_Strict):
     transport: Literal["maildir", "smtp"] = "maildir"
     maildir: Path = Path("mail")
-    host: str | None = None
+    host: str | None = Field(None, validate_default=True)
     port: int | None = Field(None, ge=1, le=65535)
     security: Literal["none", "starttls", "tls"] = "starttls"
     username: str | None = None
@@ -210,13 +254,22 @@ class MailConfig(_Strict):
     connections: int = Field(2, ge=1, le=50)
     timeout_seconds: float = Field(60.0, gt=0, le=600)
 
-    @model_validator(mode="after")
-    def _smtp_needs_host(self) -> MailConfig:
-        if self.transport == "smtp" and not self.host:
+    # Field validators (not one model validator), so each problem is reported at its own
+    # key ("mail.host", not "mail" with the whole table as the "found" value).
+    # validate_default makes them run when the key is absent, which is the usual mistake.
+    @field_validator("host")
+    @classmethod
+    def _smtp_needs_host(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("transport") == "smtp" and not value:
             raise ValueError('transport "smtp" needs host (the SMTP server name)')
-        if self.password_env and not self.username:
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_needs_user(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and "username" in info.data and not info.data["username"]:
             raise ValueError("password_env is set but username is not")
-        return self
+        return value
 
     @property
     def effective_port(self) -> int:
@@ -354,9 +407,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         problems.extend(_explain(file, raw, exc))
+        # The file checks read the raw values, so a missing feed file is reported in the
+        # same round as a type error elsewhere ("all problems at once").
+        problems.extend(_file_problems(file, raw))
         raise ConfigError(problems) from None
     config = _resolve_paths(config, file)
-    problems.extend(_file_problems(config))
+    problems.extend(_file_problems(file, raw))
     if problems:
         raise ConfigError(problems)
     return config
@@ -418,26 +474,49 @@ def _duplicate_name_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def _file_problems(config: Config) -> list[Problem]:
-    """Checks that need the file system or the environment, after types are right."""
-    file = config.source
+def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
+    """Checks that need the file system or the environment.
+
+    They work on the raw TOML values (values of the wrong type are skipped: the type
+    check reports those), so they run even when the type check failed.
+    """
+    base = file.parent
+
+    def local(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    def table(key: str) -> dict[str, Any]:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
     problems: list[Problem] = []
-    for i, feed in enumerate(config.feeds):
-        if not feed.is_remote and not Path(feed.url).is_file():
+    raw_feeds = raw.get("feeds")
+    for i, feed in enumerate(raw_feeds if isinstance(raw_feeds, list) else []):
+        url = feed.get("url") if isinstance(feed, dict) else None
+        if not isinstance(url, str) or not url or url.startswith(("http://", "https://")):
+            continue
+        if not local(url).is_file():
             problems.append(
                 Problem(
                     file,
                     f"feeds[{i}].url",
-                    f"{feed.url!r} is neither an http(s) URL nor an existing file "
+                    f"{url!r} is neither an http(s) URL nor an existing file "
                     "(local paths are relative to the config file's folder)",
                 )
             )
-    from clusterfeed.digest import template_dir
+    from clusterfeed.digest import default_template_dir
 
-    templates = template_dir(config)
-    for key in ("html_template", "text_template", "subject_template"):
-        name = getattr(config.digest, key)
-        if not (templates / name).is_file():
+    digest = table("digest")
+    folder = digest.get("templates_dir")
+    templates = local(folder) if isinstance(folder, str) else default_template_dir()
+    for key, default in (
+        ("html_template", "digest.html"),
+        ("text_template", "digest.txt"),
+        ("subject_template", "digest_subject.txt"),
+    ):
+        name = digest.get(key, default)
+        if isinstance(name, str) and not (templates / name).is_file():
             problems.append(
                 Problem(
                     file,
@@ -446,19 +525,26 @@ def _file_problems(config: Config) -> list[Problem]:
                     "set digest.templates_dir to the folder that holds it",
                 )
             )
-    password_env = config.mail.password_env
-    if config.mail.transport == "smtp" and password_env and password_env not in os.environ:
+    mail = table("mail")
+    password_env = mail.get("password_env")
+    if (
+        mail.get("transport") == "smtp"
+        and isinstance(password_env, str)
+        and password_env
+        and password_env not in os.environ
+    ):
         problems.append(
             Problem(
                 file,
                 "mail.password_env",
-                f"environment variable {config.mail.password_env} is not set; "
+                f"environment variable {password_env} is not set; "
                 "export it with the SMTP password before starting clusterfeed",
             )
         )
-    if config.subscribers_csv is not None:
+    csv_path = raw.get("subscribers_csv")
+    if isinstance(csv_path, str):
         try:
-            read_subscribers_csv(config.subscribers_csv)
+            read_subscribers_csv(local(csv_path))
         except ConfigError as exc:
             problems.extend(exc.problems)
     return problems

@@ -92,6 +92,11 @@ def template_dir(config: Config) -> Path:
     """The operator's templates folder, else the templates that ship with clusterfeed."""
     if config.digest.templates_dir is not None:
         return config.digest.templates_dir
+    return default_template_dir()
+
+
+def default_template_dir() -> Path:
+    """The templates that ship with clusterfeed (config checks need it before a Config)."""
     packaged = resources.files("clusterfeed").joinpath("default_templates")
     if packaged.is_dir():
         return Path(str(packaged))

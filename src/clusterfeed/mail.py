@@ -80,7 +80,9 @@ class MaildirTransport:
 
     async def send(self, message: EmailMessage, delivery: Delivery, slot: int = 0) -> None:
         data = message_bytes(message)
-        name = f"{int(time.time())}.{delivery_token(delivery)}.{self._host}"
+        # ".eml" so that a double click opens the message in a mail client (the issue
+        # promises "one .eml per message"); Maildir readers accept any unique name.
+        name = f"{int(time.time())}.{delivery_token(delivery)}.{self._host}.eml"
         tmp = self.folder / "tmp" / name
         with open(tmp, "wb") as handle:
             handle.write(data)

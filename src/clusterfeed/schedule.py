@@ -23,6 +23,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,9 @@ STARTED_KEY = "scheduler_first_started_at"
 
 
 def digest_trigger(cron: str, timezone: str) -> CronTrigger:
-    return CronTrigger.from_crontab(cron, timezone=timezone)
+    """The digest's trigger; weekday numbers mean what they mean in crontab (0 = Sunday)."""
+    trigger: CronTrigger = cron_trigger(cron, timezone)
+    return trigger
 
 
 def latest_slot(
@@ -42,7 +45,11 @@ def latest_slot(
     latest = None
     while current is not None and current <= now:
         latest = current
-        current = trigger.get_next_fire_time(current, current + timedelta(seconds=1))
+        # Step in UTC: wall-clock arithmetic on the local time drops ``fold``, so on the
+        # night clocks go back, 02:30 (second time) + 1 s became 02:30:01 (first time),
+        # before the slot just found, and the loop never ended.
+        after = current.astimezone(UTC) + timedelta(seconds=1)
+        current = trigger.get_next_fire_time(current, after)
     return latest
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,17 @@ Clock = Callable[[], datetime]
 
 def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def adhoc_digest_key(kind: str, now: datetime) -> str:
+    """The key of a digest started by hand (``digest``, ``run --once``), unique per run.
+
+    Scheduled digests are keyed by their cron slot so that workers agree on one; a run
+    started by hand is a new digest every time. Keyed by the (whole-second) time alone,
+    a second run within the same second found the first one's key and silently sent
+    nothing, not even stories fetched in between.
+    """
+    return f"{kind}:{now.isoformat()}:{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -312,6 +324,6 @@ class Service:
         report.feed_path = self.feed_path()
         if with_digest:
             now = self.clock()
-            created, planned, send = await self.digest(f"once:{now.isoformat()}", now)
+            created, planned, send = await self.digest(adhoc_digest_key("once", now), now)
             report.digest_created, report.deliveries_planned, report.send = created, planned, send
         return report

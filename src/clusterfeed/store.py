@@ -327,11 +327,13 @@ class Store:
 
     def migrate(self) -> int:
         """Bring the schema to the current version; safe to call on every start."""
-        if self.url.startswith("sqlite:///"):
-            path = self.url.removeprefix("sqlite:///")
-            if path and path != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
+            # Inside the try: a folder that cannot be made (a file of that name is in
+            # the way) is an operator's mistake to report, not a traceback.
+            if self.url.startswith("sqlite:///"):
+                path = self.url.removeprefix("sqlite:///")
+                if path and path != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             current = self.schema_version()
         except Exception as exc:
             raise StoreError(f"cannot open database {self._safe_url()}: {exc}") from exc
@@ -758,7 +760,10 @@ class Store:
             return _utc(value)
 
     def unavailable_story_ids(self, subscriber_id: int) -> set[int]:
-        """Stories this subscriber was sent, or that wait in one of their pending mails."""
+        """Stories this subscriber was sent, that wait in one of their pending mails, or
+        whose mail was refused for good (a 5xx, or too many 4xx): without that, the next
+        digest put the refused stories into a new mail and so retried a permanent failure.
+        """
         with self.engine.connect() as conn:
             sent = {
                 r[0]
@@ -771,7 +776,7 @@ class Store:
             for (ids,) in conn.execute(
                 select(deliveries.c.story_ids).where(
                     deliveries.c.subscriber_id == subscriber_id,
-                    deliveries.c.state.in_(("pending", "sending")),
+                    deliveries.c.state.in_(("pending", "sending", "failed")),
                 )
             ):
                 sent.update(int(i) for i in ids)

@@ -1,0 +1,171 @@
+"""The ``clusterfeed`` command as an operator uses it: what it prints and where things go."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import feedparser
+import pytest
+
+from tests.conftest import FeedServer, Route, served_example_feeds, write_config
+
+CLUSTERFEED = str(Path(sys.executable).with_name("clusterfeed"))
+
+
+@pytest.fixture
+def one_broken(tmp_path: Path, feed_server: FeedServer, database_url: str) -> Path:
+    """Two good partner feeds over HTTP and one whose server answers 500."""
+    good = served_example_feeds(feed_server)[2:4]  # Helix Vektor, Hanse Innovationsfonds
+    feed_server.routes["/broken.rss"] = Route(b"internal error", "text/plain", status=500)
+    broken = {"name": "Elbe Diagnostics", "url": feed_server.url("/broken.rss")}
+    return write_config(tmp_path, [*good, broken], database_url=database_url)
+
+
+def _status_table(config: Path) -> str:
+    """``clusterfeed status`` in a new process with a wide terminal, as an operator sees it."""
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(
+        [CLUSTERFEED, "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _row(table: str, name: str) -> list[str]:
+    (line,) = [line for line in table.splitlines() if f" {name} " in line]
+    cells = line.replace("┃", "│").strip().strip("│").split("│")
+    return [cell.strip() for cell in cells]
+
+
+def test_fetch_reports_new_items_and_the_broken_feed(one_broken: Path, run_cli) -> None:
+    result = run_cli("fetch", "--config", one_broken)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "fetched 3 feeds: 10 new items, 1 failed"
+    assert lines[1] == "  FAILED Elbe Diagnostics: HTTP 500 Internal Server Error"
+    # Without a terminal, progress is plain log lines, one per feed.
+    assert "Helix Vektor: new (5 new, 0 updated)" in result.stderr
+
+    again = run_cli("fetch", "--config", one_broken)
+
+    assert again.stdout.splitlines()[0] == "fetched 3 feeds: 0 new items, 1 failed"
+
+
+def test_status_table_shows_each_feed_and_its_problem(one_broken: Path, run_cli) -> None:
+    run_cli("fetch", "--config", one_broken)
+    run_cli("fetch", "--config", one_broken)
+
+    table = _status_table(one_broken)
+
+    assert "3 feeds" in table
+    header = _row(table, "feed")
+    assert header == ["feed", "last fetch", "HTTP", "items", "errors", "problem"]
+    helix = dict(zip(header, _row(table, "Helix Vektor"), strict=True))
+    assert helix["HTTP"] == "304"  # the second fetch was answered "not modified"
+    assert (helix["items"], helix["errors"], helix["problem"]) == ("5", "0", "")
+    assert helix["last fetch"].endswith(" UTC")
+    broken = dict(zip(header, _row(table, "Elbe Diagnostics"), strict=True))
+    assert (broken["HTTP"], broken["items"], broken["errors"]) == ("500", "0", "2")
+    assert broken["problem"] == "HTTP 500 Internal Server Error"
+    assert "stories: 9, items: 10, deliveries: none" in table
+
+
+def test_status_json_lists_every_feed(one_broken: Path, feed_server: FeedServer, run_cli) -> None:
+    run_cli("fetch", "--config", one_broken)
+
+    result = run_cli("status", "--config", one_broken, "--json")
+
+    assert result.exit_code == 0, result.output
+    feeds = {f["name"]: f for f in json.loads(result.stdout)}
+    assert set(feeds) == {"Helix Vektor", "Hanse Innovationsfonds", "Elbe Diagnostics"}
+    for feed in feeds.values():
+        assert {"name", "url", "state", "last_error"} <= set(feed)
+    broken = feeds["Elbe Diagnostics"]
+    assert broken["url"] == feed_server.url("/broken.rss")
+    assert broken["state"] == "failing"
+    assert broken["last_error"] == "HTTP 500 Internal Server Error"
+    assert (broken["http_status"], broken["consecutive_errors"], broken["items"]) == (500, 1, 0)
+    helix = feeds["Helix Vektor"]
+    assert (helix["state"], helix["last_error"], helix["items"]) == ("ok", None, 5)
+    assert helix["http_status"] == 200
+
+    # The partner repairs its feed: the next fetch clears the error.
+    feed_server.routes["/broken.rss"] = Route(
+        feed_server.routes["/feeds/helix-vektor.rss"].body.replace(b"helixvektor", b"elbe-dx")
+    )
+    run_cli("fetch", "--config", one_broken)
+    repaired = {
+        f["name"]: f for f in json.loads(run_cli("status", "--config", one_broken, "--json").stdout)
+    }["Elbe Diagnostics"]
+    assert (repaired["state"], repaired["last_error"], repaired["consecutive_errors"]) == (
+        "ok",
+        None,
+        0,
+    )
+    assert repaired["items"] > 0
+
+
+def test_status_before_any_fetch(one_broken: Path, run_cli) -> None:
+    result = run_cli("status", "--config", one_broken, "--json")
+
+    assert [f["state"] for f in json.loads(result.stdout)] == ["new", "new", "new"]
+
+
+def test_publish_says_where_the_feed_went(one_broken: Path, run_cli) -> None:
+    run_cli("fetch", "--config", one_broken)
+    feed = one_broken.parent / "public" / "feed.atom"
+
+    first = run_cli("publish", "--config", one_broken)
+    second = run_cli("publish", "--config", one_broken)
+
+    assert first.exit_code == 0, first.output
+    assert first.stdout.strip() == f"wrote: {feed}"
+    parsed = feedparser.parse(feed.read_bytes())
+    # Ten items, but Helix Vektor and Hanse Innovationsfonds tell one story together.
+    assert not parsed.bozo and len(parsed.entries) == 9
+    assert second.stdout.strip() == f"unchanged: {feed}"
+
+
+def test_digest_says_where_the_mail_went(one_broken: Path, run_cli) -> None:
+    run_cli("fetch", "--config", one_broken)
+
+    result = run_cli("digest", "--config", one_broken)
+
+    maildir = one_broken.parent / "mail"
+    assert result.stdout.strip() == (
+        f"digest: 1 planned, 1 sent, 0 deferred, 0 failed (mail in {maildir}/new)"
+    )
+    assert len(list((maildir / "new").iterdir())) == 1
+
+
+def test_version_and_help(run_cli) -> None:
+    from clusterfeed import __version__
+
+    assert run_cli("--version").stdout.strip() == f"clusterfeed, version {__version__}"
+    help_text = run_cli("--help").stdout
+    for command in ("check", "fetch", "publish", "digest", "run", "status"):
+        assert command in help_text
+
+
+def test_an_unusable_database_is_a_sentence_not_a_traceback(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "data").write_text("a file where the store's folder should be")
+    path = write_config(
+        tmp_path,
+        [{"name": "Partner", "url": "https://partner.example/feed"}],
+        database_url="sqlite:///data/store.sqlite3",
+    )
+
+    result = run_cli("status", "--config", path)
+
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: cannot open database sqlite:///{tmp_path}/data/")
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -1,0 +1,384 @@
+"""The store on a real SQLite file and, when CLUSTERFEED_TEST_DATABASE_URL is set, on a
+real PostgreSQL database (every test here runs on both through ``database_url``)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, select, update
+
+from clusterfeed.config import load_config
+from clusterfeed.model import Entry, Subscriber
+from clusterfeed.service import Service
+from clusterfeed.store import (
+    SCHEMA_VERSION,
+    Delivery,
+    Store,
+    StoreError,
+    deliveries,
+    schema_info,
+)
+from tests.conftest import FeedServer, Route, write_config
+
+NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+
+
+def _entry(
+    feed: str,
+    identity: str,
+    *,
+    title: str,
+    link: str | None = None,
+    guid: str | None = None,
+    topics: tuple[str, ...] = ("research",),
+    language: str = "en",
+    published: datetime = NOW - timedelta(hours=2),
+) -> Entry:
+    summary = f"Summary of {title}"
+    return Entry(
+        feed_name=feed,
+        identity=identity,
+        guid=guid,
+        link=link,
+        link_key=link.lower().removeprefix("https://") if link else None,
+        title=title,
+        summary_html=f"<p>{summary}</p>",
+        summary_text=summary,
+        content_html="",
+        image_url=None,
+        image_alt=None,
+        author=None,
+        topics=topics,
+        language=language,
+        published=published,
+        updated=published,
+        content_hash=hashlib.sha256(f"{title}{summary}{link}".encode()).hexdigest(),
+    )
+
+
+def _apply(store: Store, feed: str, items: list[Entry], now: datetime = NOW):
+    return store.apply_feed_update(
+        feed, items, status=200, etag='"v1"', last_modified=None, title=feed, warning=None, now=now
+    )
+
+
+@pytest.fixture
+def store(database_url: str):
+    store = Store(database_url)
+    store.migrate()
+    store.sync_feeds(
+        [
+            ("Helix Vektor", "https://www.helixvektor.example/feed", None),
+            ("Elbmed Pharma", "https://www.elbmed.example/news.atom", None),
+            ("Kansai Bio Frontier", "https://kansai-bio.example/rss", None),
+        ]
+    )
+    yield store
+    store.close()
+
+
+def _subscribers(store: Store, *emails: str) -> list[Subscriber]:
+    store.sync_subscribers([Subscriber(email=e) for e in emails], NOW)
+    return store.active_subscribers()
+
+
+def _one_digest(store: Store, key: str = "scheduled:2026-11-20T06:00:00+00:00") -> Delivery:
+    _apply(store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="A", guid="a")])
+    (sub,) = _subscribers(store, "rita@example.org")
+    story_ids = [s.id for s in store.recent_stories()]
+    assert store.create_digest(key, NOW, [(sub, story_ids, "<m1@nordbio.example>")], NOW)
+    (delivery,) = store.pending_deliveries()
+    return delivery
+
+
+def _dead_pid() -> int:
+    """The pid of a process of ours that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# -- schema ---------------------------------------------------------------------------
+
+
+def test_migrate_creates_schema_version_1_and_is_idempotent(database_url: str) -> None:
+    store = Store(database_url)
+    assert store.schema_version() == 0
+
+    assert store.migrate() == SCHEMA_VERSION == 1
+    assert store.schema_version() == 1
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
+
+    store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
+    assert store.migrate() == 1  # a second start changes nothing and loses nothing
+    assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
+    with store.engine.connect() as conn:
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [1]
+    store.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_message(store: Store) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(update(schema_info).values(version=SCHEMA_VERSION + 1))
+
+    with pytest.raises(StoreError, match="newer than this clusterfeed understands"):
+        store.migrate()
+
+
+def test_a_second_process_sees_the_same_data(store: Store, database_url: str) -> None:
+    _apply(
+        store,
+        "Kansai Bio Frontier",
+        [
+            _entry(
+                "Kansai Bio Frontier",
+                "guid:k1",
+                title="関西バイオ、新しい共同研究を開始",
+                guid="k1",
+            )
+        ],
+    )
+    code = (
+        "import sys\n"
+        "from clusterfeed.store import Store\n"
+        "s = Store(sys.argv[1]); s.migrate()\n"
+        "sys.stdout.buffer.write(s.recent_stories()[0].entry.title.encode())\n"
+        "print(); print(s.count_entries())\n"
+    )
+
+    other = subprocess.run(
+        [sys.executable, "-c", code, database_url], capture_output=True, check=True, timeout=60
+    )
+
+    title, count = other.stdout.decode().split("\n")[:2]
+    assert title == "関西バイオ、新しい共同研究を開始"
+    assert count == "1"
+
+
+def test_a_second_store_instance_sees_writes_at_once(store: Store, database_url: str) -> None:
+    second = Store(database_url)
+    assert second.migrate() == 1
+    assert second.count_entries() == 0
+
+    _apply(store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="A", guid="a")])
+
+    assert second.count_entries() == 1
+    assert second.secret() == store.secret()  # one signing secret for every process
+    second.close()
+
+
+# -- entries and stories ------------------------------------------------------------------
+
+
+def test_storing_the_same_fetch_again_creates_no_duplicates(store: Store) -> None:
+    items = [
+        _entry("Helix Vektor", "guid:a", title="Vector plant opens", guid="a"),
+        _entry("Helix Vektor", "guid:b", title="Phase I results", guid="b"),
+    ]
+
+    first = _apply(store, "Helix Vektor", items)
+    again = _apply(store, "Helix Vektor", items)
+
+    assert (first.new_entries, first.new_stories) == (2, 2)
+    assert (again.new_entries, again.updated_entries, again.new_stories) == (0, 0, 0)
+    assert store.count_entries() == 2
+    assert store.count_stories() == 2
+
+
+def test_a_changed_item_is_updated_in_place(store: Store) -> None:
+    _apply(store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="Old title", guid="a")])
+
+    summary = _apply(
+        store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="New title", guid="a")]
+    )
+
+    assert (summary.new_entries, summary.updated_entries) == (0, 1)
+    assert store.count_entries() == 1
+    assert [s.entry.title for s in store.recent_stories()] == ["New title"]
+
+
+def test_a_second_source_of_the_same_item_is_recorded_on_the_story(store: Store) -> None:
+    link = "https://www.helixvektor.example/news/acquisition"
+    _apply(store, "Helix Vektor", [_entry("Helix Vektor", "h1", title="Helix acquired", link=link)])
+
+    summary = _apply(
+        store,
+        "Elbmed Pharma",
+        [
+            _entry(
+                "Elbmed Pharma",
+                "e1",
+                title="Elbmed übernimmt Helix Vektor",
+                link=link,
+                language="de",
+                topics=("drug-discovery",),
+            )
+        ],
+        now=NOW + timedelta(minutes=30),
+    )
+
+    assert (summary.new_entries, summary.new_stories) == (1, 0)
+    (story,) = store.recent_stories()
+    assert [s.feed_name for s in story.sources] == ["Helix Vektor", "Elbmed Pharma"]
+    assert [s.entry_title for s in story.sources] == [
+        "Helix acquired",
+        "Elbmed übernimmt Helix Vektor",
+    ]
+    assert story.entry.title == "Helix acquired"  # the first-seen version represents it
+    assert set(story.topics) == {"research", "drug-discovery"}
+    assert set(story.languages) == {"en", "de"}
+    assert store.count_entries() == 2
+
+
+def test_refetching_a_feed_over_http_creates_no_duplicates(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, rss_feed
+) -> None:
+    items = [{"title": f"Item {i}", "link": f"https://partner.example/news/{i}"} for i in range(5)]
+    # No validators: the second fetch gets the whole body again and parses it again.
+    feed_server.routes["/feed.rss"] = Route(
+        rss_feed("Partner", items), etag=False, last_modified=False
+    )
+    config = load_config(
+        write_config(
+            tmp_path,
+            [{"name": "Partner", "url": feed_server.url("/feed.rss")}],
+            database_url=database_url,
+        )
+    )
+    service = Service(config, Store(config.database_url))
+    service.prepare()
+
+    first = asyncio.run(service.fetch())
+    second = asyncio.run(service.fetch())
+
+    requests = feed_server.requests_for("/feed.rss")
+    assert len(requests) == 2 and "if-none-match" not in requests[1].headers
+    assert [(o.state, o.new_entries) for o in first] == [("new", 5)]
+    assert [(o.state, o.new_entries) for o in second] == [("unchanged", 0)]
+    assert service.store.count_entries() == 5
+    assert service.store.count_stories() == 5
+    service.store.close()
+
+
+# -- the outbox -----------------------------------------------------------------------------
+
+
+def test_create_digest_twice_with_one_key_is_a_no_op(store: Store) -> None:
+    delivery = _one_digest(store)
+    sub = delivery.subscriber
+
+    again = store.create_digest(
+        delivery.digest_key, NOW, [(sub, list(delivery.story_ids), "<m2@nordbio.example>")], NOW
+    )
+
+    assert again is False
+    assert store.digest_exists(delivery.digest_key)
+    assert [d.message_id for d in store.pending_deliveries()] == ["<m1@nordbio.example>"]
+
+
+def test_a_delivery_can_be_claimed_only_once(store: Store, database_url: str) -> None:
+    delivery = _one_digest(store)
+    other_worker = Store(database_url)
+
+    assert store.claim(delivery.id, "worker-a:1", NOW) is True
+    assert other_worker.claim(delivery.id, "worker-b:2", NOW) is False
+    assert store.claim(delivery.id, "worker-a:1", NOW) is False
+    assert store.pending_deliveries() == []
+
+    store.mark_sent(delivery, NOW, claimed_by="worker-a:1")
+    assert store.delivery_counts() == {"sent": 1}
+    assert other_worker.claim(delivery.id, "worker-b:2", NOW) is False
+    # The stories of a sent delivery are never offered to that subscriber again.
+    assert store.unavailable_story_ids(delivery.subscriber.id) == set(delivery.story_ids)
+    other_worker.close()
+
+
+def test_a_stale_worker_cannot_mark_a_delivery_sent(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "worker-a:1", NOW)
+
+    store.mark_sent(delivery, NOW, claimed_by="worker-b:2")
+
+    assert store.delivery_counts() == {"sending": 1}
+
+
+def test_recover_claims_releases_the_claim_of_a_dead_process(store: Store) -> None:
+    delivery = _one_digest(store)
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    assert store.claim(delivery.id, dead, NOW)
+
+    released = store.recover_claims(NOW, timedelta(minutes=15), lambda d: False)
+
+    assert released == 1
+    assert [d.id for d in store.pending_deliveries()] == [delivery.id]
+    assert store.claim(delivery.id, "worker-new:3", NOW)
+
+
+def test_recover_claims_marks_a_delivery_the_transport_has_as_sent(store: Store) -> None:
+    delivery = _one_digest(store)
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    store.claim(delivery.id, dead, NOW)
+
+    store.recover_claims(NOW, timedelta(minutes=15), lambda d: d.id == delivery.id)
+
+    assert store.delivery_counts() == {"sent": 1}
+    assert store.unavailable_story_ids(delivery.subscriber.id) == set(delivery.story_ids)
+
+
+def test_recover_claims_leaves_live_claims_alone(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, f"{socket.gethostname()}:{os.getpid()}", NOW)
+
+    released = store.recover_claims(NOW + timedelta(days=1), timedelta(minutes=15), lambda d: False)
+
+    assert released == 0
+    assert store.delivery_counts() == {"sending": 1}
+
+
+def test_recover_claims_of_another_host_waits_for_the_lease(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "other-host.example:4242", NOW)
+    lease = timedelta(minutes=15)
+
+    assert store.recover_claims(NOW + timedelta(minutes=5), lease, lambda d: False) == 0
+    assert store.delivery_counts() == {"sending": 1}
+    assert store.recover_claims(NOW + timedelta(minutes=16), lease, lambda d: False) == 1
+    assert store.delivery_counts() == {"pending": 1}
+
+
+def test_retry_and_failure_are_recorded_with_the_reason(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "w:1", NOW)
+
+    store.mark_retry(delivery, "451 try later")
+    (pending,) = store.pending_deliveries()
+    assert pending.attempts == 1
+    store.claim(delivery.id, "w:1", NOW)
+    store.mark_failed(delivery, "550 no such user")
+
+    assert store.delivery_counts() == {"failed": 1}
+    with store.engine.connect() as conn:
+        row = conn.execute(select(deliveries.c.last_error, deliveries.c.attempts)).one()
+    assert row.last_error == "550 no such user"
+    assert row.attempts == 2
+
+
+def test_subscribers_removed_from_the_config_are_deactivated(store: Store) -> None:
+    store.sync_subscribers(
+        [Subscriber(email="a@example.org"), Subscriber(email="b@example.org", topics=("x",))], NOW
+    )
+
+    store.sync_subscribers([Subscriber(email="b@example.org", languages=("de",))], NOW)
+
+    (only,) = store.active_subscribers()
+    assert only.email == "b@example.org"
+    assert (only.topics, only.languages) == ((), ("de",))
