@@ -68,13 +68,21 @@ def test_status_table_shows_each_feed_and_its_problem(one_broken: Path, run_cli)
 
     assert "3 feeds" in table
     header = _row(table, "feed")
-    assert header == ["feed", "last fetch", "HTTP", "items", "errors", "problem"]
+    assert header == [
+        "feed", "state", "last attempt", "last success", "HTTP", "errors",
+        "next attempt", "items (30 d)", "problem",
+    ]  # fmt: skip
     helix = dict(zip(header, _row(table, "Helix Vektor"), strict=True))
     assert helix["HTTP"] == "304"  # the second fetch was answered "not modified"
-    assert (helix["items"], helix["errors"], helix["problem"]) == ("5", "0", "")
-    assert helix["last fetch"].endswith(" UTC")
+    assert helix["state"] == "ok"
+    # "5 (n)": five items, n of them published in the last 30 days (depends on today).
+    assert helix["items (30 d)"].startswith("5 (")
+    assert (helix["errors"], helix["problem"]) == ("0", "")
+    assert helix["last attempt"].endswith(" UTC")
+    assert helix["next attempt"].endswith(" UTC")
     broken = dict(zip(header, _row(table, "Elbe Diagnostics"), strict=True))
-    assert (broken["HTTP"], broken["items"], broken["errors"]) == ("500", "0", "2")
+    assert (broken["HTTP"], broken["items (30 d)"], broken["errors"]) == ("500", "0 (0)", "2")
+    assert (broken["state"], broken["last success"]) == ("failing", "never")
     assert broken["problem"] == "HTTP 500 Internal Server Error"
     assert "stories: 9, items: 10, deliveries: none" in table
 

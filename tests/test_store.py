@@ -109,21 +109,60 @@ def _dead_pid() -> int:
 # -- schema ---------------------------------------------------------------------------
 
 
-def test_migrate_creates_schema_version_1_and_is_idempotent(database_url: str) -> None:
+def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str) -> None:
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 1
-    assert store.schema_version() == 1
+    assert store.migrate() == SCHEMA_VERSION == 2
+    assert store.schema_version() == 2
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
+    assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 1  # a second start changes nothing and loses nothing
+    assert store.migrate() == 2  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [1]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [2]
     store.close()
+
+
+V2_FEED_COLUMNS = ("state", "next_attempt_at", "failing_since", "moved_to", "discovered_url")
+
+
+def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str) -> None:
+    store = Store(database_url)
+    store.migrate()
+    now = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+    store.sync_feeds(
+        [
+            ("Helix Vektor", "https://www.helixvektor.example/feed", None),
+            ("Elbmed Pharma", "https://www.elbmed.example/feed", None),
+        ]
+    )
+    store.record_failure(
+        "Elbmed Pharma", status=500, error="HTTP 500 Internal Server Error", now=now
+    )
+    # Turn it into what version 1 wrote: no alerts table, none of the version-2 columns.
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE alerts")
+        for column in V2_FEED_COLUMNS:
+            conn.exec_driver_sql(f"ALTER TABLE feeds DROP COLUMN {column}")
+        conn.execute(update(schema_info).values(version=1))
+    store.close()
+
+    upgraded = Store(database_url)
+    assert upgraded.migrate() == 2
+    columns = {c["name"] for c in inspect(upgraded.engine).get_columns("feeds")}
+    assert set(V2_FEED_COLUMNS) <= columns
+    assert "alerts" in inspect(upgraded.engine).get_table_names()
+    statuses = {s.name: s for s in upgraded.feed_statuses()}
+    assert statuses["Elbmed Pharma"].consecutive_failures == 1
+    assert statuses["Elbmed Pharma"].last_error == "HTTP 500 Internal Server Error"
+    with upgraded.engine.connect() as conn:
+        states = dict(conn.exec_driver_sql("SELECT name, state FROM feeds").all())
+    assert states == {"Helix Vektor": "new", "Elbmed Pharma": "failing"}
+    upgraded.close()
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(store: Store) -> None:
@@ -166,7 +205,7 @@ def test_a_second_process_sees_the_same_data(store: Store, database_url: str) ->
 
 def test_a_second_store_instance_sees_writes_at_once(store: Store, database_url: str) -> None:
     second = Store(database_url)
-    assert second.migrate() == 1
+    assert second.migrate() == SCHEMA_VERSION
     assert second.count_entries() == 0
 
     _apply(store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="A", guid="a")])

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
+from clusterfeed.model import FeedStatus
 from clusterfeed.service import FeedOutcome, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 
@@ -291,8 +292,35 @@ def run(config_path: Path | None, once: bool) -> None:
         )
 
 
-def _when(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "never"
+def _when(value: datetime | None, missing: str = "never") -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else missing
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _status_json(s: FeedStatus) -> dict[str, object]:
+    """One feed for ``status --json``; the field names are a stable interface for scripts."""
+    return {
+        "name": s.name,
+        "url": s.url,
+        "fetch_url": s.fetch_url,
+        "state": s.state,
+        "last_attempt": _iso(s.last_attempt_at),
+        "last_success": _iso(s.last_success_at),
+        "http_status": s.last_status,
+        "consecutive_errors": s.consecutive_failures,
+        "failing_since": _iso(s.failing_since),
+        "next_attempt": _iso(s.next_attempt_at),
+        "moved_to": s.moved_to,
+        "discovered_url": s.discovered_url,
+        "items": s.entries,
+        "items_last_30_days": s.entries_30_days,
+        "newest_item": _iso(s.newest_entry_at),
+        "last_error": s.last_error,
+        "warning": s.last_warning,
+    }
 
 
 @main.command()
@@ -320,41 +348,36 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             out.print(f"last successful fetch: {_when(latest)}", markup=False)
             sys.exit(0 if fresh else 1)
         configured = {f.name for f in service.config.feeds if f.enabled}
-        rows = [s for s in service.store.feed_statuses() if s.name in configured]
+        now = service.clock()
+        rows = [s for s in service.store.feed_statuses(now) if s.name in configured]
         if as_json:
-            data = [
-                {
-                    "name": s.name,
-                    "url": s.url,
-                    "state": "failing"
-                    if s.consecutive_failures
-                    else ("ok" if s.last_success_at else "new"),
-                    "last_attempt": s.last_attempt_at.isoformat() if s.last_attempt_at else None,
-                    "last_success": s.last_success_at.isoformat() if s.last_success_at else None,
-                    "http_status": s.last_status,
-                    "items": s.entries,
-                    "consecutive_errors": s.consecutive_failures,
-                    "last_error": s.last_error,
-                    "warning": s.last_warning,
-                }
-                for s in rows
-            ]
-            click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+            click.echo(json.dumps([_status_json(s) for s in rows], indent=2, ensure_ascii=False))
             return
         table = Table(title=f"{len(rows)} feeds")
-        for column in ("feed", "last fetch", "HTTP", "items", "errors", "problem"):
+        for column in (
+            "feed", "state", "last attempt", "last success", "HTTP", "errors",
+            "next attempt", "items (30 d)", "problem",
+        ):  # fmt: skip
             table.add_column(column)
         for s in rows:
+            problem = s.last_error or s.last_warning or ""
+            if s.moved_to:
+                problem = f"moved to {s.moved_to}: update the config. {problem}".strip()
             table.add_row(
                 s.name,
+                s.state,
                 _when(s.last_attempt_at),
+                _when(s.last_success_at),
                 str(s.last_status) if s.last_status else ("file" if s.last_success_at else "–"),
-                str(s.entries),
                 str(s.consecutive_failures),
-                s.last_error or s.last_warning or "",
+                "stopped" if s.state == "gone" else _when(s.next_attempt_at, "now"),
+                f"{s.entries} ({s.entries_30_days})",
+                problem,
                 style="red" if s.consecutive_failures else None,
             )
-        out.print(table)
+        # A pipe or a log file has no width: do not squeeze the table to 80 columns.
+        wide = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+        wide.print(table)
         counts = service.store.delivery_counts()
         out.print(
             f"stories: {service.store.count_stories()}, items: {service.store.count_entries()}, "

@@ -169,16 +169,65 @@ class FetchConfig(_Strict):
     timeout_seconds: float = Field(30.0, gt=0, le=600)
     connect_timeout_seconds: float = Field(10.0, gt=0, le=120)
     max_bytes: int = Field(10_000_000, ge=10_000)
+    per_host: int = Field(2, ge=1, le=20)
     user_agent: str | None = None
+
+
+class SelectorsConfig(_Strict):
+    """CSS selectors for a partner's news listing page (feeds of kind "html")."""
+
+    item: str = Field(min_length=1)
+    title: str = Field(min_length=1)
+    link: str = "a"
+    date: str | None = None
+    date_format: str | None = None
+    summary: str | None = None
+    image: str | None = None
+
+    @field_validator("item", "title", "link", "date", "summary", "image")
+    @classmethod
+    def _css(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from clusterfeed.scrape import check_selector
+
+        problem = check_selector(value)
+        if problem:
+            raise ValueError(f"not a valid CSS selector ({problem})")
+        return value
+
+    @field_validator("date_format")
+    @classmethod
+    def _date_format(cls, value: str | None) -> str | None:
+        if value is not None and "%" not in value:
+            raise ValueError('expected a strftime pattern such as "%d.%m.%Y" or "%d. %B %Y"')
+        return value
 
 
 class FeedConfig(_Strict):
     name: str = Field(min_length=1)
     url: str = Field(min_length=1)
+    kind: Literal["feed", "html"] = "feed"
     site: str | None = None
     topics: list[str] = Field(default_factory=list)
     language: str = "en"
     enabled: bool = True
+    discover: bool = False
+    selectors: SelectorsConfig | None = Field(None, validate_default=True)
+
+    @field_validator("selectors")
+    @classmethod
+    def _selectors_for_html(
+        cls, value: SelectorsConfig | None, info: ValidationInfo
+    ) -> SelectorsConfig | None:
+        kind = info.data.get("kind")
+        if kind == "html" and value is None:
+            raise ValueError(
+                'kind "html" needs a [feeds.selectors] table with at least item and title'
+            )
+        if kind == "feed" and value is not None:
+            raise ValueError('selectors are only used with kind = "html"')
+        return value
 
     @field_validator("site")
     @classmethod
@@ -304,6 +353,19 @@ class SubscriberConfig(_Strict):
         return normalize_email(value)
 
 
+class AlertsConfig(_Strict):
+    """Who hears about feeds in trouble, and when trouble is worth a mail."""
+
+    email: str | None = None
+    failing_hours: float = Field(24.0, gt=0, le=24 * 90)
+    silent_days: int = Field(30, ge=1, le=3650)
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_email(value)
+
+
 class Config(_Strict):
     """The whole config. Paths are absolute once ``load_config`` returns it."""
 
@@ -317,6 +379,7 @@ class Config(_Strict):
     mail: MailConfig = MailConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()
+    alerts: AlertsConfig = AlertsConfig()
     subscribers: list[SubscriberConfig] = Field(default_factory=list)
     # Not read from TOML: where the file lives, so relative paths and messages can use it.
     source: Path = Field(default=Path("."), exclude=True)

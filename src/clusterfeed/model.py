@@ -7,9 +7,10 @@ tables. That keeps every decision testable without a database or a network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ParsedFeed:
     title: str | None
     link: str | None
     feed_id: str | None
-    entries: list[Mapping[str, object]]
+    entries: Sequence[Mapping[str, Any]]
     warning: str | None = None
 
 
@@ -127,6 +128,16 @@ class Subscriber:
 
 
 @dataclass(frozen=True)
+class PollFacts:
+    """What one attempt decided about a feed's future, for the store to remember."""
+
+    state: str  # "ok", "failing" or "gone"
+    next_attempt: datetime | None
+    moved_to: str | None = None
+    discovered_url: str | None = None
+
+
+@dataclass(frozen=True)
 class FeedStatus:
     """What the store remembers of the conversation with one feed's server."""
 
@@ -142,3 +153,21 @@ class FeedStatus:
     last_warning: str | None
     consecutive_failures: int
     entries: int
+    state: str = "new"
+    next_attempt_at: datetime | None = None
+    failing_since: datetime | None = None
+    moved_to: str | None = None
+    discovered_url: str | None = None
+    entries_30_days: int = 0
+    newest_entry_at: datetime | None = None
+
+    @property
+    def fetch_url(self) -> str:
+        """Where to ask next: a discovered feed, else the permanent new address, else the URL."""
+        return self.discovered_url or self.moved_to or self.url
+
+    def is_due(self, now: datetime) -> bool:
+        """Whether the politeness rules allow asking the partner's server now."""
+        if self.state == "gone":
+            return False
+        return self.next_attempt_at is None or self.next_attempt_at <= now

@@ -77,7 +77,7 @@ def missed_slot(service: Service, now: datetime) -> datetime | None:
 
 async def _fetch_and_publish(service: Service) -> None:
     try:
-        outcomes = await service.fetch()
+        outcomes = await service.fetch(due_only=True)
         changed = service.publish()
         failed = sum(1 for o in outcomes if o.state == "failed")
         log.info(

@@ -30,10 +30,12 @@ from clusterfeed.digest import (
 )
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.mail import SendReport, Transport, deliver_pending, make_transport
-from clusterfeed.model import FetchResult, Story, Subscriber
+from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
 from clusterfeed.parse import FeedParseError, parse_feed
+from clusterfeed.polling import next_poll
 from clusterfeed.publish import FeedMeta, build_atom, write_atomic
+from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
 from clusterfeed.store import Delivery, Store
 from clusterfeed.tokens import UNSUBSCRIBE, make_token
 
@@ -64,6 +66,7 @@ class FeedOutcome:
     new_entries: int = 0
     updated_entries: int = 0
     message: str | None = None
+    use_url: str | None = None  # a discovered feed to fetch instead, in the same cycle
 
 
 @dataclass
@@ -106,46 +109,111 @@ class Service:
 
     # -- fetching -----------------------------------------------------------------
 
-    async def fetch(
-        self, on_feed: Callable[[FeedOutcome], None] | None = None
-    ) -> list[FeedOutcome]:
-        """Fetch every enabled feed concurrently and store what changed."""
-        cfg = self.config
-        limits = FetchLimits(
-            concurrency=cfg.fetch.concurrency,
-            timeout_seconds=cfg.fetch.timeout_seconds,
-            connect_timeout_seconds=cfg.fetch.connect_timeout_seconds,
-            max_bytes=cfg.fetch.max_bytes,
-            user_agent=cfg.user_agent,
+    def fetch_limits(self) -> FetchLimits:
+        cfg = self.config.fetch
+        return FetchLimits(
+            concurrency=cfg.concurrency,
+            timeout_seconds=cfg.timeout_seconds,
+            connect_timeout_seconds=cfg.connect_timeout_seconds,
+            max_bytes=cfg.max_bytes,
+            user_agent=self.config.user_agent,
+            per_host=cfg.per_host,
         )
+
+    async def fetch(
+        self,
+        on_feed: Callable[[FeedOutcome], None] | None = None,
+        *,
+        due_only: bool = False,
+    ) -> list[FeedOutcome]:
+        """Fetch the enabled feeds concurrently and store what changed.
+
+        With ``due_only`` (the scheduler's periodic job) a feed is asked only when the
+        politeness rules allow it (back-off after failures, Retry-After, max-age); a
+        command the operator types asks every feed except those that are gone.
+        """
+        now = self.clock()
+        statuses = {s.name: s for s in self.store.feed_statuses(now)}
         requests = []
-        for feed in cfg.feeds:
-            if not feed.enabled:
+        for feed in self.config.feeds:
+            status = statuses.get(feed.name)
+            if not feed.enabled or status is None or status.state == "gone":
                 continue
-            etag, last_modified = self.store.feed_validators(feed.name)
-            requests.append(FetchRequest(feed.name, feed.url, etag, last_modified))
+            if due_only and not status.is_due(now):
+                continue
+            requests.append(
+                FetchRequest(feed.name, status.fetch_url, status.etag, status.last_modified)
+            )
+        outcomes = await self._fetch_and_ingest(requests, statuses, on_feed)
+        # A news page that announces its feed, for a feed configured with discover = true:
+        # fetch the announced feed in the same cycle instead of waiting for the next one.
+        retries = [
+            FetchRequest(o.name, o.use_url, None, None) for o in outcomes if o.use_url is not None
+        ]
+        if retries:
+            statuses = {s.name: s for s in self.store.feed_statuses(now)}
+            retried = await self._fetch_and_ingest(retries, statuses, on_feed)
+            done = {o.name for o in retried}
+            outcomes = [o for o in outcomes if o.name not in done] + retried
+        order = {f.name: i for i, f in enumerate(self.config.feeds)}
+        outcomes.sort(key=lambda o: order.get(o.name, 0))
+        return outcomes
+
+    async def _fetch_and_ingest(
+        self,
+        requests: list[FetchRequest],
+        statuses: dict[str, FeedStatus],
+        on_feed: Callable[[FeedOutcome], None] | None,
+    ) -> list[FeedOutcome]:
         outcomes: list[FeedOutcome] = []
 
         async def handle(result: FetchResult) -> None:
             # Parsing a large feed is CPU work: keep the event loop free for the fetches.
-            outcome = await asyncio.to_thread(self.ingest, result)
+            outcome = await asyncio.to_thread(self.ingest, result, statuses.get(result.feed_name))
             outcomes.append(outcome)
             if on_feed is not None:
                 on_feed(outcome)
 
-        await fetch_all(requests, limits, handle)
-        order = {f.name: i for i, f in enumerate(cfg.feeds)}
-        outcomes.sort(key=lambda o: order.get(o.name, 0))
+        await fetch_all(requests, self.fetch_limits(), handle)
         return outcomes
 
-    def ingest(self, result: FetchResult) -> FeedOutcome:
+    def _poll(self, result: FetchResult, previous: FeedStatus | None, *, ok: bool) -> PollFacts:
+        failures = 0 if ok else (previous.consecutive_failures if previous else 0) + 1
+        decision = next_poll(
+            now=self.clock(),
+            interval=timedelta(minutes=self.config.schedule.fetch_interval_minutes),
+            ok=ok,
+            status=result.status,
+            failures=failures,
+            retry_after=result.retry_after,
+            max_age=result.max_age,
+        )
+        return PollFacts(decision.state, decision.next_attempt, moved_to=result.moved_to)
+
+    def ingest(self, result: FetchResult, previous: FeedStatus | None = None) -> FeedOutcome:
         """Store one fetch result; any failure is recorded on the feed, never raised."""
         now = self.clock()
         name = result.feed_name
+        feed_cfg = self.config.feed(name)
+        if result.moved_to:
+            log.warning(
+                "feed %r moved to %s: update the config (clusterfeed uses the new address "
+                "meanwhile)",
+                name,
+                result.moved_to,
+            )
         if result.error is not None:
-            self.store.record_failure(name, status=result.status, error=result.error, now=now)
-            log.warning("feed %r failed: %s", name, result.error)
-            return FeedOutcome(name, "failed", message=result.error)
+            poll = self._poll(result, previous, ok=False)
+            message = result.error
+            if poll.state == "gone":
+                message = (
+                    f"{result.error}: the partner removed this feed, so clusterfeed stopped "
+                    "asking for it; remove it from the config or give it a new url"
+                )
+            self.store.record_failure(name, status=result.status, error=message, now=now, poll=poll)
+            log.warning("feed %r failed: %s", name, message)
+            return FeedOutcome(name, "failed", message=message)
+        poll = self._poll(result, previous, ok=True)
         if result.not_modified or result.body is None:
             self.store.record_not_modified(
                 name,
@@ -153,16 +221,23 @@ class Service:
                 etag=result.etag,
                 last_modified=result.last_modified,
                 now=now,
+                poll=poll,
             )
             return FeedOutcome(name, "unchanged")
-        feed_cfg = self.config.feed(name)
         remote_base = result.final_url if feed_cfg.is_remote else None
         try:
-            parsed = parse_feed(result.body, result.headers, remote_base or feed_cfg.site)
+            if feed_cfg.kind == "html" and feed_cfg.selectors is not None:
+                parsed = scrape_listing(
+                    result.body,
+                    result.headers,
+                    remote_base or feed_cfg.site or feed_cfg.url,
+                    ListingSelectors(**feed_cfg.selectors.model_dump()),
+                    timezone=self.config.schedule.timezone,
+                )
+            else:
+                parsed = parse_feed(result.body, result.headers, remote_base or feed_cfg.site)
         except FeedParseError as exc:
-            self.store.record_failure(name, status=result.status, error=str(exc), now=now)
-            log.warning("feed %r failed: %s", name, exc)
-            return FeedOutcome(name, "failed", message=str(exc))
+            return self._not_a_feed(result, previous, feed_cfg.discover, str(exc))
         base = remote_base or feed_cfg.site or parsed.link
         entries = normalize_entries(
             parsed.entries,
@@ -181,6 +256,7 @@ class Service:
             title=name,
             warning=parsed.warning,
             now=now,
+            poll=poll,
         )
         if parsed.warning:
             log.warning("feed %r has problems but was read: %s", name, parsed.warning)
@@ -191,6 +267,31 @@ class Service:
             summary.updated_entries,
             parsed.warning,
         )
+
+    def _not_a_feed(
+        self, result: FetchResult, previous: FeedStatus | None, discover: bool, reason: str
+    ) -> FeedOutcome:
+        """Record bytes that are no feed, pointing at the feeds an HTML page announces."""
+        name = result.feed_name
+        now = self.clock()
+        links = []
+        if result.body is not None and "HTML page" in reason:
+            links = discover_feed_links(result.body, result.final_url or result.url)
+        message = reason
+        use_url = None
+        if links:
+            message = f"{reason}; the page announces: {', '.join(links)}"
+            if discover and (previous is None or previous.discovered_url != links[0]):
+                use_url = links[0]
+                message += f" (discover = true: using {use_url})"
+            else:
+                message += " (put one of them into the config as url, or set discover = true)"
+        poll = self._poll(result, previous, ok=False)
+        if use_url:
+            poll = PollFacts("failing", now, moved_to=result.moved_to, discovered_url=use_url)
+        self.store.record_failure(name, status=result.status, error=message, now=now, poll=poll)
+        log.warning("feed %r failed: %s", name, message)
+        return FeedOutcome(name, "failed", message=message, use_url=use_url)
 
     # -- publishing ---------------------------------------------------------------
 

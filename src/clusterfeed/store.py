@@ -49,7 +49,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
-from clusterfeed.model import Entry, FeedStatus, Source, Story, Subscriber
+from clusterfeed.model import Entry, FeedStatus, PollFacts, Source, Story, Subscriber
 
 
 class StoreError(Exception):
@@ -103,6 +103,25 @@ feeds = Table(
     Column("last_error", Text),
     Column("last_warning", Text),
     Column("consecutive_failures", Integer, nullable=False, default=0),
+    # Schema version 2: politeness and health (issue 8).
+    Column("state", String(20), nullable=False, server_default="new"),
+    Column("next_attempt_at", _UTCDateTime()),
+    Column("failing_since", _UTCDateTime()),
+    Column("moved_to", Text),
+    Column("discovered_url", Text),
+)
+
+# One row per incident an operator was (or is to be) told about; the unique key is
+# what makes "once per incident, not every cycle" hold across restarts and workers.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("feed_id", Integer, ForeignKey("feeds.id"), nullable=False),
+    Column("incident", String(300), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created_at", _UTCDateTime(), nullable=False),
+    UniqueConstraint("feed_id", "incident", name="uq_alerts_feed_incident"),
 )
 
 stories = Table(
@@ -193,7 +212,7 @@ sent_stories = Table(
     Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -202,12 +221,44 @@ _WRITING: ContextVar[bool] = ContextVar("clusterfeed_store_writing", default=Fal
 _LOCK_KEY = 0x636C7573  # "clus"
 
 
-def _migrate_to_1(conn: Connection) -> None:
+def _create_current(conn: Connection) -> None:
+    """A new database gets today's schema in one step, not by replaying history."""
     metadata.create_all(conn)
 
 
-# MIGRATIONS[n] brings a version-n database to version n+1. Append, never edit.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_to_1]
+def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
+    for name in names:
+        column = table.c[name]
+        ddl = column.type.compile(dialect=conn.dialect)
+        default = ""
+        if column.server_default is not None:
+            default = f" DEFAULT '{column.server_default.arg}' NOT NULL"  # type: ignore[attr-defined]
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {ddl}{default}")
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    _add_columns(
+        conn,
+        feeds,
+        ["state", "next_attempt_at", "failing_since", "moved_to", "discovered_url"],
+    )
+    alerts.create(conn, checkfirst=True)
+    # Feeds that were failing when the upgrade ran count as failing since their last attempt.
+    conn.execute(
+        update(feeds)
+        .where(feeds.c.consecutive_failures > 0)
+        .values(state="failing", failing_since=feeds.c.last_attempt_at)
+    )
+    conn.execute(
+        update(feeds)
+        .where(feeds.c.consecutive_failures == 0, feeds.c.last_success_at.is_not(None))
+        .values(state="ok")
+    )
+
+
+# MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
+# released schema). Append, never edit: a database in the field may be at any version.
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1_to_2]
 
 
 @dataclass(frozen=True)
@@ -342,13 +393,17 @@ class Store:
                 f"database {self._safe_url()} has schema version {current}, newer than this "
                 f"clusterfeed understands ({SCHEMA_VERSION}); upgrade clusterfeed"
             )
-        for version in range(current, SCHEMA_VERSION):
+        if current == 0:
             with self._tx() as conn:
-                MIGRATIONS[version](conn)
-                if version == 0:
-                    conn.execute(insert(schema_info).values(id=1, version=1))
-                else:
-                    conn.execute(update(schema_info).values(version=version + 1))
+                _create_current(conn)
+                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+            return SCHEMA_VERSION
+        for version in range(current, SCHEMA_VERSION):
+            # One transaction per step: PostgreSQL and SQLite both run DDL in transactions,
+            # so a failed step leaves the database at the previous version, not half-way.
+            with self._tx() as conn:
+                MIGRATIONS[version - 1](conn)
+                conn.execute(update(schema_info).values(version=version + 1))
         return SCHEMA_VERSION
 
     # -- settings ---------------------------------------------------------------
@@ -392,10 +447,23 @@ class Store:
                         )
                     )
                 elif row.url != url:
+                    # The operator changed the URL: a fresh start for that feed, with
+                    # no validators, no back-off and no stale "moved" or "gone" verdict.
                     conn.execute(
                         update(feeds)
                         .where(feeds.c.id == row.id)
-                        .values(url=url, site_url=site, etag=None, last_modified=None)
+                        .values(
+                            url=url,
+                            site_url=site,
+                            etag=None,
+                            last_modified=None,
+                            state="new",
+                            next_attempt_at=None,
+                            failing_since=None,
+                            consecutive_failures=0,
+                            moved_to=None,
+                            discovered_url=None,
+                        )
                     )
                 else:
                     conn.execute(update(feeds).where(feeds.c.id == row.id).values(site_url=site))
@@ -407,7 +475,28 @@ class Store:
             ).first()
             return (row.etag, row.last_modified) if row else (None, None)
 
-    def record_failure(self, name: str, *, status: int | None, error: str, now: datetime) -> None:
+    @staticmethod
+    def _poll_values(poll: PollFacts | None) -> dict[str, Any]:
+        if poll is None:
+            return {}
+        values: dict[str, Any] = {"state": poll.state, "next_attempt_at": poll.next_attempt}
+        # Only overwritten when this attempt learnt something: the next fetch goes to the
+        # new address directly and sees no redirect, which must not erase what we know.
+        if poll.moved_to:
+            values["moved_to"] = poll.moved_to
+        if poll.discovered_url:
+            values["discovered_url"] = poll.discovered_url
+        return values
+
+    def record_failure(
+        self,
+        name: str,
+        *,
+        status: int | None,
+        error: str,
+        now: datetime,
+        poll: PollFacts | None = None,
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
                 update(feeds)
@@ -417,6 +506,8 @@ class Store:
                     last_status=status,
                     last_error=error,
                     consecutive_failures=feeds.c.consecutive_failures + 1,
+                    failing_since=func.coalesce(feeds.c.failing_since, now),
+                    **({"state": "failing"} | self._poll_values(poll)),
                 )
             )
 
@@ -428,6 +519,7 @@ class Store:
         etag: str | None,
         last_modified: str | None,
         now: datetime,
+        poll: PollFacts | None = None,
     ) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -439,8 +531,10 @@ class Store:
                     last_status=status,
                     last_error=None,
                     consecutive_failures=0,
+                    failing_since=None,
                     etag=etag,
                     last_modified=last_modified,
+                    **({"state": "ok"} | self._poll_values(poll)),
                 )
             )
 
@@ -455,6 +549,7 @@ class Store:
         title: str | None,
         warning: str | None,
         now: datetime,
+        poll: PollFacts | None = None,
     ) -> FeedUpdateSummary:
         """Store one successful fetch: entries, story links and caching headers, atomically.
 
@@ -486,9 +581,11 @@ class Store:
                     last_error=None,
                     last_warning=warning,
                     consecutive_failures=0,
+                    failing_since=None,
                     etag=etag,
                     last_modified=last_modified,
                     title=title,
+                    **({"state": "ok"} | self._poll_values(poll)),
                 )
             )
             return summary
@@ -580,11 +677,27 @@ class Store:
         ).first()
         return None if row is None else int(row.story_id)
 
-    def feed_statuses(self) -> list[FeedStatus]:
+    def feed_statuses(self, now: datetime | None = None) -> list[FeedStatus]:
+        """Every feed's conversation with its server, and how much it published lately."""
+        month_ago = (now or datetime.now(UTC)) - timedelta(days=30)
         with self.engine.connect() as conn:
             counts: dict[int, int] = dict(
                 conn.execute(
                     select(entries.c.feed_id, func.count()).group_by(entries.c.feed_id)
+                ).all()
+            )
+            recent: dict[int, int] = dict(
+                conn.execute(
+                    select(entries.c.feed_id, func.count())
+                    .where(entries.c.published_at >= month_ago)
+                    .group_by(entries.c.feed_id)
+                ).all()
+            )
+            newest: dict[int, datetime] = dict(
+                conn.execute(
+                    select(entries.c.feed_id, func.max(entries.c.published_at)).group_by(
+                        entries.c.feed_id
+                    )
                 ).all()
             )
             result = []
@@ -603,9 +716,45 @@ class Store:
                         last_warning=row.last_warning,
                         consecutive_failures=row.consecutive_failures or 0,
                         entries=int(counts.get(row.id, 0)),
+                        state=row.state or "new",
+                        next_attempt_at=_utc(row.next_attempt_at),
+                        failing_since=_utc(row.failing_since),
+                        moved_to=row.moved_to,
+                        discovered_url=row.discovered_url,
+                        entries_30_days=int(recent.get(row.id, 0)),
+                        newest_entry_at=_utc(newest.get(row.id)),
                     )
                 )
             return result
+
+    # -- operator alerts ------------------------------------------------------------
+
+    def alert_recorded(self, feed_name: str, incident: str) -> bool:
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(alerts.c.id)
+                    .join(feeds, feeds.c.id == alerts.c.feed_id)
+                    .where(feeds.c.name == feed_name, alerts.c.incident == incident)
+                ).first()
+                is not None
+            )
+
+    def record_alert(self, feed_name: str, incident: str, message: str, now: datetime) -> bool:
+        """Remember that the operator was told; False if this incident was already recorded."""
+        try:
+            with self._tx() as conn:
+                feed_id = conn.execute(
+                    select(feeds.c.id).where(feeds.c.name == feed_name)
+                ).scalar_one()
+                conn.execute(
+                    insert(alerts).values(
+                        feed_id=feed_id, incident=incident, message=message, created_at=now
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
 
     # -- stories ------------------------------------------------------------------
 

@@ -1,0 +1,105 @@
+"""Reading the dates people write on web pages, in German, English and Japanese.
+
+Feeds carry machine dates, which feedparser reads. News listing pages carry dates
+written for people ("23. November 2026", "Nov 23, 2026", "2026年11月23日", "23.11.2026"),
+which this module reads, either with the operator's strftime pattern or by trying
+the common forms. Month names are mapped to numbers first, so a pattern like
+``%d. %B %Y`` works for German pages whatever the machine's locale is.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from zoneinfo import ZoneInfo
+
+MONTHS = {
+    # German
+    "januar": 1, "jänner": 1, "februar": 2, "märz": 3, "maerz": 3, "april": 4, "mai": 5,
+    "juni": 6, "juli": 7, "august": 8, "september": 9, "oktober": 10, "november": 11,
+    "dezember": 12, "jan": 1, "feb": 2, "mär": 3, "mrz": 3, "apr": 4, "jun": 6, "jul": 7,
+    "aug": 8, "sep": 9, "sept": 9, "okt": 10, "nov": 11, "dez": 12,
+    # English
+    "january": 1, "february": 2, "march": 3, "may": 5, "june": 6, "july": 7,
+    "october": 10, "december": 12, "mar": 3, "oct": 10, "dec": 12,
+}  # fmt: skip
+
+_MONTH_WORD = re.compile(
+    r"(?<![A-Za-zÄÖÜäöüß])("
+    + "|".join(sorted(map(re.escape, MONTHS), key=len, reverse=True))
+    + r")\.?(?![A-Za-zÄÖÜäöüß])",
+    re.IGNORECASE,
+)
+_JAPANESE = re.compile(r"(\d{4})\s*年\s*(\d{1,2})\s*月\s*(\d{1,2})\s*日")
+_NUMERIC = ("%d.%m.%Y", "%Y-%m-%d", "%d/%m/%Y", "%Y/%m/%d")
+# With a month word, its position says the order: "23. November 2026" is day first,
+# "November 23, 2026" is month first. An optional weekday in front is skipped.
+_DAY_MONTH_YEAR = re.compile(r"(\d{1,2})\.?\s+@(\d{1,2})@\s*,?\s*(\d{4})")
+_MONTH_DAY_YEAR = re.compile(r"@(\d{1,2})@\s+(\d{1,2})(?:st|nd|rd|th)?\s*,?\s*(\d{4})")
+
+
+def _months_to_numbers(text: str, marker: str = "") -> str:
+    return _MONTH_WORD.sub(lambda m: f" {marker}{MONTHS[m.group(1).lower()]}{marker} ", text)
+
+
+def _tidy(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace("\u00a0", " ")).strip()
+
+
+def parse_human_date(text: str, pattern: str | None = None, tz: str = "UTC") -> datetime | None:
+    """A written date as an aware UTC datetime, or None when it cannot be read.
+
+    ``pattern`` is a strftime pattern (``%B``/``%b`` accept German and English month
+    names); without one, ISO 8601, RFC 822, Japanese and the common day-month-year
+    forms are tried. A date without a time is taken at midnight in ``tz``.
+    """
+    text = _tidy(text)
+    if not text:
+        return None
+    zone = ZoneInfo(tz)
+    if pattern:
+        numeric_pattern = _tidy(pattern.replace("%B", "%m").replace("%b", "%m"))
+        candidate = _tidy(_months_to_numbers(text)) if pattern != numeric_pattern else text
+        try:
+            value = datetime.strptime(candidate, numeric_pattern)
+        except ValueError:
+            return None
+        return _aware(value, zone)
+    japanese = _JAPANESE.search(text)
+    if japanese:
+        year, month, day = (int(g) for g in japanese.groups())
+        try:
+            return _aware(datetime(year, month, day), zone)
+        except ValueError:
+            return None
+    try:
+        return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")), zone)
+    except ValueError:
+        pass
+    try:
+        return _aware(parsedate_to_datetime(text), zone)
+    except (TypeError, ValueError, IndexError):
+        pass
+    marked = _tidy(_months_to_numbers(text, "@"))
+    for regex, order in ((_DAY_MONTH_YEAR, (2, 1, 0)), (_MONTH_DAY_YEAR, (2, 0, 1))):
+        match = regex.search(marked)
+        if match:
+            groups = [int(g) for g in match.groups()]
+            year, month, day = (groups[i] for i in order)
+            try:
+                return _aware(datetime(year, month, day), zone)
+            except ValueError:
+                return None
+    for candidate_pattern in _NUMERIC:
+        try:
+            return _aware(datetime.strptime(text, candidate_pattern), zone)
+        except ValueError:
+            continue
+    return None
+
+
+def _aware(value: datetime, zone: ZoneInfo) -> datetime:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=zone)
+    return value.astimezone(UTC)
