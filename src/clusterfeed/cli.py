@@ -25,6 +25,7 @@ from rich.table import Table
 
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
+from clusterfeed.health import Alert
 from clusterfeed.model import FeedStatus
 from clusterfeed.service import FeedOutcome, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -188,6 +189,7 @@ def fetch(config_path: Path | None) -> None:
     """Fetch every feed once and store new items."""
     with _service(config_path) as service:
         _print_outcomes(_fetch_with_progress(service))
+        _print_alerts(asyncio.run(service.send_alerts()), service)
 
 
 @main.command()
@@ -271,14 +273,17 @@ def run(config_path: Path | None, once: bool) -> None:
             return
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
+        _print_alerts(asyncio.run(service.send_alerts()), service)
         changed = service.publish()
         out.print(
             f"feed {'written' if changed else 'unchanged'}: {service.feed_path()}", markup=False
         )
-        _send_with_progress(service)
+        earlier = _send_with_progress(service)  # finish what an earlier run left
         now = service.clock()
         _created, planned = service.create_digest(adhoc_digest_key("once", now), now)
         report = _send_with_progress(service)
+        report.sent += earlier.sent
+        report.failed += earlier.failed
         where = (
             f"{service.config.mail.maildir / 'new'}"
             if service.config.mail.transport == "maildir"
@@ -290,6 +295,11 @@ def run(config_path: Path | None, once: bool) -> None:
             + f" → {where}",
             markup=False,
         )
+
+
+def _print_alerts(alerts: list[Alert], service: Service) -> None:
+    for alert in alerts:
+        out.print(f"alert mailed to {service.config.alerts.email}: {alert.subject}", markup=False)
 
 
 def _when(value: datetime | None, missing: str = "never") -> str:

@@ -284,7 +284,7 @@ def list_id(config: Config) -> str:
     return f'"{name}" <digest.{host}>'
 
 
-def _address(value: str) -> Address:
+def address(value: str) -> Address:
     name, addr = parseaddr(one_line(value, 500))
     if not addr or "@" not in addr:
         raise ValueError(f"not an e-mail address: {value!r}")
@@ -303,10 +303,10 @@ def build_message(
 ) -> EmailMessage:
     """The complete multipart/alternative message, text first as RFC 2046 asks."""
     msg = EmailMessage()
-    msg["From"] = _address(config.digest.from_address)
-    msg["To"] = _address(f"{to.name or ''} <{to.email}>" if to.name else to.email)
+    msg["From"] = address(config.digest.from_address)
+    msg["To"] = address(f"{to.name or ''} <{to.email}>" if to.name else to.email)
     if config.digest.reply_to:
-        msg["Reply-To"] = [_address(a) for _n, a in getaddresses([config.digest.reply_to]) if a]
+        msg["Reply-To"] = [address(a) for _n, a in getaddresses([config.digest.reply_to]) if a]
     msg["Subject"] = rendered.subject
     msg["Date"] = format_datetime(slot.astimezone(ZoneInfo(config.schedule.timezone)))
     msg["Message-ID"] = message_id

@@ -49,9 +49,9 @@ class Transport(Protocol):
 
     connections: int
 
-    async def send(self, message: EmailMessage, delivery: Delivery, slot: int) -> None: ...
+    async def send(self, message: EmailMessage, key: str, slot: int) -> None: ...
 
-    def is_delivered(self, delivery: Delivery) -> bool: ...
+    def is_delivered(self, key: str) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -78,11 +78,11 @@ class MaildirTransport:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
-    async def send(self, message: EmailMessage, delivery: Delivery, slot: int = 0) -> None:
+    async def send(self, message: EmailMessage, key: str, slot: int = 0) -> None:
         data = message_bytes(message)
         # ".eml" so that a double click opens the message in a mail client (the issue
         # promises "one .eml per message"); Maildir readers accept any unique name.
-        name = f"{int(time.time())}.{delivery_token(delivery)}.{self._host}.eml"
+        name = f"{int(time.time())}.{key}.{self._host}.eml"
         tmp = self.folder / "tmp" / name
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -90,8 +90,8 @@ class MaildirTransport:
             os.fsync(handle.fileno())
         os.replace(tmp, self.folder / "new" / name)
 
-    def is_delivered(self, delivery: Delivery) -> bool:
-        token = f".{delivery_token(delivery)}."
+    def is_delivered(self, key: str) -> bool:
+        token = f".{key}."
         return any(
             token in entry.name for sub in ("new", "cur") for entry in os.scandir(self.folder / sub)
         )
@@ -134,7 +134,7 @@ class SmtpTransport:
         self._clients[slot] = client
         return client
 
-    async def send(self, message: EmailMessage, delivery: Delivery, slot: int = 0) -> None:
+    async def send(self, message: EmailMessage, key: str, slot: int = 0) -> None:
         client = await self._client(slot)
         try:
             sender = message["From"].addresses[0].addr_spec
@@ -154,7 +154,7 @@ class SmtpTransport:
             self._clients.pop(slot, None)
             raise TemporaryFailure(f"connection lost: {exc}") from exc
 
-    def is_delivered(self, delivery: Delivery) -> bool:
+    def is_delivered(self, key: str) -> bool:
         return False
 
     async def close(self) -> None:
@@ -191,7 +191,7 @@ async def deliver_pending(
 ) -> SendReport:
     """Send every pending delivery once; safe to run in several processes at once."""
     report = SendReport()
-    store.recover_claims(clock(), CLAIM_LEASE, transport.is_delivered)
+    store.recover_claims(clock(), CLAIM_LEASE, lambda d: transport.is_delivered(delivery_token(d)))
     queue: asyncio.Queue[Delivery] = asyncio.Queue()
     for delivery in store.pending_deliveries():
         queue.put_nowait(delivery)
@@ -209,7 +209,7 @@ async def deliver_pending(
             outcome = "sent"
             try:
                 message = compose(delivery)
-                await transport.send(message, delivery, slot)
+                await transport.send(message, delivery_token(delivery), slot)
             except TemporaryFailure as exc:
                 if delivery.attempts + 1 >= MAX_ATTEMPTS:
                     store.mark_failed(delivery, f"gave up after {MAX_ATTEMPTS} attempts: {exc}")

@@ -78,6 +78,7 @@ def missed_slot(service: Service, now: datetime) -> datetime | None:
 async def _fetch_and_publish(service: Service) -> None:
     try:
         outcomes = await service.fetch(due_only=True)
+        await service.send_alerts()
         changed = service.publish()
         failed = sum(1 for o in outcomes if o.state == "failed")
         log.info(

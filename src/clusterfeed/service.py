@@ -29,7 +29,15 @@ from clusterfeed.digest import (
     template_dir,
 )
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
-from clusterfeed.mail import SendReport, Transport, deliver_pending, make_transport
+from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
+from clusterfeed.mail import (
+    PermanentFailure,
+    SendReport,
+    TemporaryFailure,
+    Transport,
+    deliver_pending,
+    make_transport,
+)
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
 from clusterfeed.parse import FeedParseError, parse_feed
@@ -77,6 +85,7 @@ class CycleReport:
     digest_created: bool = False
     deliveries_planned: int = 0
     send: SendReport | None = None
+    alerts: list[Alert] = field(default_factory=list)
 
     @property
     def failed_feeds(self) -> list[FeedOutcome]:
@@ -416,11 +425,63 @@ class Service:
         report = await self.send_pending()
         return created, planned, report
 
+    # -- operator alerts ------------------------------------------------------------
+
+    async def send_alerts(self, transport: Transport | None = None) -> list[Alert]:
+        """Mail the operator about feeds in trouble, once per incident; the alerts sent."""
+        cfg = self.config.alerts
+        if cfg.email is None:
+            return []
+        now = self.clock()
+        pending = [
+            a
+            for a in feed_alerts(
+                [s for s in self.store.feed_statuses(now) if s.name in self._enabled_feeds()],
+                now,
+                failing_for=timedelta(hours=cfg.failing_hours),
+                silent_for=timedelta(days=cfg.silent_days),
+            )
+            if not self.store.alert_recorded(a.feed_name, a.incident)
+        ]
+        if not pending:
+            return []
+        transport = transport or make_transport(self.config.mail)
+        sent = []
+        try:
+            for alert in pending:
+                message = alert_message(
+                    alert,
+                    sender=self.config.digest.from_address,
+                    to=cfg.email,
+                    cluster_name=self.config.cluster.name,
+                    now=now,
+                )
+                try:
+                    await transport.send(message, alert_key(alert), 0)
+                except (TemporaryFailure, PermanentFailure) as exc:
+                    # Not recorded, so the next cycle tries again.
+                    log.error(
+                        "could not mail the alert %r to %s: %s", alert.subject, cfg.email, exc
+                    )
+                    continue
+                # Recorded after sending: a crash in between repeats one alert mail,
+                # which is better than losing it.
+                self.store.record_alert(alert.feed_name, alert.incident, alert.subject, now)
+                log.warning("alert sent to %s: %s", cfg.email, alert.subject)
+                sent.append(alert)
+        finally:
+            await transport.close()
+        return sent
+
+    def _enabled_feeds(self) -> set[str]:
+        return {f.name for f in self.config.feeds if f.enabled}
+
     # -- a whole cycle --------------------------------------------------------------
 
     async def cycle(self, *, with_digest: bool) -> CycleReport:
         report = CycleReport()
         report.feeds = await self.fetch()
+        report.alerts = await self.send_alerts()
         report.published = self.publish()
         report.feed_path = self.feed_path()
         if with_digest:
