@@ -61,3 +61,38 @@ def test_cycle_fetches_publishes_and_mails_once(
     assert service.store.count_entries() == 47
     assert len(_maildir_messages(example_config.parent / "mail")) == 1
     service.store.close()
+
+
+def test_parsing_in_worker_processes_stores_the_same_as_in_process(
+    tmp_path: Path, feed_server: FeedServer
+) -> None:
+    """fetch.parse_processes moves parsing to a process pool; the result must not change."""
+    from tests.conftest import served_example_feeds, write_config
+
+    feeds = served_example_feeds(feed_server)
+    stored = {}
+    for processes in (0, 2):
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        path = write_config(folder, feeds)
+        path.write_text(
+            path.read_text(encoding="utf-8").replace(
+                "[mail]", f"[fetch]\nparse_processes = {processes}\n\n[mail]"
+            ),
+            encoding="utf-8",
+        )
+        service = _service(path)
+        try:
+            outcomes = asyncio.run(service.fetch())
+            assert all(o.state == "new" for o in outcomes)
+            if processes:
+                assert service._pool is not None  # the pool really was used
+            stored[processes] = sorted(
+                (s.entry.feed_name, s.entry.identity, s.entry.title, s.entry.summary_html)
+                for s in service.store.recent_stories()
+            )
+        finally:
+            service.close()
+            service.store.close()
+    assert stored[0] == stored[2]
+    assert len(stored[2]) == 45

@@ -170,6 +170,7 @@ class FetchConfig(_Strict):
     connect_timeout_seconds: float = Field(10.0, gt=0, le=120)
     max_bytes: int = Field(10_000_000, ge=10_000)
     per_host: int = Field(2, ge=1, le=20)
+    parse_processes: int | None = Field(None, ge=0, le=64)
     user_agent: str | None = None
 
 

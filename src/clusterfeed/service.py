@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
-from clusterfeed.config import Config, all_subscribers
+from clusterfeed.config import Config, FeedConfig, all_subscribers
 from clusterfeed.digest import (
     DigestLinks,
     build_message,
@@ -38,7 +41,7 @@ from clusterfeed.mail import (
     deliver_pending,
     make_transport,
 )
-from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
+from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
 from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
@@ -50,6 +53,10 @@ from clusterfeed.tokens import UNSUBSCRIBE, make_token
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+# Feeds in one cycle from which parsing moves to worker processes (fetch.parse_processes
+# unset): below it, starting the processes costs more than it saves.
+PARALLEL_PARSE_THRESHOLD = 40
 
 
 def utc_now() -> datetime:
@@ -92,6 +99,53 @@ class CycleReport:
         return [f for f in self.feeds if f.state == "failed"]
 
 
+@dataclass(frozen=True)
+class ReadFeed:
+    """One fetched document, parsed and normalized: entries, or why there are none."""
+
+    entries: list[Entry] = field(default_factory=list)
+    warning: str | None = None
+    error: str | None = None
+    announced_feeds: list[str] = field(default_factory=list)
+
+
+def read_feed(result: FetchResult, feed: FeedConfig, timezone: str, now: datetime) -> ReadFeed:
+    """Parse and normalize one fetched document; pure, so it can run in a worker process.
+
+    This is where a fetch cycle spends its CPU (feedparser, the sanitizer); keeping it
+    free of the store and the event loop lets it run on every core while the main
+    process goes on talking to the network.
+    """
+    body = result.body or b""
+    remote_base = result.final_url if feed.is_remote else None
+    try:
+        if feed.kind == "html" and feed.selectors is not None:
+            parsed = scrape_listing(
+                body,
+                result.headers,
+                remote_base or feed.site or feed.url,
+                ListingSelectors(**feed.selectors.model_dump()),
+                timezone=timezone,
+            )
+        else:
+            parsed = parse_feed(body, result.headers, remote_base or feed.site)
+    except FeedParseError as exc:
+        reason = str(exc)
+        links = []
+        if "HTML page" in reason:
+            links = discover_feed_links(body, result.final_url or result.url)
+        return ReadFeed(error=reason, announced_feeds=links)
+    entries = normalize_entries(
+        parsed.entries,
+        feed_name=result.feed_name,
+        feed_topics=feed.topics,
+        feed_language=feed.language,
+        base_url=remote_base or feed.site or parsed.link,
+        now=now,
+    )
+    return ReadFeed(entries=entries, warning=parsed.warning)
+
+
 class Service:
     """The pipeline for one config and one store."""
 
@@ -99,6 +153,33 @@ class Service:
         self.config = config
         self.store = store
         self.clock = clock
+        self._pool: ProcessPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the parsing processes (if any were started) and release the store."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def _parse_pool(self, feeds: int) -> ProcessPoolExecutor | None:
+        """Worker processes for parsing, when a cycle is big enough to be worth them.
+
+        feedparser and the sanitizer are CPU-bound Python: in threads they would share
+        one core. A pool is started once (with the forkserver method: a clean process
+        that imports clusterfeed once and forks cheap workers, never a fork of this
+        threaded process) and kept for later cycles. Small cycles, like the bundled
+        example's nine feeds, parse in a thread and start no processes at all.
+        """
+        wanted = self.config.fetch.parse_processes
+        if wanted is None:
+            wanted = (os.cpu_count() or 1) if feeds >= PARALLEL_PARSE_THRESHOLD else 0
+        if wanted <= 0:
+            return None
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["clusterfeed.service"])
+            self._pool = ProcessPoolExecutor(max_workers=wanted, mp_context=context)
+        return self._pool
 
     def prepare(self) -> None:
         """Bring the store up to date with the schema and the config's feeds and subscribers."""
@@ -175,10 +256,27 @@ class Service:
         on_feed: Callable[[FeedOutcome], None] | None,
     ) -> list[FeedOutcome]:
         outcomes: list[FeedOutcome] = []
+        pool = self._parse_pool(len(requests))
+        loop = asyncio.get_running_loop()
+        timezone = self.config.schedule.timezone
 
         async def handle(result: FetchResult) -> None:
-            # Parsing a large feed is CPU work: keep the event loop free for the fetches.
-            outcome = await asyncio.to_thread(self.ingest, result, statuses.get(result.feed_name))
+            read = None
+            if pool is not None and result.error is None and result.body:
+                try:
+                    read = await loop.run_in_executor(
+                        pool, read_feed, result, self.config.feed(result.feed_name), timezone,
+                        self.clock(),
+                    )  # fmt: skip
+                except BrokenProcessPool as exc:
+                    # A worker died (out of memory, killed): parse here instead, and
+                    # start a fresh pool next cycle. The feed is not lost.
+                    log.warning("parsing process failed (%s); parsing in-process", exc)
+                    self._pool = None
+            # The store write (and, without a pool, the parsing) runs in a thread, so the
+            # event loop stays free for the fetches still in flight.
+            previous = statuses.get(result.feed_name)
+            outcome = await asyncio.to_thread(self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
                 on_feed(outcome)
@@ -199,11 +297,19 @@ class Service:
         )
         return PollFacts(decision.state, decision.next_attempt, moved_to=result.moved_to)
 
-    def ingest(self, result: FetchResult, previous: FeedStatus | None = None) -> FeedOutcome:
-        """Store one fetch result; any failure is recorded on the feed, never raised."""
+    def ingest(
+        self,
+        result: FetchResult,
+        previous: FeedStatus | None = None,
+        read: ReadFeed | None = None,
+    ) -> FeedOutcome:
+        """Store one fetch result; any failure is recorded on the feed, never raised.
+
+        ``read`` is the parsed and normalized content when it was prepared elsewhere
+        (in a worker process); otherwise it is prepared here.
+        """
         now = self.clock()
         name = result.feed_name
-        feed_cfg = self.config.feed(name)
         if result.moved_to:
             log.warning(
                 "feed %r moved to %s: update the config (clusterfeed uses the new address "
@@ -233,63 +339,43 @@ class Service:
                 poll=poll,
             )
             return FeedOutcome(name, "unchanged")
-        remote_base = result.final_url if feed_cfg.is_remote else None
-        try:
-            if feed_cfg.kind == "html" and feed_cfg.selectors is not None:
-                parsed = scrape_listing(
-                    result.body,
-                    result.headers,
-                    remote_base or feed_cfg.site or feed_cfg.url,
-                    ListingSelectors(**feed_cfg.selectors.model_dump()),
-                    timezone=self.config.schedule.timezone,
-                )
-            else:
-                parsed = parse_feed(result.body, result.headers, remote_base or feed_cfg.site)
-        except FeedParseError as exc:
-            return self._not_a_feed(result, previous, feed_cfg.discover, str(exc))
-        base = remote_base or feed_cfg.site or parsed.link
-        entries = normalize_entries(
-            parsed.entries,
-            feed_name=name,
-            feed_topics=feed_cfg.topics,
-            feed_language=feed_cfg.language,
-            base_url=base,
-            now=now,
-        )
+        feed_cfg = self.config.feed(name)
+        if read is None:
+            read = read_feed(result, feed_cfg, self.config.schedule.timezone, now)
+        if read.error is not None:
+            return self._not_a_feed(result, previous, feed_cfg.discover, read)
         summary = self.store.apply_feed_update(
             name,
-            entries,
+            read.entries,
             status=result.status,
             etag=result.etag,
             last_modified=result.last_modified,
             title=name,
-            warning=parsed.warning,
+            warning=read.warning,
             now=now,
             poll=poll,
         )
-        if parsed.warning:
-            log.warning("feed %r has problems but was read: %s", name, parsed.warning)
+        if read.warning:
+            log.warning("feed %r has problems but was read: %s", name, read.warning)
         return FeedOutcome(
             name,
             "new" if summary.new_entries or summary.updated_entries else "unchanged",
             summary.new_entries,
             summary.updated_entries,
-            parsed.warning,
+            read.warning,
         )
 
     def _not_a_feed(
-        self, result: FetchResult, previous: FeedStatus | None, discover: bool, reason: str
+        self, result: FetchResult, previous: FeedStatus | None, discover: bool, read: ReadFeed
     ) -> FeedOutcome:
         """Record bytes that are no feed, pointing at the feeds an HTML page announces."""
         name = result.feed_name
         now = self.clock()
-        links = []
-        if result.body is not None and "HTML page" in reason:
-            links = discover_feed_links(result.body, result.final_url or result.url)
-        message = reason
+        links = read.announced_feeds
+        message = read.error or "not a feed"
         use_url = None
         if links:
-            message = f"{reason}; the page announces: {', '.join(links)}"
+            message = f"{message}; the page announces: {', '.join(links)}"
             if discover and (previous is None or previous.discovered_url != links[0]):
                 use_url = links[0]
                 message += f" (discover = true: using {use_url})"
