@@ -260,6 +260,7 @@ def test_a_second_source_of_the_same_item_is_recorded_on_the_story(store: Store)
                 link=link,
                 language="de",
                 topics=("drug-discovery",),
+                published=NOW - timedelta(hours=1),  # reported an hour after Helix's release
             )
         ],
         now=NOW + timedelta(minutes=30),
@@ -272,7 +273,7 @@ def test_a_second_source_of_the_same_item_is_recorded_on_the_story(store: Store)
         "Helix acquired",
         "Elbmed übernimmt Helix Vektor",
     ]
-    assert story.entry.title == "Helix acquired"  # the first-seen version represents it
+    assert story.entry.title == "Helix acquired"  # the earliest version represents it
     assert set(story.topics) == {"research", "drug-discovery"}
     assert set(story.languages) == {"en", "de"}
     assert store.count_entries() == 2
@@ -421,3 +422,23 @@ def test_subscribers_removed_from_the_config_are_deactivated(store: Store) -> No
     (only,) = store.active_subscribers()
     assert only.email == "b@example.org"
     assert (only.topics, only.languages) == ((), ("de",))
+
+
+def test_the_earliest_version_represents_a_story_whatever_the_fetch_order(store: Store) -> None:
+    link = "https://www.helixvektor.example/news/acquisition"
+    store.sync_feeds([("Hanse Innovationsfonds", "https://www.hanse.example/feed", None)])
+    # The investor's later report is fetched first, the company's own release second.
+    _apply(store, "Hanse Innovationsfonds", [
+        _entry("Hanse Innovationsfonds", "h1", title="Exit: Helix Vektor verkauft", link=link,
+               published=NOW - timedelta(days=1))
+    ])  # fmt: skip
+    _apply(store, "Helix Vektor", [
+        _entry("Helix Vektor", "x1", title="Coastline acquires Helix Vektor", link=link,
+               published=NOW - timedelta(days=2))
+    ], now=NOW + timedelta(minutes=5))  # fmt: skip
+
+    (story,) = store.recent_stories()
+    assert story.entry.title == "Coastline acquires Helix Vektor"
+    assert [s.feed_name for s in story.sources] == ["Helix Vektor", "Hanse Innovationsfonds"]
+    # The story is dated by its earliest version, so it sorts where the news happened.
+    assert story.entry.published == NOW - timedelta(days=2)

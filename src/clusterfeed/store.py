@@ -641,7 +641,7 @@ class Store:
         else:
             # A second partner told a story we already have: it gains a source and a
             # new updated date, but stays one story.
-            self._touch_story(conn, story_id, now)
+            self._touch_story(conn, story_id, now, entry.published)
         conn.execute(
             insert(entries).values(
                 feed_id=feed_id,
@@ -656,8 +656,18 @@ class Store:
         )
 
     @staticmethod
-    def _touch_story(conn: Connection, story_id: int, now: datetime) -> None:
+    def _touch_story(
+        conn: Connection, story_id: int, now: datetime, published: datetime | None = None
+    ) -> None:
+        """A story changed (an update, a new source): new ``updated``; and its date is
+        that of its earliest version, which is also the one shown."""
         conn.execute(update(stories).where(stories.c.id == story_id).values(updated_at=now))
+        if published is not None:
+            conn.execute(
+                update(stories)
+                .where(stories.c.id == story_id, stories.c.published_at > published)
+                .values(published_at=published)
+            )
 
     @staticmethod
     def _matching_story(conn: Connection, feed_id: int, entry: Entry) -> int | None:
@@ -804,11 +814,16 @@ class Store:
                 members.setdefault(row.story_id, []).append(row)
         result = []
         for s in story_rows:
-            rows = members.get(s.id, [])
+            # The representative is the earliest published version (the original
+            # announcement), ties broken by feed name: a rule that does not depend on
+            # which feed happened to answer first in a concurrent cycle. A later issue
+            # makes it configurable (most complete version, the cluster's own).
+            rows = sorted(
+                members.get(s.id, []),
+                key=lambda r: (_utc(r.published_at), r.feed_name, r.identity),
+            )
             if not rows:
                 continue
-            # The representative is the first-seen version for now; a later issue adds
-            # a configurable rule (most complete version, the cluster's own).
             rep = rows[0]
             topics = sorted({t for r in rows for t in (r.topics or [])})
             sources = tuple(
