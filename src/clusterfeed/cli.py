@@ -85,8 +85,8 @@ def _service(config_path: Path | None) -> Iterator[Service]:
             + [f"{len(exc.problems)} problem(s) in the config."]
         )
     store = Store(config.database_url)
+    service = Service(config, store)
     try:
-        service = Service(config, store)
         service.prepare()
         yield service
     except StoreError as exc:
@@ -94,6 +94,7 @@ def _service(config_path: Path | None) -> Iterator[Service]:
     except ConfigError as exc:
         _fail([f"error: {p}" for p in exc.problems])
     finally:
+        service.close()
         store.close()
 
 
@@ -394,3 +395,96 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             f"deliveries: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}",
             markup=False,
         )
+
+
+@main.group()
+def feeds() -> None:
+    """Share the partner list as OPML: import a feed reader's list, export the config's."""
+
+
+@feeds.command("import")
+@config_option
+@click.argument("opml_file", metavar="FILE.opml", type=click.Path(path_type=Path))
+@click.option(
+    "--language",
+    default="en",
+    show_default=True,
+    help="Language of imported feeds whose outline has no language attribute.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be added; change nothing.")
+def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_run: bool) -> None:
+    """Append the feeds of an OPML file to the config, skipping those already there."""
+    from clusterfeed.opml import OpmlError, import_opml
+
+    try:
+        result = import_opml(config_path, opml_file, language=language, dry_run=dry_run)
+    except OpmlError as exc:
+        _fail([f"error: {exc}"])
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"nothing written: {len(exc.problems)} problem(s) in the config."]
+        )
+    plan = result.plan
+    if dry_run and result.appended:
+        out.print(f"would append to {result.config}:", markup=False)
+        out.print(result.appended.rstrip("\n"), markup=False)
+        out.print("", markup=False)
+    for feed in plan.added:
+        topics = f"topics {', '.join(feed.topics)}; " if feed.topics else ""
+        disabled = "; disabled" if not feed.enabled else ""
+        out.print(
+            f"  + {feed.name} <{feed.url}> ({topics}language {feed.language}{disabled})",
+            markup=False,
+        )
+    for skipped in plan.skipped:
+        out.print(f"  = {skipped.name}: {skipped.reason}", markup=False)
+    for ignored in plan.ignored:
+        out.print(f"  - {ignored.name}: not imported, {ignored.reason}", markup=False)
+    names = f" ({', '.join(s.name for s in plan.skipped)})" if plan.skipped else ""
+    out.print(
+        f"{'would add' if dry_run else 'added'} {len(plan.added)} feeds, "
+        f"skipped {len(plan.skipped)} already present{names}"
+        + (f", ignored {len(plan.ignored)} outlines that are not feeds" if plan.ignored else ""),
+        markup=False,
+    )
+    if dry_run:
+        out.print(f"dry run: {result.config} unchanged", markup=False)
+    elif result.written:
+        out.print(f"wrote {result.config}", markup=False)
+
+
+@feeds.command("export")
+@config_option
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the OPML to this file instead of standard output.",
+)
+def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
+    """Write the configured feeds as OPML 2.0 (local files are left out)."""
+    from datetime import UTC
+
+    from clusterfeed.opml import export_opml
+    from clusterfeed.publish import write_atomic
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"{len(exc.problems)} problem(s) in the config."]
+        )
+    export = export_opml(config, datetime.now(UTC))
+    for note in export.notes:
+        err.print(f"note: {note}", markup=False)
+    if out_file is None:
+        click.echo(export.data, nl=False)
+        return
+    try:
+        write_atomic(out_file, export.data)
+    except OSError as exc:
+        _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
+    out.print(f"wrote {out_file}: {export.exported} feeds", markup=False)
