@@ -59,8 +59,16 @@ def parse_human_date(text: str, pattern: str | None = None, tz: str = "UTC") -> 
         return None
     zone = ZoneInfo(tz)
     if pattern:
-        numeric_pattern = _tidy(pattern.replace("%B", "%m").replace("%b", "%m"))
-        candidate = _tidy(_months_to_numbers(text)) if pattern != numeric_pattern else text
+        # The month word becomes its number in place, without the padding spaces the
+        # free-form search adds ("20-Nov-2026" came out as "20- 11 -2026" and never
+        # matched "%d-%b-%Y"), and the dot of an abbreviation is optional on both sides
+        # ("%d. %b. %Y" reads "20. Nov. 2026", and "5. Mai 2026", which has no dot).
+        numeric_pattern = _tidy(re.sub(r"%[Bb]\.?", "%m", pattern))
+        candidate = (
+            _tidy(_MONTH_WORD.sub(lambda m: str(MONTHS[m.group(1).lower()]), text))
+            if _tidy(pattern) != numeric_pattern
+            else text
+        )
         try:
             value = datetime.strptime(candidate, numeric_pattern)
         except ValueError:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -238,15 +239,27 @@ async def _read_response(
         )
     chunks: list[bytes] = []
     total = 0
-    # aiter_bytes yields decoded (decompressed) bytes: the cap applies after gzip, so a
-    # small compressed bomb stops at the limit instead of filling memory.
-    async for chunk in response.aiter_bytes():
-        total += len(chunk)
-        if total > limits.max_bytes:
-            raise _TooLarge(
-                f"response is larger than the limit of {limits.max_bytes} bytes (fetch.max_bytes)"
-            )
-        chunks.append(chunk)
+    # The cap applies after decompression, and to each step of it. httpx's aiter_bytes
+    # inflates a whole network chunk at once: one 48 kB chunk of a gzip bomb became
+    # 50 MB (peak 134 MB) before the cap could look at it. So the raw bytes are
+    # inflated here, never more than the remaining budget (+1 to notice the excess).
+    decoder = _Decoder(response.headers.get("content-encoding"), limits.max_bytes)
+    async for raw in response.aiter_raw():
+        for chunk in decoder.decode(raw):
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise _TooLarge(
+                    f"response is larger than the limit of {limits.max_bytes} bytes "
+                    "(fetch.max_bytes)"
+                )
+            chunks.append(chunk)
+    tail = decoder.flush()
+    total += len(tail)
+    if total > limits.max_bytes:
+        raise _TooLarge(
+            f"response is larger than the limit of {limits.max_bytes} bytes (fetch.max_bytes)"
+        )
+    chunks.append(tail)
     return FetchResult(
         request.feed_name,
         request.url,
@@ -261,6 +274,64 @@ async def _read_response(
     )
 
 
+class _Decoder:
+    """Content-Encoding (gzip, deflate or none) undone in steps of bounded size.
+
+    No step yields more than one byte beyond ``limit`` in total, so the caller's cap
+    sees the excess before it is in memory.
+    """
+
+    def __init__(self, content_encoding: str | None, limit: int) -> None:
+        encoding = (content_encoding or "").strip().lower()
+        self.encoding = encoding
+        self.limit = limit
+        self.produced = 0
+        self._raw_deflate_tried = False
+        if encoding in ("", "identity"):
+            self._inflater = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == "deflate":
+            self._inflater = zlib.decompressobj()
+        else:
+            # make_client asks for gzip and deflate only (Accept-Encoding).
+            raise httpx.DecodingError(f"unsupported Content-Encoding {encoding!r}")
+
+    def decode(self, data: bytes) -> Iterator[bytes]:
+        """Yield the decoded bytes of ``data`` in pieces within the limit (+1)."""
+        if self._inflater is None:
+            yield data
+            return
+        while data:
+            try:
+                out = self._inflater.decompress(data, max(self.limit - self.produced + 1, 1))
+            except zlib.error as exc:
+                # Some servers send raw deflate (no zlib header) as "deflate"; httpx
+                # accepts both, so do the same.
+                if self.encoding == "deflate" and not self._raw_deflate_tried:
+                    self._raw_deflate_tried = True
+                    self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+                    continue
+                raise httpx.DecodingError(
+                    f"the {self.encoding}-compressed response is corrupt ({exc})"
+                ) from None
+            self._raw_deflate_tried = True
+            data = self._inflater.unconsumed_tail
+            self.produced += len(out)
+            if out:
+                yield out
+
+    def flush(self) -> bytes:
+        if self._inflater is None:
+            return b""
+        try:
+            return self._inflater.flush(max(self.limit - self.produced + 1, 1))
+        except zlib.error as exc:
+            raise httpx.DecodingError(
+                f"the {self.encoding}-compressed response is corrupt ({exc})"
+            ) from None
+
+
 def make_client(limits: FetchLimits) -> httpx.AsyncClient:
     """An HTTP client shared by one fetch cycle, so connections to a host are reused."""
     return httpx.AsyncClient(
@@ -268,6 +339,9 @@ def make_client(limits: FetchLimits) -> httpx.AsyncClient:
             "User-Agent": limits.user_agent,
             "Accept": "application/atom+xml, application/rss+xml, application/rdf+xml, "
             "application/feed+json, application/xml;q=0.9, text/xml;q=0.9, */*;q=0.5",
+            # Only what _Decoder can undo with a bounded output (not br or zstd, which
+            # httpx would otherwise offer when their packages happen to be installed).
+            "Accept-Encoding": "gzip, deflate",
         },
         timeout=httpx.Timeout(limits.timeout_seconds, connect=limits.connect_timeout_seconds),
         follow_redirects=False,

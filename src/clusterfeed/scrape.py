@@ -67,7 +67,9 @@ def _attribute_url(node: Tag | None, *names: str) -> str | None:
         value = node.get(name)
         if isinstance(value, list):
             value = " ".join(value)
-        if value and value.strip():
+        # A lazy-loading page puts a tiny data: placeholder in src and the real picture
+        # in data-src or srcset: taking the placeholder lost every picture of the page.
+        if value and value.strip() and not value.strip().lower().startswith("data:"):
             if name == "srcset":
                 return value.split(",")[0].split()[0]
             return value.strip()
