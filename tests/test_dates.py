@@ -218,3 +218,17 @@ def test_any_date_reads_back_with_the_operators_pattern(day: date) -> None:
         result = parse_human_date(text, pattern)
         assert result is not None, (text, pattern)
         assert result.date() == day, (text, pattern)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Mo, 02.03.2026", "02.03.2026 14:30 Uhr", "2026.03.02", "Stand: 2026-03-02"],
+)
+def test_a_numeric_date_inside_more_text_is_found(text: str) -> None:
+    when = parse_human_date(text, None, "Europe/Berlin")
+    assert when is not None
+    assert when.astimezone(ZoneInfo("Europe/Berlin")).date() == date(2026, 3, 2)
+
+
+def test_an_impossible_numeric_date_inside_text_is_none() -> None:
+    assert parse_human_date("Mo, 31.02.2026", None, "Europe/Berlin") is None

@@ -374,6 +374,8 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             problem = s.last_error or s.last_warning or ""
             if s.moved_to:
                 problem = f"moved to {s.moved_to}: update the config. {problem}".strip()
+            if s.discovered_url and s.state != "failing":
+                problem = f"reading the announced feed {s.discovered_url}. {problem}".strip()
             table.add_row(
                 s.name,
                 s.state,

@@ -36,6 +36,8 @@ _NUMERIC = ("%d.%m.%Y", "%Y-%m-%d", "%d/%m/%Y", "%Y/%m/%d")
 # With a month word, its position says the order: "23. November 2026" is day first,
 # "November 23, 2026" is month first. An optional weekday in front is skipped.
 _DAY_MONTH_YEAR = re.compile(r"(\d{1,2})\.?\s+@(\d{1,2})@\s*,?\s*(\d{4})")
+_DOTTED_DMY = re.compile(r"(?<!\d)(\d{1,2})\.(\d{1,2})\.(\d{4})(?!\d)")
+_YEAR_FIRST = re.compile(r"(?<!\d)(\d{4})[-./](\d{1,2})[-./](\d{1,2})(?!\d)")
 _MONTH_DAY_YEAR = re.compile(r"@(\d{1,2})@\s+(\d{1,2})(?:st|nd|rd|th)?\s*,?\s*(\d{4})")
 
 
@@ -104,6 +106,17 @@ def parse_human_date(text: str, pattern: str | None = None, tz: str = "UTC") -> 
             return _aware(datetime.strptime(text, candidate_pattern), zone)
         except ValueError:
             continue
+    # A numeric date inside more text ("Mo, 02.03.2026", "02.03.2026 14:30 Uhr",
+    # "2026.03.02"): day-month-year with dots (German), or year first.
+    for regex, order in ((_DOTTED_DMY, (2, 1, 0)), (_YEAR_FIRST, (0, 1, 2))):
+        match = regex.search(text)
+        if match:
+            groups = [int(g) for g in match.groups()]
+            year, month, day = (groups[i] for i in order)
+            try:
+                return _aware(datetime(year, month, day), zone)
+            except ValueError:
+                return None
     return None
 
 
