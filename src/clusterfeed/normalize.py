@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsp
 
 import nh3
 
+from clusterfeed.dates import parse_human_date
 from clusterfeed.model import Entry
 
 # Query parameters that only say where a click came from. Dropping them makes the same
@@ -243,12 +244,16 @@ def single_line(text: str) -> str:
     """The text on one line: every line break and control character becomes a space.
 
     Anything that can reach a mail header passes here, where a CR/LF is an attack.
+    So does an RFC 2047 encoded word: Python's email package decodes
+    ``=?utf-8?q?=0D=0ABcc:_x@example.com?=`` when a Subject is set and, before Python
+    3.11.10 (CVE-2024-6923), writes the decoded CR/LF out as a real header line. A word
+    joiner between ``=`` and ``?`` leaves the text as it reads and no longer encoded.
     """
     text = "".join(
         " " if (ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029") else ch
         for ch in text
     )
-    return _WS.sub(" ", text).strip()
+    return _WS.sub(" ", text).strip().replace("=?", "=\u2060?")
 
 
 def clean_title(title: str) -> str:
@@ -277,6 +282,19 @@ def _struct_to_datetime(value: Any) -> datetime | None:
     return None
 
 
+def _written_date(value: Any) -> datetime | None:
+    """A date feedparser could not read, read the way people write dates.
+
+    German CMSs write RFC 822 dates with German day or month names ("Mo, 16 Nov 2026",
+    "Do, 15 Okt 2026") or none at all ("23. Oktober 2026"), and some leave out the
+    zone; feedparser gives up on all of these. The item was then dated when first
+    seen, so a partner's whole archive arrived as today's news, on top of the digest.
+    """
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return parse_human_date(value[:200])
+
+
 def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
     """(published, updated) in UTC; missing means first seen now, the future is clamped."""
 
@@ -285,10 +303,13 @@ def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, dateti
     def plain(key: str) -> Any:
         return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
 
-    published = _struct_to_datetime(plain("published_parsed")) or _struct_to_datetime(
-        plain("created_parsed")
+    published = (
+        _struct_to_datetime(plain("published_parsed"))
+        or _struct_to_datetime(plain("created_parsed"))
+        or _written_date(plain("published"))
+        or _written_date(plain("created"))
     )
-    updated = _struct_to_datetime(plain("updated_parsed"))
+    updated = _struct_to_datetime(plain("updated_parsed")) or _written_date(plain("updated"))
     published = published or updated or now
     updated = updated or published
     limit = now + FUTURE_TOLERANCE
