@@ -572,15 +572,6 @@ def test_rotating_guids_harm_nothing_else(
     assert set(GOOD_LINKS) <= {e.link for e in published.entries}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug in store.py: an item is identified by its GUID (normalize.entry_identity), "
-        "and Store._matching_story only looks for the same link in OTHER feeds "
-        "(entries.feed_id != feed_id), so an item whose GUID changed but whose link did not "
-        "becomes a new entry AND a new story on every fetch, and is mailed again"
-    ),
-)
 def test_rotating_guids_do_not_grow_stories(
     tmp_path: Path, feed_server: FeedServer, database_url: str, started: list[Service]
 ) -> None:

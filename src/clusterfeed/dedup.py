@@ -31,22 +31,35 @@ class EntryChange:
 
 
 def plan_feed_update(
-    fetched: Sequence[Entry], stored: Mapping[str, tuple[int, str]]
+    fetched: Sequence[Entry],
+    stored: Mapping[str, tuple[int, str]],
+    stored_by_link: Mapping[str, tuple[int, str]] | None = None,
 ) -> list[EntryChange]:
     """The writes needed to bring the store in line with one fetch of a feed.
 
     ``stored`` maps identity to (entry id, content hash) for the entries of this feed
     that the store already has. Entries the feed no longer lists are left alone: feeds
     are windows onto a stream, and an item dropping out of the window is not news.
+
+    ``stored_by_link`` maps link keys to (entry id, content hash) for this feed's stored
+    entries whose identity is *not* in this fetch. Some CMSs give an item a new GUID on
+    every request; an unknown GUID whose page is one of those vanished entries is that
+    entry again (re-keyed in place), not news to mail a second time. Each vanished entry
+    is claimed at most once, so two different items that share a link in one fetch
+    still stay two.
     """
     changes: list[EntryChange] = []
     seen: set[str] = set()
+    vanished = dict(stored_by_link or {})
     for entry in fetched:
         if entry.identity in seen:
             continue
         seen.add(entry.identity)
         known = stored.get(entry.identity)
-        if known is None:
+        if known is None and entry.link_key and entry.link_key in vanished:
+            entry_id, _hash = vanished.pop(entry.link_key)
+            changes.append(EntryChange("update", entry, entry_id))
+        elif known is None:
             changes.append(EntryChange("new", entry))
         elif known[1] != entry.content_hash:
             changes.append(EntryChange("update", entry, known[0]))

@@ -567,7 +567,23 @@ class Store:
                     )
                 ):
                     existing[row.identity] = (row.id, row.content_hash)
-            changes = plan_feed_update(new_entries, existing)
+            # Links of unknown entries, looked up among this feed's entries that this
+            # fetch no longer lists: a rotated GUID for the same page (see dedup).
+            unknown_links = [
+                e.link_key for e in new_entries if e.identity not in existing and e.link_key
+            ]
+            fetched_ids = set(identities)
+            by_link: dict[str, tuple[int, str]] = {}
+            for chunk in _chunks(unknown_links, 500):
+                for link_row in conn.execute(
+                    select(entries.c.link_key, entries.c.identity, entries.c.id,
+                           entries.c.content_hash)
+                    .where(entries.c.feed_id == feed_id, entries.c.link_key.in_(chunk))
+                    .order_by(entries.c.id.desc())
+                ):  # fmt: skip
+                    if link_row.identity not in fetched_ids:
+                        by_link.setdefault(link_row.link_key, (link_row.id, link_row.content_hash))
+            changes = plan_feed_update(new_entries, existing, by_link)
             summary = FeedUpdateSummary(0, 0, 0)
             for change in changes:
                 summary = self._apply_change(conn, feed_id, change, now, summary)
@@ -617,7 +633,12 @@ class Store:
             "content_hash": entry.content_hash,
         }
         if change.kind == "update":
-            conn.execute(update(entries).where(entries.c.id == change.entry_id).values(**values))
+            # The identity is written too: for a rotated GUID the entry is re-keyed.
+            conn.execute(
+                update(entries)
+                .where(entries.c.id == change.entry_id)
+                .values(identity=entry.identity, **values)
+            )
             story_id = conn.execute(
                 select(entries.c.story_id).where(entries.c.id == change.entry_id)
             ).scalar_one()
