@@ -28,7 +28,7 @@ from clusterfeed.schedule import (
 )
 from clusterfeed.service import Service
 from clusterfeed.store import Store
-from tests.conftest import FeedServer, Route, served_example_feeds, write_config
+from tests.conftest import EXAMPLE_STORIES, FeedServer, Route, served_example_feeds, write_config
 
 CLUSTERFEED = str(Path(sys.executable).with_name("clusterfeed"))
 BERLIN_7AM = digest_trigger("0 7 * * *", "Europe/Berlin")
@@ -327,7 +327,7 @@ def test_run_once_on_a_copied_example_leaves_mail_and_feed(example_copy: Path) -
     )
 
     parsed = feedparser.parse(feed.read_bytes())
-    assert not parsed.bozo and len(parsed.entries) == 45
+    assert not parsed.bozo and len(parsed.entries) == EXAMPLE_STORIES
     mails = sorted(maildir.iterdir())
     assert len(mails) == len(subscribers)
     assert all(m.name.endswith(".eml") for m in mails)

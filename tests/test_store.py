@@ -113,17 +113,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 2
-    assert store.schema_version() == 2
+    assert store.migrate() == SCHEMA_VERSION == 3
+    assert store.schema_version() == 3
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 2  # a second start changes nothing and loses nothing
+    assert store.migrate() == 3  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [2]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [3]
     store.close()
 
 
@@ -148,13 +148,15 @@ def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str)
         conn.exec_driver_sql("DROP TABLE alerts")
         for column in V2_FEED_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE feeds DROP COLUMN {column}")
+        conn.exec_driver_sql("ALTER TABLE entries DROP COLUMN join_reason")  # version 3
         conn.execute(update(schema_info).values(version=1))
     store.close()
 
     upgraded = Store(database_url)
-    assert upgraded.migrate() == 2
+    assert upgraded.migrate() == SCHEMA_VERSION
     columns = {c["name"] for c in inspect(upgraded.engine).get_columns("feeds")}
     assert set(V2_FEED_COLUMNS) <= columns
+    assert "join_reason" in {c["name"] for c in inspect(upgraded.engine).get_columns("entries")}
     assert "alerts" in inspect(upgraded.engine).get_table_names()
     statuses = {s.name: s for s in upgraded.feed_statuses()}
     assert statuses["Elbmed Pharma"].consecutive_failures == 1

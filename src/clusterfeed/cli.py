@@ -26,7 +26,7 @@ from rich.table import Table
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
 from clusterfeed.health import Alert
-from clusterfeed.model import FeedStatus
+from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 
@@ -397,6 +397,64 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             f"deliveries: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}",
             markup=False,
         )
+
+
+@main.command()
+@config_option
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="How many of the newest stories to show.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print every story with the GUID and link of each member item.",
+)
+@_handle_errors
+def stories(config_path: Path | None, limit: int, as_json: bool) -> None:
+    """List recent stories with their sources and why each source was joined."""
+    with _service(config_path) as service:
+        if as_json:
+            data = [_story_json(story) for story in service.store.recent_stories()]
+            click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+            return
+        for story in service.store.recent_stories(limit=limit):
+            out.print(f"{story.entry.title}", markup=False)
+            for source in story.sources:
+                reason = source.join_reason or "first version"
+                out.print(
+                    f"  · {source.feed_title} ({source.language or '?'}, "
+                    f"{_when(source.published)}): {source.entry_title}\n"
+                    f"      {source.entry_link or 'no link'}\n"
+                    f"      joined because: {reason}",
+                    markup=False,
+                )
+
+
+def _story_json(story: Story) -> dict[str, object]:
+    return {
+        "id": story.key,
+        "title": story.entry.title,
+        "link": story.entry.link,
+        "topics": list(story.topics),
+        "updated": _iso(story.updated),
+        "items": [
+            {
+                "feed": s.feed_title,
+                "title": s.entry_title,
+                "guid": s.guid,
+                "link": s.entry_link,
+                "language": s.language,
+                "published": _iso(s.published),
+                "joined_because": s.join_reason,
+            }
+            for s in story.sources
+        ],
+    }
 
 
 @main.group()

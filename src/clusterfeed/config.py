@@ -18,7 +18,7 @@ import tomllib
 import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -28,6 +28,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+if TYPE_CHECKING:
+    from clusterfeed.stories import MatchRules
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
 CONFIG_ENV = "CLUSTERFEED_CONFIG"
@@ -354,6 +357,45 @@ class SubscriberConfig(_Strict):
         return normalize_email(value)
 
 
+class StoriesConfig(_Strict):
+    """How items of different partners are joined into one story (see README)."""
+
+    match: bool = True
+    window_days: float = Field(5.0, gt=0, le=60)
+    threshold: float = Field(1.0, gt=0, le=10)
+    name_weight: float = Field(1.0, ge=0, le=10)
+    name_saturation: float = Field(2.3, gt=0, le=50)
+    text_weight: float = Field(1.4, ge=0, le=10)
+    min_text_similarity: float = Field(0.25, ge=0, le=1)
+    link_weight: float = Field(1.5, ge=0, le=10)
+    amount_weight: float = Field(0.8, ge=0, le=10)
+    code_weight: float = Field(0.8, ge=0, le=10)
+    date_weight: float = Field(0.35, ge=0, le=10)
+    percent_weight: float = Field(0.35, ge=0, le=10)
+    together: list[tuple[str, str]] = Field(default_factory=list)
+    apart: list[tuple[str, str]] = Field(default_factory=list)
+
+    @field_validator("together", "apart")
+    @classmethod
+    def _pairs(cls, value: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        for a, b in value:
+            _http_url(a)
+            _http_url(b)
+        return value
+
+    def rules(self) -> MatchRules:
+        from clusterfeed.stories import MatchRules
+
+        return MatchRules(
+            window_days=self.window_days, threshold=self.threshold,
+            name_weight=self.name_weight, name_saturation=self.name_saturation,
+            text_weight=self.text_weight, min_text_similarity=self.min_text_similarity,
+            link_weight=self.link_weight, amount_weight=self.amount_weight,
+            code_weight=self.code_weight, date_weight=self.date_weight,
+            percent_weight=self.percent_weight,
+        )  # fmt: skip
+
+
 class AlertsConfig(_Strict):
     """Who hears about feeds in trouble, and when trouble is worth a mail."""
 
@@ -381,6 +423,7 @@ class Config(_Strict):
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()
     alerts: AlertsConfig = AlertsConfig()
+    stories: StoriesConfig = StoriesConfig()
     subscribers: list[SubscriberConfig] = Field(default_factory=list)
     # Not read from TOML: where the file lives, so relative paths and messages can use it.
     source: Path = Field(default=Path("."), exclude=True)

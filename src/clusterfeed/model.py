@@ -91,6 +91,10 @@ class Source:
     site_url: str | None
     entry_title: str
     entry_link: str | None
+    guid: str | None = None
+    published: datetime | None = None
+    language: str | None = None
+    join_reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from clusterfeed.polling import next_poll
 from clusterfeed.publish import FeedMeta, build_atom, write_atomic
 from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
 from clusterfeed.store import Delivery, Store
+from clusterfeed.stories import StoryMatcher
 from clusterfeed.tokens import UNSUBSCRIBE, make_token
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,12 @@ class Service:
         self.store = store
         self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
+        stories = config.stories
+        self.matcher = (
+            StoryMatcher(stories.rules(), together=stories.together, apart=stories.apart)
+            if stories.match
+            else None
+        )
 
     def close(self) -> None:
         """Stop the parsing processes (if any were started) and release the store."""
@@ -223,6 +230,7 @@ class Service:
         command the operator types asks every feed except those that are gone.
         """
         now = self.clock()
+        cycle_started = now
         statuses = {s.name: s for s in self.store.feed_statuses(now)}
         requests = []
         for feed in self.config.feeds:
@@ -245,6 +253,12 @@ class Service:
             retried = await self._fetch_and_ingest(retries, statuses, on_feed)
             done = {o.name for o in retried}
             outcomes = [o for o in outcomes if o.name not in done] + retried
+        if self.matcher is not None and any(o.new_entries for o in outcomes):
+            joined = await asyncio.to_thread(
+                self.store.join_new_stories, cycle_started, self.matcher
+            )
+            if joined:
+                log.info("%d new items joined stories told by other partners", joined)
         order = {f.name: i for i, f in enumerate(self.config.feeds)}
         outcomes.sort(key=lambda o: order.get(o.name, 0))
         return outcomes

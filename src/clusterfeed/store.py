@@ -13,6 +13,7 @@ next, and ``Store.migrate`` applies the missing ones at start-up, in order.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
 from clusterfeed.model import Entry, FeedStatus, PollFacts, Source, Story, Subscriber
+from clusterfeed.stories import Match, StoryItem, StoryMatcher
 
 
 class StoreError(Exception):
@@ -157,6 +159,8 @@ entries = Table(
     Column("updated_at", _UTCDateTime(), nullable=False),
     Column("first_seen_at", _UTCDateTime(), nullable=False),
     Column("content_hash", String(64), nullable=False),
+    # Schema version 3: why this entry joined its story (empty for the first one).
+    Column("join_reason", Text),
     UniqueConstraint("feed_id", "identity", name="uq_entries_feed_identity"),
 )
 Index("ix_entries_link_key", entries.c.link_key)
@@ -212,7 +216,7 @@ sent_stories = Table(
     Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -256,9 +260,13 @@ def _migrate_1_to_2(conn: Connection) -> None:
     )
 
 
+def _migrate_2_to_3(conn: Connection) -> None:
+    _add_columns(conn, entries, ["join_reason"])
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
-MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1_to_2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_migrate_1_to_2, _migrate_2_to_3]
 
 
 @dataclass(frozen=True)
@@ -550,6 +558,7 @@ class Store:
         warning: str | None,
         now: datetime,
         poll: PollFacts | None = None,
+        matcher: StoryMatcher | None = None,
     ) -> FeedUpdateSummary:
         """Store one successful fetch: entries, story links and caching headers, atomically.
 
@@ -586,7 +595,7 @@ class Store:
             changes = plan_feed_update(new_entries, existing, by_link)
             summary = FeedUpdateSummary(0, 0, 0)
             for change in changes:
-                summary = self._apply_change(conn, feed_id, change, now, summary)
+                summary = self._apply_change(conn, feed_id, name, change, now, summary, matcher)
             conn.execute(
                 update(feeds)
                 .where(feeds.c.id == feed_id)
@@ -610,9 +619,11 @@ class Store:
         self,
         conn: Connection,
         feed_id: int,
+        feed_name: str,
         change: EntryChange,
         now: datetime,
         summary: FeedUpdateSummary,
+        matcher: StoryMatcher | None = None,
     ) -> FeedUpdateSummary:
         entry = change.entry
         values = {
@@ -647,6 +658,7 @@ class Store:
                 summary.new_entries, summary.updated_entries + 1, summary.new_stories
             )
         story_id = self._matching_story(conn, feed_id, entry)
+        join_reason = None if story_id is None else "the same GUID or page"
         new_story = story_id is None
         if story_id is None:
             story_id = conn.execute(
@@ -669,12 +681,107 @@ class Store:
                 story_id=story_id,
                 identity=entry.identity,
                 first_seen_at=now,
+                join_reason=join_reason,
                 **values,
             )
         )
         return FeedUpdateSummary(
             summary.new_entries + 1, summary.updated_entries, summary.new_stories + int(new_story)
         )
+
+    def join_new_stories(self, since: datetime, matcher: StoryMatcher) -> int:
+        """Join this cycle's new one-item stories to the story they tell, if any.
+
+        Runs once after all feeds of a cycle are stored, over the new items in order of
+        publication, so the result does not depend on which partner's server answered
+        first. Only stories created in this cycle are folded into others: nothing that
+        readers or subscribers have already seen changes identity. Returns how many
+        items joined another story.
+        """
+        joined = 0
+        with self._tx() as conn:
+            rows = conn.execute(
+                select(entries, feeds.c.name.label("feed_name"))
+                .join(feeds, feeds.c.id == entries.c.feed_id)
+                .join(stories, stories.c.id == entries.c.story_id)
+                .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
+                .order_by(entries.c.published_at, feeds.c.name, entries.c.identity)
+            ).all()
+            for row in rows:
+                size = conn.execute(
+                    select(func.count())
+                    .select_from(entries)
+                    .where(entries.c.story_id == row.story_id)
+                ).scalar_one()
+                if size != 1:
+                    continue
+                entry = _row_to_entry(row)
+                story_id, match = self._near_story(conn, row.feed_name, entry, matcher)
+                if story_id is None or story_id == row.story_id:
+                    continue
+                reason = f"score {match.score:.2f}: " + "; ".join(match.reasons)
+                conn.execute(
+                    update(entries)
+                    .where(entries.c.id == row.id)
+                    .values(story_id=story_id, join_reason=reason)
+                )
+                self._touch_story(conn, story_id, row.first_seen_at, entry.published)
+                still_used = conn.execute(
+                    select(sent_stories.c.story_id).where(sent_stories.c.story_id == row.story_id)
+                ).first()
+                if still_used is None:
+                    conn.execute(stories.delete().where(stories.c.id == row.story_id))
+                joined += 1
+        return joined
+
+    @staticmethod
+    def _near_story(
+        conn: Connection, feed_name: str, entry: Entry, matcher: StoryMatcher
+    ) -> tuple[int | None, Match]:
+        """The story of another partner's item that tells the same event in other words."""
+        window = timedelta(days=matcher.rules.window_days)
+        rows = conn.execute(
+            select(
+                entries.c.id, entries.c.story_id, entries.c.language, entries.c.title,
+                entries.c.summary_text, entries.c.content_html, entries.c.link,
+                entries.c.published_at, feeds.c.name.label("feed_name"),
+            )
+            .join(feeds, feeds.c.id == entries.c.feed_id)
+            .where(
+                entries.c.published_at >= entry.published - window,
+                entries.c.published_at <= entry.published + window,
+                feeds.c.name != feed_name,
+            )
+        ).all()  # fmt: skip
+        if not rows:
+            return None, Match(0.0, ("new story",))
+        candidates = [
+            (
+                StoryItem(
+                    id=f"entry:{row.id}",
+                    feed=row.feed_name,
+                    language=row.language,
+                    title=row.title,
+                    text=_matching_text(row.summary_text, row.content_html),
+                    link=row.link,
+                    published=_utc(row.published_at) or row.published_at,
+                    links=_hrefs(row.content_html),
+                ),
+                int(row.story_id),
+            )
+            for row in rows
+        ]
+        item = StoryItem(
+            id=f"new:{feed_name}:{entry.identity}",
+            feed=feed_name,
+            language=entry.language,
+            title=entry.title,
+            text=_matching_text(entry.summary_text, entry.content_html),
+            link=entry.link,
+            published=entry.published,
+            links=_hrefs(entry.summary_html + entry.content_html),
+        )
+        return matcher.choose(item, candidates)
 
     @staticmethod
     def _touch_story(
@@ -855,6 +962,10 @@ class Store:
                     site_url=r.site_url,
                     entry_title=r.title,
                     entry_link=r.link,
+                    guid=r.guid,
+                    published=_utc(r.published_at),
+                    language=r.language,
+                    join_reason=r.join_reason,
                 )
                 for r in rows
             )
@@ -1142,6 +1253,24 @@ class Store:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+_HREF = re.compile(r"href=[\"']([^\"']+)")
+
+
+def _hrefs(html: str) -> tuple[str, ...]:
+    return tuple(_HREF.findall(html or ""))
+
+
+def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
+    """The text matching looks at: the summary, then the full text, cut at a limit
+    (the first paragraphs carry the names and numbers; a 5 MB release need not)."""
+    from clusterfeed.normalize import html_to_text
+
+    text = summary
+    if content_html and len(text) < limit:
+        text = f"{text} {html_to_text(content_html[: limit * 4])}"
+    return text[:limit]
 
 
 def _short_hash(text: str) -> str:
