@@ -665,6 +665,85 @@ def _compatible(
     return not (rules.use_vetoes and veto(item, f, member.item, member.features))
 
 
+class Clusterer:
+    """Stories built up item by item, the way items arrive over time.
+
+    Candidates come from an inverted index of each item's evidence (names, amounts,
+    codes, links, sound skeletons, words), so an item is scored only against items it
+    shares something with inside the time window; that keeps 100,000 items tractable
+    and makes adding a thousand more cheap.
+    """
+
+    def __init__(
+        self,
+        rules: MatchRules = DEFAULT_RULES,
+        *,
+        force_together: Iterable[tuple[str, str]] = (),
+        force_apart: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.rules = rules
+        self.corpus = Corpus()
+        self.story_of: dict[str, int] = {}
+        self.reasons: dict[str, Match] = {}
+        self._items: dict[str, StoryItem] = {}
+        self._features: dict[str, Features] = {}
+        self._index: defaultdict[str, list[str]] = defaultdict(list)
+        self._members: defaultdict[int, list[str]] = defaultdict(list)
+        self._stories = 0
+        self._together = {frozenset(p) for p in force_together}
+        self._apart = {frozenset(p) for p in force_apart}
+
+    def _forced(self, a: StoryItem, b: StoryItem) -> str | None:
+        pair = frozenset((a.id, b.id))
+        if pair in self._together:
+            return "together"
+        return "apart" if pair in self._apart else None
+
+    def add(self, items: Sequence[StoryItem]) -> None:
+        """Place new items, oldest first; items already placed are not moved."""
+        ordered = sorted(items, key=lambda i: (i.published, i.id))
+        for item in ordered:
+            f = features(item)
+            self._features[item.id] = f
+            self._items[item.id] = item
+            self.corpus.add(f)
+        forced = self._forced if self._together or self._apart else None
+        window = timedelta(days=self.rules.window_days)
+        # Very common keys (a word in every other item) find nothing useful and cost time.
+        max_postings = max(50, len(self._items) // 20)
+        for item in ordered:
+            f = self._features[item.id]
+            keys = _candidate_keys(f)
+            found: set[str] = set()
+            for key in keys:
+                postings = self._index.get(key)
+                if postings and len(postings) <= max_postings:
+                    found.update(postings)
+            # Every member of a candidate's story takes part in the veto check.
+            story_ids = {
+                self.story_of[o]
+                for o in found
+                if abs(item.published - self._items[o].published) <= window
+            }
+            candidates = [
+                Candidate(self._items[m], self._features[m], story)
+                for story in story_ids
+                for m in self._members[story]
+            ]
+            story, match = choose_story(item, f, candidates, self.corpus, self.rules, forced=forced)
+            if story is None:
+                story = self._stories
+                self._stories += 1
+            self.story_of[item.id] = story
+            self._members[story].append(item.id)
+            self.reasons[item.id] = match
+            for key in keys:
+                self._index[key].append(item.id)
+
+    def result(self) -> Clustering:
+        return Clustering(dict(self.story_of), dict(self.reasons))
+
+
 def cluster(
     items: Sequence[StoryItem],
     rules: MatchRules = DEFAULT_RULES,
@@ -672,59 +751,10 @@ def cluster(
     force_together: Iterable[tuple[str, str]] = (),
     force_apart: Iterable[tuple[str, str]] = (),
 ) -> Clustering:
-    """Group items into stories, oldest first, as they would arrive over time.
-
-    Candidates come from an inverted index of each item's evidence (names, amounts,
-    codes, links, sound skeletons, words), so an item is scored only against items it
-    shares something with, which keeps 100,000 items tractable.
-    """
-    ordered = sorted(items, key=lambda i: (i.published, i.id))
-    corpus = Corpus()
-    feats = {i.id: features(i) for i in ordered}
-    for i in ordered:
-        corpus.add(feats[i.id])
-    together = {frozenset(p) for p in force_together}
-    apart = {frozenset(p) for p in force_apart}
-
-    def forced(a: StoryItem, b: StoryItem) -> str | None:
-        pair = frozenset((a.id, b.id))
-        return "together" if pair in together else "apart" if pair in apart else None
-
-    story_of: dict[str, int] = {}
-    reasons: dict[str, Match] = {}
-    index: defaultdict[str, list[str]] = defaultdict(list)
-    members: defaultdict[int, list[str]] = defaultdict(list)
-    by_id = {i.id: i for i in ordered}
-    stories = 0
-    # Very common keys (a word in every other item) find nothing useful and cost time.
-    max_postings = max(50, len(ordered) // 20)
-    window = timedelta(days=rules.window_days)
-
-    for item in ordered:
-        f = feats[item.id]
-        keys = _candidate_keys(f)
-        found: set[str] = set()
-        for key in keys:
-            postings = index.get(key)
-            if postings and len(postings) <= max_postings:
-                found.update(postings)
-        # Every member of a candidate's story takes part in the veto check.
-        story_ids = {story_of[o] for o in found if item.published - by_id[o].published <= window}
-        candidates = [
-            Candidate(by_id[m], feats[m], story) for story in story_ids for m in members[story]
-        ]
-        story, match = choose_story(
-            item, f, candidates, corpus, rules, forced=forced if together or apart else None
-        )
-        if story is None:
-            story = stories
-            stories += 1
-        story_of[item.id] = story
-        members[story].append(item.id)
-        reasons[item.id] = match
-        for key in keys:
-            index[key].append(item.id)
-    return Clustering(story_of, reasons)
+    """Group items into stories from scratch (see Clusterer)."""
+    clusterer = Clusterer(rules, force_together=force_together, force_apart=force_apart)
+    clusterer.add(items)
+    return clusterer.result()
 
 
 # -- evaluation ---------------------------------------------------------------------------
