@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
+    from clusterfeed.filters import FilterRules
     from clusterfeed.stories import MatchRules
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
@@ -208,6 +209,23 @@ class SelectorsConfig(_Strict):
         return value
 
 
+class FiltersConfig(_Strict):
+    """Keep items out (or only some in), by whole-word keyword or by topic."""
+
+    include_keywords: list[str] = Field(default_factory=list)
+    exclude_keywords: list[str] = Field(default_factory=list)
+    include_topics: list[str] = Field(default_factory=list)
+    exclude_topics: list[str] = Field(default_factory=list)
+
+    def rules(self) -> FilterRules:
+        from clusterfeed.filters import FilterRules
+
+        return FilterRules(
+            tuple(self.include_keywords), tuple(self.exclude_keywords),
+            tuple(self.include_topics), tuple(self.exclude_topics),
+        )  # fmt: skip
+
+
 class FeedConfig(_Strict):
     name: str = Field(min_length=1)
     url: str = Field(min_length=1)
@@ -217,6 +235,8 @@ class FeedConfig(_Strict):
     language: str = "en"
     enabled: bool = True
     discover: bool = False
+    own: bool = False
+    filters: FiltersConfig = FiltersConfig()
     selectors: SelectorsConfig | None = Field(None, validate_default=True)
 
     @field_validator("selectors")
@@ -361,6 +381,7 @@ class StoriesConfig(_Strict):
     """How items of different partners are joined into one story (see README)."""
 
     match: bool = True
+    representative: Literal["own", "complete", "earliest"] = "own"
     window_days: float = Field(5.0, gt=0, le=60)
     threshold: float = Field(1.0, gt=0, le=10)
     name_weight: float = Field(1.0, ge=0, le=10)
@@ -424,6 +445,7 @@ class Config(_Strict):
     web: WebConfig = WebConfig()
     alerts: AlertsConfig = AlertsConfig()
     stories: StoriesConfig = StoriesConfig()
+    filters: FiltersConfig = FiltersConfig()
     subscribers: list[SubscriberConfig] = Field(default_factory=list)
     # Not read from TOML: where the file lives, so relative paths and messages can use it.
     source: Path = Field(default=Path("."), exclude=True)

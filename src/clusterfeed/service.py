@@ -32,6 +32,7 @@ from clusterfeed.digest import (
     template_dir,
 )
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
+from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.mail import (
     PermanentFailure,
@@ -156,6 +157,7 @@ class Service:
         self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         stories = config.stories
+        store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
             StoryMatcher(stories.rules(), together=stories.together, apart=stories.apart)
             if stories.match
@@ -358,9 +360,11 @@ class Service:
             read = read_feed(result, feed_cfg, self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)
+        rules = [self.config.filters.rules(), feed_cfg.filters.rules()]
+        entries = [e for e in read.entries if keep(e, rules)]
         summary = self.store.apply_feed_update(
             name,
-            read.entries,
+            entries,
             status=result.status,
             etag=result.etag,
             last_modified=result.last_modified,

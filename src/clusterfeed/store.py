@@ -942,14 +942,7 @@ class Store:
                 members.setdefault(row.story_id, []).append(row)
         result = []
         for s in story_rows:
-            # The representative is the earliest published version (the original
-            # announcement), ties broken by feed name: a rule that does not depend on
-            # which feed happened to answer first in a concurrent cycle. A later issue
-            # makes it configurable (most complete version, the cluster's own).
-            rows = sorted(
-                members.get(s.id, []),
-                key=lambda r: (_utc(r.published_at), r.feed_name, r.identity),
-            )
+            rows = self._representative_first(members.get(s.id, []))
             if not rows:
                 continue
             rep = rows[0]
@@ -982,6 +975,34 @@ class Store:
                 )
             )
         return result
+
+    def configure_stories(self, representative: str, own_feeds: Iterable[str]) -> None:
+        """How a story's representative is chosen: "own" (the cluster's own version
+        where there is one, else the most complete), "complete" or "earliest"."""
+        self._representative = representative
+        self._own_feeds = frozenset(own_feeds)
+
+    def _representative_first(self, rows: Sequence[Any]) -> list[Any]:
+        """The story's members, the representative first, then by publication.
+
+        Every rule ends in the same tie-breaks (earliest, then feed name), so the choice
+        never depends on which feed happened to answer first in a concurrent cycle.
+        """
+        by_time = sorted(rows, key=lambda r: (_utc(r.published_at), r.feed_name, r.identity))
+        if not by_time:
+            return []
+        rule = getattr(self, "_representative", "earliest")
+        own: frozenset[str] = getattr(self, "_own_feeds", frozenset())
+
+        def completeness(r: Any) -> int:
+            return len(r.summary_text or "") + len(r.content_html or "") // 2
+
+        best = by_time[0]
+        if rule in ("own", "complete"):
+            pool = [r for r in by_time if r.feed_name in own] if rule == "own" else []
+            pool = pool or by_time
+            best = max(pool, key=lambda r: (completeness(r), -by_time.index(r)))
+        return [best, *(r for r in by_time if r is not best)]
 
     def count_entries(self) -> int:
         with self.engine.connect() as conn:
