@@ -262,15 +262,36 @@ def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> Non
 
 @main.command()
 @config_option
-@click.option("--once", is_flag=True, help="Run one full cycle (fetch, publish, digest) and exit.")
+@click.option("--host", default=None, help="Address to listen on (default: web.host).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default: web.port).")
 @_handle_errors
-def run(config_path: Path | None, once: bool) -> None:
+def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Serve the published feeds, /healthz and /metrics over HTTP."""
+    from clusterfeed.web import make_server
+
+    with _service(config_path) as service:
+        server = make_server(service, host, port)
+        cfg = server.config
+        err.print(f"serving {service.config.publish.output_dir} on http://{cfg.host}:{cfg.port}/",
+                  markup=False)  # fmt: skip
+        asyncio.run(server.serve())
+
+
+@main.command()
+@config_option
+@click.option("--once", is_flag=True, help="Run one full cycle (fetch, publish, digest) and exit.")
+@click.option(
+    "--serve",
+    "with_web",
+    is_flag=True,
+    help="Also serve the feeds over HTTP (web.host, web.port) in the same process.",
+)
+@_handle_errors
+def run(config_path: Path | None, once: bool, with_web: bool) -> None:
     """Start the scheduler (or run one cycle with --once)."""
     with _service(config_path) as service:
         if not once:
-            from clusterfeed.schedule import run_forever
-
-            asyncio.run(run_forever(service))
+            asyncio.run(_run_service(service, with_web))
             return
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
@@ -296,6 +317,25 @@ def run(config_path: Path | None, once: bool) -> None:
             + f" → {where}",
             markup=False,
         )
+
+
+async def _run_service(service: Service, with_web: bool) -> None:
+    """The scheduler, and the web server beside it when asked; a stop ends both."""
+    from clusterfeed.schedule import run_forever
+
+    if not with_web:
+        await run_forever(service)
+        return
+    from clusterfeed.web import make_server
+
+    server = make_server(service)
+    server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
+    web = asyncio.ensure_future(server.serve())
+    try:
+        await run_forever(service)
+    finally:
+        server.should_exit = True
+        await web
 
 
 def _print_alerts(alerts: list[Alert], service: Service) -> None:

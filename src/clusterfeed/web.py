@@ -1,0 +1,318 @@
+"""The web side: published files served fast and cache-friendly, health and metrics.
+
+Feed readers poll the combined feed every few minutes, thousands of them, most with
+the ETag they got last time. So the answer to a poll is decided from a small in-memory
+cache keyed by the file's modification time and size: a matching If-None-Match gets a
+304 after one ``stat`` call, without reading or building anything, and a changed file
+is read, hashed and compressed once, then served from memory until it changes again.
+The files themselves are written by ``publish`` (atomically), so the same folder also
+works behind any static web server.
+
+Starlette is the ASGI toolkit (small, typed, maintained) and uvicorn the server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime, parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from clusterfeed.service import Service
+
+CONTENT_TYPES = {
+    ".atom": "application/atom+xml; charset=utf-8",
+    ".rss": "application/rss+xml; charset=utf-8",
+    ".json": "application/feed+json; charset=utf-8",
+    ".opml": "text/x-opml; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".xml": "application/xml; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+
+
+class _Counter:
+    """How many times a published file was read from disk (for tests and metrics)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+READS = _Counter()
+
+# Feeds change at most once a fetch cycle; a reader polling more often is answered by
+# its own cache. Archive pages that are complete never change.
+FEED_MAX_AGE = 300
+ARCHIVE_MAX_AGE = 86400
+
+
+@dataclass
+class CachedFile:
+    """One published file as it is served: bytes, validators and compressed forms."""
+
+    body: bytes
+    etag: str
+    last_modified: datetime
+    signature: tuple[int, int]
+    content_type: str
+    _encoded: dict[str, bytes] = field(default_factory=dict)
+
+    def encoded(self, coding: str) -> bytes:
+        """The body compressed with ``coding``, computed once per version of the file."""
+        if coding not in self._encoded:
+            if coding == "br":
+                import brotli
+
+                self._encoded[coding] = brotli.compress(self.body, quality=5)
+            else:
+                self._encoded[coding] = gzip.compress(self.body, compresslevel=6, mtime=0)
+        return self._encoded[coding]
+
+
+class FileCache:
+    """Published files by path, re-read only when their mtime or size changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._files: dict[str, CachedFile] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, relative: str) -> Path | None:
+        """The file for a URL path, never outside the published folder."""
+        relative = relative.strip("/") or "index.html"
+        candidate = (self.root / relative).resolve()
+        if not candidate.is_relative_to(self.root):
+            return None
+        if candidate.is_dir():
+            candidate = candidate / "index.html"
+        return candidate
+
+    def get(self, relative: str) -> CachedFile | None:
+        path = self.resolve(relative)
+        if path is None:
+            return None
+        try:
+            stat = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        signature = (stat.st_mtime_ns, stat.st_size)
+        key = str(path)
+        cached = self._files.get(key)
+        if cached is not None and cached.signature == signature:
+            return cached
+        body = path.read_bytes()
+        READS.add()
+        fresh = CachedFile(
+            body=body,
+            etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+            last_modified=datetime.fromtimestamp(stat.st_mtime, UTC).replace(microsecond=0),
+            signature=signature,
+            content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+        )
+        with self._lock:
+            self._files[key] = fresh
+        return fresh
+
+
+def _accepted_codings(header: str) -> dict[str, float]:
+    codings: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        if name:
+            codings[name.strip().lower()] = q
+    return codings
+
+
+def choose_coding(accept_encoding: str) -> str | None:
+    """br when the client asks for it, else gzip, else none (q=0 means "not this")."""
+    codings = _accepted_codings(accept_encoding)
+    for coding in ("br", "gzip"):
+        q = codings.get(coding, codings.get("*", 0.0) if coding == "gzip" else 0.0)
+        if q > 0:
+            return coding
+    return None
+
+
+def _not_modified(request: Request, file: CachedFile) -> bool:
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+        return "*" in tags or file.etag in tags
+    since = request.headers.get("if-modified-since")
+    if since:
+        try:
+            when = parsedate_to_datetime(since)
+        except (TypeError, ValueError, IndexError):
+            return False
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return file.last_modified <= when
+    return False
+
+
+def file_response(request: Request, file: CachedFile, path: str) -> Response:
+    max_age = ARCHIVE_MAX_AGE if path.startswith("archive/") else FEED_MAX_AGE
+    headers = {
+        "ETag": file.etag,
+        "Last-Modified": format_datetime(file.last_modified, usegmt=True),
+        "Cache-Control": f"public, max-age={max_age}",
+        "Vary": "Accept-Encoding",
+    }
+    if _not_modified(request, file):
+        return Response(status_code=304, headers=headers)
+    body = file.body
+    coding = choose_coding(request.headers.get("accept-encoding", ""))
+    if coding and len(body) > 512:
+        body = file.encoded(coding)
+        headers["Content-Encoding"] = coding
+    if request.method == "HEAD":
+        headers["Content-Length"] = str(len(body))
+        return Response(status_code=200, headers=headers, media_type=file.content_type)
+    return Response(body, status_code=200, headers=headers, media_type=file.content_type)
+
+
+class StoreCollector(Collector):
+    """Prometheus metrics read from the store at scrape time (nothing to keep in sync)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        store = self.service.store
+        statuses = store.feed_statuses(self.service.clock())
+        feeds = GaugeMetricFamily("clusterfeed_feeds", "Feeds by state", labels=["state"])
+        for state in ("new", "ok", "failing", "gone"):
+            feeds.add_metric([state], sum(1 for s in statuses if s.state == state))
+        yield feeds
+        yield GaugeMetricFamily(
+            "clusterfeed_items", "Partner items stored", value=store.count_entries()
+        )
+        yield GaugeMetricFamily(
+            "clusterfeed_stories", "Stories stored", value=store.count_stories()
+        )
+        deliveries = GaugeMetricFamily(
+            "clusterfeed_deliveries", "Digest deliveries by state", labels=["state"]
+        )
+        counts = store.delivery_counts()
+        for state in ("pending", "sending", "sent", "failed"):
+            deliveries.add_metric([state], counts.get(state, 0))
+        yield deliveries
+        feed_file = self.service.feed_path()
+        published = feed_file.stat().st_mtime if feed_file.exists() else 0.0
+        yield GaugeMetricFamily(
+            "clusterfeed_last_publish_timestamp_seconds",
+            "When the combined feed last changed (Unix time)",
+            value=published,
+        )
+        last_fetch = max((s.last_success_at for s in statuses if s.last_success_at), default=None)
+        yield GaugeMetricFamily(
+            "clusterfeed_last_successful_fetch_timestamp_seconds",
+            "When a feed was last fetched successfully (Unix time)",
+            value=last_fetch.timestamp() if last_fetch else 0.0,
+        )
+
+
+def health(service: Service) -> tuple[bool, dict[str, Any]]:
+    """Healthy when a fetch succeeded within three fetch intervals and the feed exists."""
+    now = service.clock()
+    statuses = service.store.feed_statuses(now)
+    last_fetch = max((s.last_success_at for s in statuses if s.last_success_at), default=None)
+    limit = timedelta(minutes=3 * service.config.schedule.fetch_interval_minutes)
+    fetch_ok = last_fetch is not None and now - last_fetch <= limit
+    feed_file = service.feed_path()
+    publish_ok = feed_file.exists()
+    detail = {
+        "status": "ok" if fetch_ok and publish_ok else "failing",
+        "last_successful_fetch": last_fetch.isoformat() if last_fetch else None,
+        "feeds_ok": sum(1 for s in statuses if s.state == "ok"),
+        "feeds_failing": sum(1 for s in statuses if s.state in ("failing", "gone")),
+        "feed_published": publish_ok,
+        "last_publish": (
+            datetime.fromtimestamp(os.path.getmtime(feed_file), UTC).isoformat()
+            if publish_ok
+            else None
+        ),
+    }
+    return fetch_ok and publish_ok, detail
+
+
+def create_app(service: Service) -> Starlette:
+    """The ASGI app for ``clusterfeed serve`` (and ``run --serve``)."""
+    cache = FileCache(service.config.publish.output_dir)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(StoreCollector(service))
+
+    async def healthz(request: Request) -> Response:
+        ok, detail = health(service)
+        return JSONResponse(detail, status_code=200 if ok else 503,
+                            headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    async def metrics(request: Request) -> Response:
+        return Response(
+            generate_latest(registry),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def published(request: Request) -> Response:
+        path = request.path_params.get("path", "")
+        file = cache.get(path)
+        if file is None:
+            return Response(
+                json.dumps({"error": "not found", "path": "/" + path}),
+                status_code=404,
+                media_type="application/json",
+            )
+        return file_response(request, file, path)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/{path:path}", published, methods=["GET", "HEAD"]),
+        ]
+    )
+
+
+def make_server(service: Service, host: str | None = None, port: int | None = None) -> Any:
+    """A uvicorn server for the app, on the configured (or given) address."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(service),
+        host=host or service.config.web.host,
+        port=port if port is not None else service.config.web.port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=True,
+        server_header=False,
+    )
+    return uvicorn.Server(config)
