@@ -28,4 +28,7 @@ WORKDIR /data
 HEALTHCHECK --interval=5m --timeout=30s --start-period=10m \
   CMD ["clusterfeed", "status", "--max-age", "120"]
 
-CMD ["clusterfeed", "run"]
+# The scheduler and the web server (feeds, /healthz, /metrics) in one process; set
+# [web] host = "0.0.0.0" in the config so the port is reachable from outside.
+EXPOSE 8080
+CMD ["clusterfeed", "run", "--serve"]
