@@ -136,11 +136,18 @@ def test_publish_says_where_the_feed_went(one_broken: Path, run_cli) -> None:
     second = run_cli("publish", "--config", one_broken)
 
     assert first.exit_code == 0, first.output
-    assert first.stdout.strip() == f"wrote: {feed}"
+    assert first.stdout.splitlines()[0] == f"wrote: {feed}"
+    written = sum(1 for p in feed.parent.rglob("*") if p.is_file())
+    assert first.stdout.splitlines()[1] == (
+        f"published {feed.parent}: {written} files written, 0 unchanged"
+    )
     parsed = feedparser.parse(feed.read_bytes())
     # Ten items, but Helix Vektor and Hanse Innovationsfonds tell one story together.
     assert not parsed.bozo and len(parsed.entries) == 9
-    assert second.stdout.strip() == f"unchanged: {feed}"
+    assert second.stdout.splitlines() == [
+        f"unchanged: {feed}",
+        f"published {feed.parent}: 0 files written, {written} unchanged",
+    ]
 
 
 def test_digest_says_where_the_mail_went(one_broken: Path, run_cli) -> None:

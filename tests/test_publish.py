@@ -1,19 +1,24 @@
-"""The published Atom feed, as feed readers and validators see it.
+"""The published feeds (Atom, RSS 2.0, JSON Feed 1.1), as feed readers and validators see them.
 
-The feed is produced the way the service produces it: partner feeds fetched over real
-HTTP into a real store, then ``Service.publish``. Structure is checked on the bytes
-with lxml (what any reader gets), and the whole document with feedparser and, where
-available, the shared feed validator.
+The files are produced the way the service produces them: partner feeds fetched over
+real HTTP into a real store, then ``Service.publish``. Structure is checked on the
+bytes with lxml (what any reader gets), each format with an independent parser
+(feedparser for Atom and RSS, the JSON Feed 1.1 schema) and, where available, the
+shared validators in /work/shared/realclients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +105,7 @@ def example_service(example_config: Path, open_service: Any) -> Service:
 
 @pytest.fixture
 def published(example_service: Service) -> bytes:
-    assert example_service.publish() is True
+    assert example_service.publish().changed
     return example_service.feed_path().read_bytes()
 
 
@@ -231,21 +236,22 @@ def test_entries_newest_first_and_limited_to_max_entries(
 def test_publishing_again_with_nothing_new_changes_nothing(
     example_service: Service, clock: Clock
 ) -> None:
-    assert example_service.publish() is True
+    assert example_service.publish().changed
     path = example_service.feed_path()
     first = path.read_bytes()
     os.utime(path, (1_700_000_000, 1_700_000_000))
 
     clock.now = NOW + timedelta(hours=1)
-    assert example_service.publish() is False
+    assert not example_service.publish().changed
     # A whole cycle where every partner answers 304 does not touch the file either.
     outcomes = asyncio.run(example_service.fetch())
     assert {o.state for o in outcomes} == {"unchanged"}
-    assert example_service.publish() is False
+    assert not example_service.publish().changed
 
     assert path.read_bytes() == first
     assert path.stat().st_mtime == 1_700_000_000
-    assert sorted(p.name for p in path.parent.iterdir()) == ["feed.atom"]
+    # No temporary files are left beside the published ones.
+    assert not [p for p in path.parent.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_scripts_and_handlers_never_reach_the_feed(published: bytes) -> None:
@@ -307,7 +313,7 @@ def hafen_and_nordlicht(
     feed_server.serve_file("/en/news/feed.atom", DATA / "nordlicht-diagnostics.atom")
     clock.now = NOW + timedelta(hours=1)
     asyncio.run(service.fetch())
-    assert service.publish() is True
+    assert service.publish().changed
     return service
 
 
@@ -370,11 +376,308 @@ def test_feed_before_any_news_is_valid_and_empty(
     service = open_service(write_config(tmp_path, feeds, database_url=database_url))
     asyncio.run(service.fetch())
 
-    assert service.publish() is True
+    assert service.publish().changed
     parsed = feedparser.parse(service.feed_path().read_bytes())
     assert not parsed.bozo
     assert parsed.entries == []
     assert parsed.feed.title == "NordBio Cluster – news from our partners"
+
+
+# -- every format, every file: the published folder through independent parsers -----------
+
+BASE = "https://news.nordbio.example/"
+FH = "http://purl.org/syndication/history/1.0"
+ABSOLUTE_IRI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+JSON_FEED_KEYS = {
+    "version", "title", "home_page_url", "feed_url", "description", "user_comment",
+    "next_url", "icon", "favicon", "authors", "author", "language", "expired", "hubs", "items",
+}  # fmt: skip
+JSON_ITEM_KEYS = {
+    "id", "url", "external_url", "title", "content_html", "content_text", "summary",
+    "image", "banner_image", "date_published", "date_modified", "authors", "author",
+    "tags", "language", "attachments",
+}  # fmt: skip
+
+
+@pytest.fixture
+def archived_example(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any
+) -> Service:
+    """The example fetched over HTTP and published with 10 entries a feed, 10 a page."""
+    path = write_config(tmp_path, served_example_feeds(feed_server), database_url=database_url)
+    path.write_text(
+        path.read_text().replace("max_entries = 100", "max_entries = 10\narchive_size = 10")
+    )
+    service: Service = open_service(path)
+    asyncio.run(service.fetch())
+    assert service.publish().changed
+    return service
+
+
+def folder_of(service: Service) -> Path:
+    return service.config.publish.output_dir
+
+
+def published_files(folder: Path, suffix: str = "") -> list[Path]:
+    return sorted(p for p in folder.rglob(f"*{suffix}") if p.is_file())
+
+
+def url_of(folder: Path, path: Path) -> str:
+    return BASE + path.relative_to(folder).as_posix()
+
+
+def validate_feed(path: Path) -> str:
+    """The shared validator's verdict (xmllint RELAX NG + feed rules); skips if absent."""
+    script = REALCLIENTS / "validate_feed.sh"
+    if not script.is_file():
+        pytest.skip(f"feed validator not installed here ({script} is absent)")
+    result = subprocess.run(
+        ["bash", str(script), str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{path}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def validate_json_feed(path: Path) -> str:
+    """The shared JSON Feed 1.1 schema check (jsonschema, Draft 2020-12); skips if absent."""
+    script = REALCLIENTS / "validate_jsonfeed.py"
+    if not script.is_file():
+        pytest.skip(f"JSON Feed validator not installed here ({script} is absent)")
+    result = subprocess.run(
+        [sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{path}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_atom_and_rss_parse_back_with_feedparser_crediting_every_partner(
+    archived_example: Service, feed_server: FeedServer
+) -> None:
+    folder = folder_of(archived_example)
+    served = {name: feed_server.url(f"/feeds/{file}") for name, file, *_ in EXAMPLE_FEED_META}
+    atom = feedparser.parse((folder / "feed.atom").read_bytes())
+    rss = feedparser.parse((folder / "feed.rss").read_bytes())
+
+    for parsed, version in ((atom, "atom10"), (rss, "rss20")):
+        assert not parsed.bozo, parsed.get("bozo_exception")
+        assert parsed.version == version
+        assert parsed.feed.title == "NordBio Cluster – news from our partners"
+        assert len(parsed.entries) == 10
+        for entry in parsed.entries:
+            assert entry.source.title in PARTNER_NAMES
+            assert entry.author == entry.source.title  # atom:author / dc:creator
+    # The same stories in the same order, under the same ids (Atom id = RSS guid).
+    assert [e.id for e in rss.entries] == [e.id for e in atom.entries]
+    assert [e.title for e in rss.entries] == [e.title for e in atom.entries]
+    # RSS <source url> names the partner's feed, as atom:source's self link does.
+    for entry in rss.entries:
+        assert entry.source.href == served[entry.source.title]
+    assert rss.feed.link == "https://www.nordbio.example"
+
+
+def test_json_feed_passes_the_schema_and_credits_every_partner(
+    archived_example: Service, feed_server: FeedServer
+) -> None:
+    folder = folder_of(archived_example)
+    for path in published_files(folder, ".json"):
+        summary = validate_json_feed(path)
+        document = json.loads(path.read_bytes())
+        assert f"items={len(document['items'])} errors=0 warnings=0" in summary, summary
+
+    document = json.loads((folder / "feed.json").read_bytes())
+    atom = feedparser.parse((folder / "feed.atom").read_bytes())
+    assert document["version"] == "https://jsonfeed.org/version/1.1"
+    assert document["feed_url"] == BASE + "feed.json"
+    assert document["home_page_url"] == "https://www.nordbio.example"
+    # Unknown keys start with "_" (the spec's extension rule), at the top and in items.
+    assert all(k in JSON_FEED_KEYS or k.startswith("_") for k in document)
+    assert [i["id"] for i in document["items"]] == [e.id for e in atom.entries]
+    for item in document["items"]:
+        assert all(k in JSON_ITEM_KEYS or k.startswith("_") for k in item)
+        assert item["id"] and (item.get("content_html") or item.get("content_text"))
+        assert [a["name"] for a in item["authors"]] == [item["_clusterfeed"]["sources"][0]["name"]]
+        assert item["authors"][0]["name"] in PARTNER_NAMES
+        assert datetime.fromisoformat(item["date_modified"]) >= datetime.fromisoformat(
+            item["date_published"]
+        )
+    served = {name: feed_server.url(f"/feeds/{file}") for name, file, *_ in EXAMPLE_FEED_META}
+    assert {s["name"]: s["url"] for s in document["_clusterfeed"]["sources"]} == served
+
+
+def test_feeds_topics_languages_and_archive_pages_pass_the_feed_validator(
+    archived_example: Service,
+) -> None:
+    folder = folder_of(archived_example)
+    pages = published_files(folder / "archive")
+    chosen = [
+        folder / "feed.atom",
+        folder / "feed.rss",
+        folder / "topics" / "research.atom",
+        folder / "topics" / "research.rss",
+        folder / "languages" / "ja.atom",
+        folder / "languages" / "de.rss",
+        pages[0],
+        pages[-1],
+    ]
+    for path in chosen:
+        document = etree.fromstring(path.read_bytes())
+        if path.suffix == ".atom":
+            expected = f"format=atom entries={len(document.findall('a:entry', NS))} "
+        else:
+            expected = f"format=rss2 entries={len(document.findall('channel/item'))} "
+        summary = validate_feed(path)
+        assert expected + "errors=0 warnings=0" in summary, f"{path}: {summary}"
+
+
+def test_every_atom_file_has_what_rfc_4287_requires(archived_example: Service) -> None:
+    folder = folder_of(archived_example)
+    atom_files = published_files(folder, ".atom")
+    assert {p.relative_to(folder).parts[0] for p in atom_files} == {
+        "feed.atom",
+        "topics",
+        "languages",
+        "archive",
+    }
+    for path in atom_files:
+        feed = etree.fromstring(path.read_bytes())
+        where = path.relative_to(folder)
+        for name in ("id", "title", "updated"):
+            assert len(feed.findall(f"a:{name}", NS)) == 1, (where, name)
+        assert ABSOLUTE_IRI.match(text_of(feed, "a:id")), where
+        updated = rfc3339(text_of(feed, "a:updated"))
+        links = feed.findall("a:link", NS)
+        assert [x.get("href") for x in links if x.get("rel") == "self"] == [url_of(folder, path)]
+        alternates = [
+            (x.get("type"), x.get("hreflang")) for x in links if x.get("rel") == "alternate"
+        ]
+        assert len(alternates) == len(set(alternates)) == 1, where
+        feed_author = feed.find("a:author/a:name", NS) is not None
+        ids = []
+        for entry in feed.iterfind("a:entry", NS):
+            ids.append(text_of(entry, "a:id"))
+            assert ABSOLUTE_IRI.match(ids[-1])
+            assert text_of(entry, "a:title").strip()
+            assert rfc3339(text_of(entry, "a:updated")) <= updated, where
+            assert feed_author or entry.find("a:author/a:name", NS) is not None, where
+            entry_alternates = [
+                (x.get("type"), x.get("hreflang"))
+                for x in entry.iterfind("a:link", NS)
+                if x.get("rel", "alternate") == "alternate"
+            ]
+            assert len(entry_alternates) == len(set(entry_alternates)) <= 1, where
+            assert entry.get("{http://www.w3.org/XML/1998/namespace}lang") in {"de", "en", "ja"}
+        assert len(ids) == len(set(ids)), where
+
+
+def test_every_rss_file_has_what_rss_2_requires(archived_example: Service) -> None:
+    folder = folder_of(archived_example)
+    rss_files = published_files(folder, ".rss")
+    assert {p.relative_to(folder).parts[0] for p in rss_files} == {
+        "feed.rss",
+        "topics",
+        "languages",
+    }
+    for path in rss_files:
+        where = path.relative_to(folder)
+        channel = etree.fromstring(path.read_bytes()).find("channel")
+        for name in ("title", "link", "description"):
+            assert (channel.findtext(name) or "").strip(), (where, name)
+        (self_link,) = channel.findall(f"{{{ATOM}}}link[@rel='self']")
+        assert self_link.get("href") == url_of(folder, path)
+        assert parsedate_to_datetime(channel.findtext("lastBuildDate"))
+        guids = []
+        for item in channel.iterfind("item"):
+            assert item.findtext("title") or item.findtext("description"), where
+            guid = item.find("guid")
+            assert guid is not None and guid.get("isPermaLink") == "false", where
+            guids.append(guid.text)
+            assert parsedate_to_datetime(item.findtext("pubDate")).tzinfo is not None
+            source = item.find("source")
+            assert source is not None and source.text in PARTNER_NAMES, where
+            assert source.get("url", "").startswith("http://127.0.0.1:")
+            for enclosure in item.iterfind("enclosure"):
+                assert enclosure.get("type", "").startswith("image/"), where
+                assert enclosure.get("length") == "0"
+        assert len(guids) == len(set(guids)), where
+    languages = {
+        p.stem: etree.fromstring(p.read_bytes()).findtext("channel/language")
+        for p in published_files(folder / "languages", ".rss")
+    }
+    assert languages == {"de": "de", "en": "en", "ja": "ja"}
+
+
+def test_archive_pages_form_one_complete_chain(archived_example: Service) -> None:
+    folder = folder_of(archived_example)
+    main = etree.fromstring((folder / "feed.atom").read_bytes())
+    pages = published_files(folder / "archive")
+    numbers = sorted(int(p.stem) for p in pages)
+    assert numbers == list(range(1, len(pages) + 1)) and len(pages) >= 3
+
+    def link(document: Any, rel: str) -> str | None:
+        found = document.findall(f"a:link[@rel='{rel}']", NS)
+        assert len(found) <= 1
+        return found[0].get("href") if found else None
+
+    # Only archive pages say they are archives; the main feed points at the newest one.
+    for path in published_files(folder, ".atom"):
+        is_page = path.parent.name == "archive"
+        assert (etree.fromstring(path.read_bytes()).find(f"{{{FH}}}archive") is not None) == (
+            is_page
+        ), path
+    assert link(main, "prev-archive") == f"{BASE}archive/{len(pages)}.atom"
+    assert link(main, "next-archive") is None and link(main, "current") is None
+
+    # From the newest page back to the first along prev-archive, and forward along next-archive.
+    seen: list[str] = []
+    href = link(main, "prev-archive")
+    while href is not None:
+        number = int(href.rsplit("/", 1)[1].removesuffix(".atom"))
+        page = etree.fromstring((folder / "archive" / f"{number}.atom").read_bytes())
+        seen.append(href)
+        assert link(page, "self") == href
+        assert link(page, "current") == FEED_URL
+        assert text_of(page, "a:id") == text_of(main, "a:id")  # one logical feed
+        expected_next = f"{BASE}archive/{number + 1}.atom" if number < len(pages) else None
+        assert link(page, "next-archive") == expected_next
+        entries = entries_of(etree.tostring(page))
+        if number < len(pages):
+            assert len(entries) == 10  # every page but the newest is full
+        href = link(page, "prev-archive")
+    assert seen == [f"{BASE}archive/{n}.atom" for n in range(len(pages), 0, -1)]
+
+    # Every story is in the main feed or the archive (or both), none twice in the archive,
+    # and the pages hold them in the order they were first seen.
+    stories = archived_example.store.recent_stories()
+    ids_by_key = {f"tag:www.nordbio.example,2026:story/{s.key}": s.id for s in stories}
+    archived = []
+    for number in numbers:
+        page = (folder / "archive" / f"{number}.atom").read_bytes()
+        archived += sorted(ids_by_key[text_of(e, "a:id")] for e in entries_of(page))
+    in_main = {ids_by_key[text_of(e, "a:id")] for e in entries_of(etree.tostring(main))}
+    assert archived == sorted(archived) and len(archived) == len(set(archived))
+    assert set(archived) | in_main == {s.id for s in stories}
+    assert len(stories) == EXAMPLE_STORIES
+
+
+def test_every_published_file_is_byte_identical_when_nothing_changed(
+    archived_example: Service, clock: Clock
+) -> None:
+    folder = folder_of(archived_example)
+    before = {p: p.read_bytes() for p in published_files(folder)}
+    assert {p.suffix for p in before} == {".atom", ".rss", ".json", ".opml"}
+    for path in before:
+        os.utime(path, (1_700_000_000, 1_700_000_000))
+
+    clock.now = NOW + timedelta(hours=3)
+    report = archived_example.publish()
+    assert report.written == [] and sorted(report.unchanged) == sorted(before)
+    outcomes = asyncio.run(archived_example.fetch())  # every partner answers 304
+    assert {o.state for o in outcomes} == {"unchanged"}
+    assert not archived_example.publish().written
+
+    after = {p: p.read_bytes() for p in published_files(folder)}
+    assert after == before
+    assert {p.stat().st_mtime for p in after} == {1_700_000_000}
 
 
 # -- write_atomic ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
 from clusterfeed.health import Alert
 from clusterfeed.model import FeedStatus, Story
-from clusterfeed.service import FeedOutcome, Service, adhoc_digest_key
+from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,7 +115,7 @@ def _handle_errors(func: F) -> F:
 @click.version_option(__version__, prog_name="clusterfeed")
 @click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
 def main(verbose: bool) -> None:
-    """Merge a cluster's partner news into one Atom feed and a mailed digest."""
+    """Merge a cluster's partner news into combined feeds and a mailed digest."""
     _setup_logging(verbose)
 
 
@@ -195,12 +195,36 @@ def fetch(config_path: Path | None) -> None:
 
 @main.command()
 @config_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write the files to this folder (default: publish.output_dir).",
+)
 @_handle_errors
-def publish(config_path: Path | None) -> None:
-    """Write the combined Atom feed from what is stored."""
+def publish(config_path: Path | None, out_dir: Path | None) -> None:
+    """Write the feeds (Atom, RSS, JSON Feed; per topic and language), archive and OPML."""
     with _service(config_path) as service:
-        changed = service.publish()
-        out.print(f"{'wrote' if changed else 'unchanged'}: {service.feed_path()}", markup=False)
+        try:
+            report = service.publish(out_dir)
+        except OSError as exc:
+            _fail([f"error: {exc.filename or out_dir}: cannot write ({exc.strerror or exc})"])
+        _print_publish(report, report.folder / service.config.publish.filename)
+
+
+def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = False) -> None:
+    """The main feed's fate (the line scripts look for), then every file's in numbers."""
+    written = main_feed in report.written
+    if in_cycle:
+        out.print(f"feed {'written' if written else 'unchanged'}: {main_feed}", markup=False)
+    else:
+        out.print(f"{'wrote' if written else 'unchanged'}: {main_feed}", markup=False)
+    out.print(
+        f"published {report.folder}: {len(report.written)} files written, "
+        f"{len(report.unchanged)} unchanged",
+        markup=False,
+    )
 
 
 def _send_with_progress(service: Service) -> Any:
@@ -296,10 +320,7 @@ def run(config_path: Path | None, once: bool, with_web: bool) -> None:
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
         _print_alerts(asyncio.run(service.send_alerts()), service)
-        changed = service.publish()
-        out.print(
-            f"feed {'written' if changed else 'unchanged'}: {service.feed_path()}", markup=False
-        )
+        _print_publish(service.publish(), service.feed_path(), in_cycle=True)
         earlier = _send_with_progress(service)  # finish what an earlier run left
         now = service.clock()
         _created, planned = service.create_digest(adhoc_digest_key("once", now), now)

@@ -288,6 +288,7 @@ class PublishConfig(_Strict):
     title: str | None = None
     subtitle: str | None = None
     max_entries: int = Field(50, ge=1, le=10_000)
+    archive_size: int = Field(100, ge=1, le=10_000)
 
     @field_validator("feed_url")
     @classmethod

@@ -1,13 +1,17 @@
-"""Stories to a combined Atom 1.0 feed, built with feedgen, written atomically.
+"""Stories to feed documents: Atom 1.0, RSS 2.0 and JSON Feed 1.1; atomic writes.
 
-The bytes depend only on the stories and the config, never on the clock: the feed's
-``updated`` is the newest story's, so publishing twice with nothing new produces the
-same file, and feed readers polling it see an unchanged ETag.
+The bytes depend only on the stories and the config, never on the clock: a feed's
+``updated`` is its newest story's, so publishing twice with nothing new produces the
+same file, and feed readers polling it see an unchanged ETag. Atom and RSS are built
+with feedgen; JSON Feed is plain ``json``. Which files exist, and what goes into
+each, is decided in ``clusterfeed.feedset``.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import mimetypes
 import os
 import tempfile
 from collections.abc import Sequence
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from feedgen.ext.base import BaseEntryExtension, BaseExtension
 from feedgen.feed import FeedGenerator
@@ -25,11 +29,20 @@ from clusterfeed import __version__
 from clusterfeed.model import Source, Story
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+HISTORY_NS = "http://purl.org/syndication/history/1.0"  # RFC 5005
+GENERATOR_URI = "https://github.com/clusterfeed/clusterfeed"
+JSON_FEED_VERSION = "https://jsonfeed.org/version/1.1"
+SUMMARY_CHARS = 500
 
 
 @dataclass(frozen=True)
 class FeedMeta:
-    """What the combined feed says about itself."""
+    """What one feed document says about itself.
+
+    ``feed_url`` is the document's own address (its ``self`` link, and JSON Feed's
+    ``feed_url``); ``feed_id`` is the Atom id of the logical feed, which archive pages
+    share with the feed they belong to. ``language`` is set for a feed of one language.
+    """
 
     title: str
     feed_url: str
@@ -37,10 +50,52 @@ class FeedMeta:
     author: str
     subtitle: str | None = None
     logo_url: str | None = None
+    feed_id: str | None = None
+    language: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.feed_id or self.feed_url
+
+
+@dataclass(frozen=True)
+class Paging:
+    """RFC 5005 links of an archived feed: the subscription document or an archive page.
+
+    The subscription document (the main feed) has only ``prev_archive``; an archive
+    page has ``archive=True`` (``<fh:archive/>``), ``current`` (the main feed) and its
+    neighbours.
+    """
+
+    prev_archive: str | None = None
+    next_archive: str | None = None
+    current: str | None = None
+    archive: bool = False
+
+
+@dataclass(frozen=True)
+class SourceFeed:
+    """A partner feed as the JSON Feed's ``_clusterfeed`` extension lists it."""
+
+    name: str
+    title: str
+    url: str | None
+    site_url: str | None = None
 
 
 class _NoFeedExtension(BaseExtension):  # type: ignore[misc]
     pass
+
+
+class _HistoryExtension(BaseExtension):  # type: ignore[misc]
+    """``<fh:archive/>``: marks an Atom document as an archive page (RFC 5005 §4)."""
+
+    def extend_ns(self) -> dict[str, str]:
+        return {"fh": HISTORY_NS}
+
+    def extend_atom(self, feed: Any) -> Any:
+        xml_elem(f"{{{HISTORY_NS}}}archive", feed)
+        return feed
 
 
 class _SourceExtension(BaseEntryExtension):  # type: ignore[misc]
@@ -56,6 +111,11 @@ class _SourceExtension(BaseEntryExtension):  # type: ignore[misc]
     def __init__(self) -> None:
         self._source: dict[str, str] | None = None
         self._links: list[dict[str, str]] = []
+        self._language: str | None = None
+
+    def language(self, code: str) -> None:
+        """The entry's ``xml:lang``: a combined feed mixes languages, so each entry says its own."""
+        self._language = code
 
     def add_link(self, **attributes: str) -> None:
         """An entry link written with all its attributes.
@@ -84,6 +144,8 @@ class _SourceExtension(BaseEntryExtension):  # type: ignore[misc]
         }
 
     def extend_atom(self, entry: Any) -> Any:
+        if self._language:
+            entry.set("{http://www.w3.org/XML/1998/namespace}lang", self._language)
         for attributes in self._links:
             xml_elem("link", entry, **attributes)
         if self._source is None:
@@ -144,8 +206,8 @@ def _source_link(source: Source) -> str:
     return name
 
 
-def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
-    """The combined Atom document for ``stories`` (already ordered and limited)."""
+def build_atom(stories: Sequence[Story], meta: FeedMeta, paging: Paging | None = None) -> bytes:
+    """The Atom document for ``stories`` (already ordered and limited)."""
     fg = FeedGenerator()
     fg.register_extension(
         "cfsource",
@@ -154,29 +216,43 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
         atom=True,
         rss=False,
     )
-    fg.id(meta.feed_url)
+    if paging is not None and paging.archive:
+        fg.register_extension(
+            "cfhistory",
+            extension_class_feed=_HistoryExtension,
+            extension_class_entry=None,
+            atom=True,
+            rss=False,
+        )
+    fg.id(meta.id)
     fg.title(meta.title)
     if meta.subtitle:
         fg.subtitle(meta.subtitle)
     fg.author({"name": meta.author, "uri": meta.site_url})
     fg.link(href=meta.site_url, rel="alternate", type="text/html")
     fg.link(href=meta.feed_url, rel="self", type="application/atom+xml")
+    if paging is not None:
+        for rel, href in (
+            ("current", paging.current),
+            ("prev-archive", paging.prev_archive),
+            ("next-archive", paging.next_archive),
+        ):
+            if href:
+                fg.link(href=href, rel=rel, type="application/atom+xml")
     if meta.logo_url:
         fg.logo(meta.logo_url)
-    fg.generator(
-        "clusterfeed", version=__version__, uri="https://github.com/clusterfeed/clusterfeed"
-    )
+    fg.generator("clusterfeed", version=__version__, uri=GENERATOR_URI)
     fg.language(None)
-    newest = max((s.updated for s in stories), default=EPOCH)
-    fg.updated(newest)
+    fg.updated(newest_update(stories))
 
     # feedgen prepends entries by default; add oldest first so the document lists newest first.
     for story in reversed(list(stories)):
         entry = story.entry
         source = story.sources[0]
         fe = fg.add_entry(order="prepend")
-        fe.id(tag_uri(meta.site_url, "story", story.key))
+        fe.id(story_id(meta.site_url, story))
         fe.title(entry.title)
+        fe.cfsource.language(entry.language)
         if entry.link:
             fe.cfsource.add_link(rel="alternate", type="text/html", href=entry.link)
         linked = {entry.link}
@@ -185,14 +261,14 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
                 linked.add(other.entry_link)
                 fe.cfsource.add_link(rel="related", href=other.entry_link, title=other.feed_title)
         fe.published(entry.published)
-        fe.updated(max(story.updated, entry.updated))
+        fe.updated(story_updated(story))
         fe.author(
             {"name": source.feed_title, **({"uri": source.site_url} if source.site_url else {})}
         )
         for other in story.also_reported_by:
             fe.contributor({"name": other.feed_title})
         if entry.summary_text:
-            fe.summary(_truncate(entry.summary_text, 500))
+            fe.summary(_truncate(entry.summary_text, SUMMARY_CHARS))
         fe.content(story_html(story), type="html")
         for topic in story.topics:
             fe.category(term=topic, label=topic)
@@ -205,6 +281,144 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta) -> bytes:
         )
     result: bytes = fg.atom_str(pretty=True, encoding="UTF-8", xml_declaration=True)
     return result
+
+
+def build_rss(stories: Sequence[Story], meta: FeedMeta) -> bytes:
+    """The RSS 2.0 document for ``stories`` (already ordered and limited).
+
+    Each item names its partner twice: ``<source url="…">`` is the partner's feed (RSS
+    2.0's own element for an item copied from another channel; left out for a feed read
+    from a local file) and ``dc:creator`` its name (RSS ``author`` must be an e-mail
+    address). The guid is the story id, the same
+    tag URI as the Atom entry's, marked ``isPermaLink="false"``.
+    """
+    fg = FeedGenerator()
+    fg.load_extension("dc", atom=False, rss=True)
+    fg.title(meta.title)
+    fg.description(meta.subtitle or meta.title)
+    # feedgen uses the last link given as the channel's <link>: the web site.
+    fg.link(href=meta.feed_url, rel="self", type="application/rss+xml")
+    fg.link(href=meta.site_url, rel="alternate")
+    if meta.logo_url:
+        fg.image(url=meta.logo_url, title=meta.title, link=meta.site_url)
+    if meta.language:
+        fg.language(meta.language)
+    fg.generator(f"clusterfeed {__version__}")
+    # Also lastBuildDate, which feedgen would otherwise set to the current time.
+    fg.updated(newest_update(stories))
+
+    for story in reversed(list(stories)):
+        entry = story.entry
+        source = story.sources[0]
+        fe = fg.add_entry(order="prepend")
+        fe.title(entry.title)
+        if entry.link:
+            fe.link(href=entry.link)
+        fe.guid(story_id(meta.site_url, story), permalink=False)
+        fe.published(entry.published)
+        if entry.summary_text:
+            fe.description(_truncate(entry.summary_text, SUMMARY_CHARS))
+        fe.content(story_html(story))
+        fe.dc.dc_creator(source.feed_title)
+        for topic in story.topics:
+            fe.category(term=topic)
+        if _is_web_url(source.feed_url):  # a local file is no feed a reader can open
+            fe.source(url=source.feed_url, title=source.feed_title)
+        picture_type = image_type(entry.image_url)
+        if entry.image_url and picture_type:
+            # The length is unknown without fetching the picture; 0 is what the RSS
+            # Advisory Board's best practices ask for then.
+            fe.enclosure(entry.image_url, "0", picture_type)
+    result: bytes = fg.rss_str(pretty=True, encoding="UTF-8", xml_declaration=True)
+    return result
+
+
+def build_json_feed(
+    stories: Sequence[Story], meta: FeedMeta, sources: Sequence[SourceFeed] = ()
+) -> bytes:
+    """The JSON Feed 1.1 document for ``stories`` (already ordered and limited).
+
+    Every item credits its partner in ``authors``; the extension object
+    ``_clusterfeed`` (JSON Feed's rule: unknown keys start with an underscore) lists
+    every partner that told the story, and at the top every partner feed.
+    """
+    items = [_json_item(story, meta) for story in stories]
+    document: dict[str, Any] = {
+        "version": JSON_FEED_VERSION,
+        "title": meta.title,
+        "home_page_url": meta.site_url,
+        "feed_url": meta.feed_url,
+    }
+    if meta.subtitle:
+        document["description"] = meta.subtitle
+    if meta.logo_url:
+        document["icon"] = meta.logo_url
+    document["authors"] = [{"name": meta.author, "url": meta.site_url}]
+    if meta.language:
+        document["language"] = meta.language
+    document["items"] = items
+    document["_clusterfeed"] = {
+        "about": GENERATOR_URI,
+        "sources": [_drop_none(name=s.name, url=s.url, title=s.title, home_page_url=s.site_url)
+                    for s in sources],
+    }  # fmt: skip
+    text = json.dumps(document, ensure_ascii=False, indent=2)
+    return (text + "\n").encode("utf-8")
+
+
+def _json_item(story: Story, meta: FeedMeta) -> dict[str, Any]:
+    entry = story.entry
+    source = story.sources[0]
+    item = _drop_none(
+        id=story_id(meta.site_url, story),
+        url=entry.link,
+        title=entry.title,
+        content_html=story_html(story),
+        summary=_truncate(entry.summary_text, SUMMARY_CHARS) if entry.summary_text else None,
+        image=entry.image_url,
+        date_published=entry.published.isoformat(),
+        date_modified=story_updated(story).isoformat(),
+        tags=list(story.topics) or None,
+        authors=[_drop_none(name=source.feed_title, url=source.site_url)],
+        language=entry.language,
+    )
+    item["_clusterfeed"] = {
+        "sources": [
+            _drop_none(name=s.feed_title, url=s.entry_link, title=s.entry_title)
+            for s in story.sources
+        ]
+    }
+    return item
+
+
+def _drop_none(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def story_id(site_url: str, story: Story) -> str:
+    """A story's permanent id, the same in every format and every file it appears in."""
+    return tag_uri(site_url, "story", story.key)
+
+
+def story_updated(story: Story) -> datetime:
+    return max(story.updated, story.entry.updated)
+
+
+def newest_update(stories: Sequence[Story]) -> datetime:
+    """A document's date: its newest story's, so an unchanged document keeps its bytes."""
+    return max((story_updated(s) for s in stories), default=EPOCH)
+
+
+def image_type(url: str | None) -> str | None:
+    """The picture's media type when its file name says it (``.jpg``, ``.png``, …), else None.
+
+    An RSS enclosure must state its type, and guessing one wrongly would make readers
+    offer a photo as a download of the wrong kind; without a known type there is none.
+    """
+    if not url:
+        return None
+    guessed, _ = mimetypes.guess_type(unquote(urlsplit(url).path), strict=False)
+    return guessed if guessed and guessed.startswith("image/") else None
 
 
 def _truncate(text: str, limit: int) -> str:

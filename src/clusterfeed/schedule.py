@@ -79,13 +79,15 @@ async def _fetch_and_publish(service: Service) -> None:
     try:
         outcomes = await service.fetch(due_only=True)
         await service.send_alerts()
-        changed = service.publish()
+        published = service.publish()
         failed = sum(1 for o in outcomes if o.state == "failed")
         log.info(
-            "fetch cycle: %d feeds, %d failed, feed %s",
+            "fetch cycle: %d feeds, %d failed, feed %s (%d files written, %d unchanged)",
             len(outcomes),
             failed,
-            "updated" if changed else "unchanged",
+            "updated" if service.feed_path() in published.written else "unchanged",
+            len(published.written),
+            len(published.unchanged),
         )
     except Exception:  # a job must never take the scheduler down
         log.exception("fetch cycle failed")

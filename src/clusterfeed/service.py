@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
-from clusterfeed.config import Config, FeedConfig, all_subscribers
+from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
     DigestLinks,
     build_message,
@@ -31,6 +31,7 @@ from clusterfeed.digest import (
     select_stories,
     template_dir,
 )
+from clusterfeed.feedset import RESERVED_NAMES, KeepIf, SiteMeta, plan_files
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
@@ -44,9 +45,10 @@ from clusterfeed.mail import (
 )
 from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
+from clusterfeed.opml import export_opml
 from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
-from clusterfeed.publish import FeedMeta, build_atom, write_atomic
+from clusterfeed.publish import SourceFeed, newest_update, write_atomic
 from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
@@ -87,9 +89,29 @@ class FeedOutcome:
 
 
 @dataclass
+class PublishReport:
+    """What one publish did: the files it wrote and those it found already up to date.
+
+    True when anything was written, so ``if service.publish():`` reads as before.
+    """
+
+    folder: Path
+    written: list[Path] = field(default_factory=list)
+    unchanged: list[Path] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written)
+
+    def __bool__(self) -> bool:
+        return self.changed
+
+
+@dataclass
 class CycleReport:
     feeds: list[FeedOutcome] = field(default_factory=list)
     published: bool = False
+    publish: PublishReport | None = None
     feed_path: Path | None = None
     digest_created: bool = False
     deliveries_planned: int = 0
@@ -409,21 +431,67 @@ class Service:
     # -- publishing ---------------------------------------------------------------
 
     def feed_path(self) -> Path:
+        """The main (Atom) feed in the output folder."""
         return self.config.publish.output_dir / self.config.publish.filename
 
-    def publish(self) -> bool:
-        """Write the combined Atom feed; True if its bytes changed."""
+    def publish(self, out_dir: Path | None = None) -> PublishReport:
+        """Write every published file (feeds, topic and language feeds, archive, OPML).
+
+        Into ``out_dir``, else ``publish.output_dir``. Each file is replaced atomically
+        and only when its bytes change; a complete archive page is left as it is (see
+        ``feedset.KeepIf``). The main feed is written last, after the pages it links to.
+        """
         cfg = self.config
-        stories = self.store.recent_stories(limit=cfg.publish.max_entries)
-        meta = FeedMeta(
+        if cfg.publish.filename in RESERVED_NAMES:
+            raise ConfigError(
+                [
+                    Problem(
+                        cfg.source,
+                        "publish.filename",
+                        f"{cfg.publish.filename!r} is the name of another published file; "
+                        'use a name such as "feed.atom"',
+                    )
+                ]
+            )
+        folder = out_dir if out_dir is not None else cfg.publish.output_dir
+        stories = self.store.recent_stories()
+        site = SiteMeta(
             title=cfg.feed_title,
             feed_url=cfg.feed_url,
+            main_filename=cfg.publish.filename,
             site_url=cfg.cluster.url,
             author=cfg.cluster.name,
             subtitle=cfg.publish.subtitle,
             logo_url=cfg.cluster.logo_url,
         )
-        return write_atomic(self.feed_path(), build_atom(stories, meta))
+        sources = [
+            SourceFeed(
+                name=f.name, title=f.name, url=f.url if f.is_remote else None, site_url=f.site
+            )
+            for f in cfg.feeds
+            if f.enabled
+        ]
+        # Dated by the newest story, not the clock, so an unchanged list keeps its bytes.
+        opml = export_opml(cfg, newest_update(stories)).data
+        planned = plan_files(
+            stories,
+            site,
+            max_entries=cfg.publish.max_entries,
+            archive_size=cfg.publish.archive_size,
+            sources=sources,
+            opml=opml,
+        )
+        report = PublishReport(folder)
+        for file in planned:
+            target = folder / file.path
+            if file.keep_if is not None and _already_holds(target, file.keep_if):
+                report.unchanged.append(target)
+            elif write_atomic(target, file.render()):
+                log.debug("wrote %s", target)
+                report.written.append(target)
+            else:
+                report.unchanged.append(target)
+        return report
 
     # -- digests ------------------------------------------------------------------
 
@@ -586,10 +654,18 @@ class Service:
         report = CycleReport()
         report.feeds = await self.fetch()
         report.alerts = await self.send_alerts()
-        report.published = self.publish()
+        report.publish = self.publish()
+        report.published = report.publish.changed
         report.feed_path = self.feed_path()
         if with_digest:
             now = self.clock()
             created, planned, send = await self.digest(adhoc_digest_key("once", now), now)
             report.digest_created, report.deliveries_planned, report.send = created, planned, send
         return report
+
+
+def _already_holds(path: Path, keep_if: KeepIf) -> bool:
+    try:
+        return keep_if.matches(path.read_bytes())
+    except FileNotFoundError:
+        return False
