@@ -24,6 +24,7 @@ from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_sub
 from clusterfeed.digest import (
     DigestLinks,
     build_message,
+    default_template_dir,
     is_due,
     make_environment,
     message_id,
@@ -31,7 +32,7 @@ from clusterfeed.digest import (
     select_stories,
     template_dir,
 )
-from clusterfeed.feedset import RESERVED_NAMES, KeepIf, SiteMeta, plan_files
+from clusterfeed.feedset import RESERVED_NAMES, KeepIf, PlannedFile, SiteMeta, plan_files
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
@@ -50,6 +51,7 @@ from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
 from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
+from clusterfeed.site import site_environment, site_pages
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.tokens import UNSUBSCRIBE, make_token
@@ -481,6 +483,13 @@ class Service:
             sources=sources,
             opml=opml,
         )
+        # The web page for people comes first: the main feed is still written last.
+        env = site_environment(template_dir(cfg), default_template_dir())
+        pages = [
+            PlannedFile(path, render)
+            for path, render in site_pages(env, cfg, stories, cfg.publish.max_entries)
+        ]
+        planned = pages + planned
         report = PublishReport(folder)
         for file in planned:
             target = folder / file.path
