@@ -211,6 +211,8 @@ def publish(config_path: Path | None, out_dir: Path | None) -> None:
         except OSError as exc:
             _fail([f"error: {exc.filename or out_dir}: cannot write ({exc.strerror or exc})"])
         _print_publish(report, report.folder / service.config.publish.filename)
+        if out_dir is None:  # a copy elsewhere is not what the hub's readers fetch
+            asyncio.run(service.notify_hub(report))
 
 
 def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = False) -> None:
@@ -320,7 +322,9 @@ def run(config_path: Path | None, once: bool, with_web: bool) -> None:
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
         _print_alerts(asyncio.run(service.send_alerts()), service)
-        _print_publish(service.publish(), service.feed_path(), in_cycle=True)
+        published = service.publish()
+        _print_publish(published, service.feed_path(), in_cycle=True)
+        asyncio.run(service.notify_hub(published))
         earlier = _send_with_progress(service)  # finish what an earlier run left
         now = service.clock()
         _created, planned = service.create_digest(adhoc_digest_key("once", now), now)

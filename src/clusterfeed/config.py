@@ -288,6 +288,13 @@ class PublishConfig(_Strict):
     title: str | None = None
     subtitle: str | None = None
     max_entries: int = Field(50, ge=1, le=10_000)
+    websub_hub: str | None = None
+
+    @field_validator("websub_hub")
+    @classmethod
+    def _hub(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value)
+
     archive_size: int = Field(100, ge=1, le=10_000)
 
     @field_validator("feed_url")

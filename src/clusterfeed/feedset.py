@@ -62,6 +62,7 @@ class SiteMeta:
     author: str
     subtitle: str | None = None
     logo_url: str | None = None
+    hub: str | None = None
 
     def url(self, relative: str) -> str:
         """The public URL of a published file, relative to the folder of the main feed."""
@@ -78,6 +79,7 @@ class SiteMeta:
             subtitle=self.subtitle,
             logo_url=self.logo_url,
             language=language,
+            hub=self.hub,
         )
 
 

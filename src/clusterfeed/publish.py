@@ -52,6 +52,7 @@ class FeedMeta:
     logo_url: str | None = None
     feed_id: str | None = None
     language: str | None = None
+    hub: str | None = None  # a WebSub hub that readers may subscribe through
 
     @property
     def id(self) -> str:
@@ -231,6 +232,8 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta, paging: Paging | None =
     fg.author({"name": meta.author, "uri": meta.site_url})
     fg.link(href=meta.site_url, rel="alternate", type="text/html")
     fg.link(href=meta.feed_url, rel="self", type="application/atom+xml")
+    if meta.hub:
+        fg.link(href=meta.hub, rel="hub")
     if paging is not None:
         for rel, href in (
             ("current", paging.current),
@@ -330,7 +333,26 @@ def build_rss(stories: Sequence[Story], meta: FeedMeta) -> bytes:
             # Advisory Board's best practices ask for then.
             fe.enclosure(entry.image_url, "0", picture_type)
     result: bytes = fg.rss_str(pretty=True, encoding="UTF-8", xml_declaration=True)
+    if meta.hub:
+        result = _with_rss_hub(result, meta.hub)
     return result
+
+
+def _with_rss_hub(document: bytes, hub: str) -> bytes:
+    """Add ``<atom:link rel="hub">`` beside the self link (feedgen writes only ``self``)."""
+    from lxml import etree  # type: ignore[import-untyped]
+
+    root = etree.fromstring(document)
+    channel = root.find("channel")
+    atom = "http://www.w3.org/2005/Atom"
+    self_link = channel.find(f"{{{atom}}}link")
+    hub_link = etree.Element(f"{{{atom}}}link", href=hub, rel="hub")
+    if self_link is not None:
+        self_link.addnext(hub_link)
+    else:
+        channel.insert(0, hub_link)
+    out: bytes = etree.tostring(root, pretty_print=True, encoding="UTF-8", xml_declaration=True)
+    return out
 
 
 def build_json_feed(
@@ -354,6 +376,8 @@ def build_json_feed(
     if meta.logo_url:
         document["icon"] = meta.logo_url
     document["authors"] = [{"name": meta.author, "url": meta.site_url}]
+    if meta.hub:
+        document["hubs"] = [{"type": "WebSub", "url": meta.hub}]
     if meta.language:
         document["language"] = meta.language
     document["items"] = items

@@ -80,6 +80,7 @@ async def _fetch_and_publish(service: Service) -> None:
         outcomes = await service.fetch(due_only=True)
         await service.send_alerts()
         published = service.publish()
+        await service.notify_hub(published)
         failed = sum(1 for o in outcomes if o.state == "failed")
         log.info(
             "fetch cycle: %d feeds, %d failed, feed %s (%d files written, %d unchanged)",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from urllib.parse import urljoin
 
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
@@ -465,6 +466,7 @@ class Service:
             author=cfg.cluster.name,
             subtitle=cfg.publish.subtitle,
             logo_url=cfg.cluster.logo_url,
+            hub=cfg.publish.websub_hub,
         )
         sources = [
             SourceFeed(
@@ -501,6 +503,40 @@ class Service:
             else:
                 report.unchanged.append(target)
         return report
+
+    async def notify_hub(self, report: PublishReport) -> list[str]:
+        """Tell the WebSub hub which feeds changed, so subscribers hear at once.
+
+        One POST (hub.mode=publish) naming every changed feed's public URL, after the
+        files are in place; archive pages and the web page are not feeds to push. A
+        hub that does not answer is logged and the next change tries again: readers
+        still poll, so nothing is lost.
+        """
+        hub = self.config.publish.websub_hub
+        if not hub or not report.written:
+            return []
+        import httpx
+
+        urls = []
+        for path in report.written:
+            relative = path.relative_to(report.folder).as_posix()
+            if path.suffix in (".atom", ".rss", ".json") and not relative.startswith("archive/"):
+                urls.append(urljoin(self.config.feed_url, relative))
+        if not urls:
+            return []
+        data = {"hub.mode": "publish", "hub.url": urls}  # a list: one hub.url per feed
+        try:
+            async with httpx.AsyncClient(
+                timeout=20, headers={"User-Agent": self.config.user_agent}
+            ) as client:
+                response = await client.post(hub, data=data)
+            if response.status_code >= 300:
+                log.warning("WebSub hub %s answered %s", hub, response.status_code)
+                return []
+        except httpx.HTTPError as exc:
+            log.warning("WebSub hub %s not reached: %s", hub, exc)
+            return []
+        return urls
 
     # -- digests ------------------------------------------------------------------
 
@@ -665,6 +701,7 @@ class Service:
         report.alerts = await self.send_alerts()
         report.publish = self.publish()
         report.published = report.publish.changed
+        await self.notify_hub(report.publish)
         report.feed_path = self.feed_path()
         if with_digest:
             now = self.clock()
