@@ -40,7 +40,7 @@ from tests.conftest import (
 NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 ATOM = "http://www.w3.org/2005/Atom"
 NS = {"a": ATOM}
-SAFE_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(atom|rss|json)$")
+SAFE_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(atom|rss|json|html)$")
 
 
 @dataclass
@@ -222,11 +222,12 @@ def test_one_feed_per_topic_and_language_in_three_formats(example_service: Servi
     topics = {t for s in stories for t in s.topics}
     languages = {code for s in stories for code in s.languages}
     assert languages == {"de", "en", "ja"}
-    expected = {"feed.atom", "feed.rss", "feed.json", "sources.opml"}
+    expected = {"feed.atom", "feed.rss", "feed.json", "sources.opml", "index.html"}
     for kind, names in (("topics", topics), ("languages", languages)):
         expected |= {
             f"{kind}/{name}.{suffix}" for name in names for suffix in ("atom", "rss", "json")
         }
+    expected |= {f"topics/{name}.html" for name in topics}  # the web page, per topic
     # max_entries = 100 holds all 36 stories: no archive yet, and no link to one.
     assert {p.relative_to(folder).as_posix() for p in report.written} == expected
     assert report.unchanged == []
