@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,29 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FEEDS = REPO / "config" / "example-feeds"
 TEMPLATES = REPO / "templates"
 DATA = Path(__file__).resolve().parent / "data"
+
+
+# -- time -------------------------------------------------------------------------------
+
+TEST_NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
+
+
+@dataclass
+class Clock:
+    """A clock the test moves by hand; the service never reads the real time."""
+
+    now: datetime = TEST_NOW
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, delta: timedelta | None = None, minutes: int = 30) -> None:
+        self.now += delta if delta is not None else timedelta(minutes=minutes)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
 
 
 # -- HTTP ---------------------------------------------------------------------------

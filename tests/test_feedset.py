@@ -11,7 +11,6 @@ import asyncio
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from clusterfeed.service import Service
 from clusterfeed.store import Store
 from tests.conftest import (
     EXAMPLE_FEED_META,
+    Clock,
     FeedServer,
     Route,
     served_example_feeds,
@@ -41,19 +41,6 @@ NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 ATOM = "http://www.w3.org/2005/Atom"
 NS = {"a": ATOM}
 SAFE_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(atom|rss|json|html)$")
-
-
-@dataclass
-class Clock:
-    now: datetime = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

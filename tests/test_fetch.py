@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,47 +21,13 @@ from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.model import FeedStatus
 from clusterfeed.service import FeedOutcome, Service
 from clusterfeed.store import Store
-from tests.conftest import EXAMPLE_FEEDS, FeedServer, Route, write_config
+from tests.conftest import EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
 
 HELIX = EXAMPLE_FEEDS / "helix-vektor.rss"
 KANSAI = EXAMPLE_FEEDS / "kansai-bio.rss"
 ELBMED = EXAMPLE_FEEDS / "elbmed-pharma.atom"
 # The Last-Modified date the test server sends for every route.
 SERVER_LAST_MODIFIED = "Mon, 21 Sep 2026 14:13:20 GMT"
-
-
-@dataclass
-class Clock:
-    """A clock the test moves by hand; the service never reads the real time."""
-
-    now: datetime = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, minutes: int = 30) -> None:
-        self.now += timedelta(minutes=minutes)
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture(scope="module")
-def module_feed_server() -> Iterator[FeedServer]:
-    """One real server for the module: stopping one waits out its 0.5 s poll interval."""
-    server = FeedServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def feed_server(module_feed_server: FeedServer) -> FeedServer:
-    """conftest's ``feed_server``, shared by this module's tests, emptied for each one."""
-    module_feed_server.routes.clear()
-    module_feed_server.requests.clear()
-    return module_feed_server
 
 
 @pytest.fixture

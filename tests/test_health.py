@@ -14,17 +14,9 @@ from clusterfeed.health import feed_alerts
 from clusterfeed.model import FeedStatus
 from clusterfeed.service import Service
 from clusterfeed.store import Store
-from tests.conftest import EXAMPLE_FEEDS, FeedServer, Route, write_config
+from tests.conftest import EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
 
 START = datetime(2026, 11, 20, 6, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def _status(**overrides: object) -> FeedStatus:

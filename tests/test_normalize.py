@@ -12,7 +12,6 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from clusterfeed.normalize import (
 from clusterfeed.parse import parse_feed
 from clusterfeed.service import FeedOutcome, Service
 from clusterfeed.store import Store
-from tests.conftest import DATA, EXAMPLE_FEEDS, FeedServer, Route, write_config
+from tests.conftest import DATA, EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
 
 NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 HAFEN = DATA / "hafen-campus.rss"
@@ -53,35 +52,6 @@ KANSAI = EXAMPLE_FEEDS / "kansai-bio.rss"
 HAFEN_SITE = "https://www.hafen-campus.example"
 
 # -- fixtures -----------------------------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    now: datetime = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture(scope="module")
-def module_feed_server() -> Iterator[FeedServer]:
-    """One real server for the module: stopping one waits out its 0.5 s poll interval."""
-    server = FeedServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def feed_server(module_feed_server: FeedServer) -> FeedServer:
-    """conftest's ``feed_server``, shared by this module's tests, emptied for each one."""
-    module_feed_server.routes.clear()
-    module_feed_server.requests.clear()
-    return module_feed_server
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from pathlib import Path
@@ -28,30 +27,12 @@ from clusterfeed.config import load_config
 from clusterfeed.model import FeedStatus
 from clusterfeed.service import FeedOutcome, Service
 from clusterfeed.store import Store
-from tests.conftest import EXAMPLE_FEEDS, FeedServer, Route, write_config
+from tests.conftest import EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
 
 HELIX = EXAMPLE_FEEDS / "helix-vektor.rss"
 ELBMED = EXAMPLE_FEEDS / "elbmed-pharma.atom"
 INTERVAL = timedelta(minutes=30)  # schedule.fetch_interval_minutes by default
 ONE_DAY = timedelta(days=1)
-
-
-@dataclass
-class Clock:
-    """A clock the test moves by hand; the service never reads the real time."""
-
-    now: datetime = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

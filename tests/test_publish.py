@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests.conftest import (
     DATA,
     EXAMPLE_FEED_META,
     EXAMPLE_STORIES,
+    Clock,
     FeedServer,
     served_example_feeds,
     write_config,
@@ -45,35 +45,6 @@ NS = {"a": ATOM}
 FEED_URL = "https://news.nordbio.example/feed.atom"
 REALCLIENTS = Path(__file__).resolve().parents[2] / "shared" / "realclients"
 PARTNER_NAMES = {name for name, *_ in EXAMPLE_FEED_META}
-
-
-@dataclass
-class Clock:
-    now: datetime = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture(scope="module")
-def module_feed_server() -> Iterator[FeedServer]:
-    """One real server for the module: stopping one waits out its 0.5 s poll interval."""
-    server = FeedServer()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def feed_server(module_feed_server: FeedServer) -> FeedServer:
-    """conftest's ``feed_server``, shared by this module's tests, emptied for each one."""
-    module_feed_server.routes.clear()
-    module_feed_server.requests.clear()
-    return module_feed_server
 
 
 @pytest.fixture

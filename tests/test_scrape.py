@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from clusterfeed.config import ConfigError, load_config
 from clusterfeed.model import FeedStatus
 from clusterfeed.service import FeedOutcome, Service
 from clusterfeed.store import Store
-from tests.conftest import DATA, EXAMPLE_FEEDS, FeedServer, Route, write_config
+from tests.conftest import DATA, EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
 
 LISTING = DATA / "listing"
 HELIX = EXAMPLE_FEEDS / "helix-vektor.rss"
@@ -60,14 +59,6 @@ PRESS_TABLE_SELECTORS = {
 }
 
 
-@dataclass
-class Clock:
-    now: datetime = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def toml(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)  # strings, booleans, lists: valid TOML
 
@@ -88,11 +79,6 @@ def feeds_toml(feeds: list[dict[str, Any]]) -> str:
 
 def config_file(folder: Path, feeds: list[dict[str, Any]], database_url: str) -> Path:
     return write_config(folder, [], database_url=database_url, extra=feeds_toml(feeds))
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture
