@@ -16,7 +16,8 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -51,7 +52,15 @@ from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
 from clusterfeed.model import Entry, FeedStatus, PollFacts, Source, Story, Subscriber
-from clusterfeed.stories import Match, StoryItem, StoryMatcher
+from clusterfeed.stories import (
+    Candidate,
+    Corpus,
+    Match,
+    StoryItem,
+    StoryMatcher,
+    _candidate_keys,
+    choose_story,
+)
 
 
 class StoreError(Exception):
@@ -695,44 +704,68 @@ class Store:
         Runs once after all feeds of a cycle are stored, over the new items in order of
         publication, so the result does not depend on which partner's server answered
         first. Only stories created in this cycle are folded into others: nothing that
-        readers or subscribers have already seen changes identity. Returns how many
+        readers or subscribers have already seen changes identity. The items around the
+        new ones are loaded once and indexed by their evidence, so each new item is
+        scored only against stories it shares a name, number, link or word with; a
+        first fetch of 15,000 backlog items stays a matter of seconds. Returns how many
         items joined another story.
         """
-        joined = 0
         with self._tx() as conn:
-            rows = conn.execute(
-                select(entries, feeds.c.name.label("feed_name"))
-                .join(feeds, feeds.c.id == entries.c.feed_id)
+            new_rows = conn.execute(
+                select(entries.c.id, entries.c.story_id, entries.c.published_at)
                 .join(stories, stories.c.id == entries.c.story_id)
                 .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
-                .order_by(entries.c.published_at, feeds.c.name, entries.c.identity)
             ).all()
-            for row in rows:
-                size = conn.execute(
-                    select(func.count())
-                    .select_from(entries)
-                    .where(entries.c.story_id == row.story_id)
-                ).scalar_one()
-                if size != 1:
-                    continue
-                entry = _row_to_entry(row)
-                story_id, match = self._near_story(conn, row.feed_name, entry, matcher)
-                if story_id is None or story_id == row.story_id:
-                    continue
+            if not new_rows:
+                return 0
+            window = timedelta(days=matcher.rules.window_days)
+            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
+            high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
+            rows = conn.execute(
+                select(
+                    entries.c.id, entries.c.story_id, entries.c.language, entries.c.title,
+                    entries.c.summary_text, entries.c.content_html, entries.c.link,
+                    entries.c.identity, entries.c.published_at, feeds.c.name.label("feed_name"),
+                )
+                .join(feeds, feeds.c.id == entries.c.feed_id)
+                .where(entries.c.published_at >= low, entries.c.published_at <= high)
+            ).all()  # fmt: skip
+            items = {
+                row.id: StoryItem(
+                    id=f"entry:{row.id}",
+                    feed=row.feed_name,
+                    language=row.language,
+                    title=row.title,
+                    text=_matching_text(row.summary_text, row.content_html),
+                    link=row.link,
+                    published=_utc(row.published_at) or row.published_at,
+                    links=_hrefs(row.content_html),
+                )
+                for row in rows
+            }
+            story_of = {row.id: int(row.story_id) for row in rows}
+            order = {row.id: (items[row.id].published, row.feed_name, row.identity) for row in rows}
+            sizes = Counter(story_of.values())
+            new_ids = sorted(
+                (r.id for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in items),
+                key=lambda i: order[i],
+            )
+            decisions = join_batch(matcher, items, story_of, new_ids)
+            for entry_id, story_id, match in decisions:
+                old_story = int(next(r.story_id for r in new_rows if r.id == entry_id))
                 reason = f"score {match.score:.2f}: " + "; ".join(match.reasons)
                 conn.execute(
                     update(entries)
-                    .where(entries.c.id == row.id)
+                    .where(entries.c.id == entry_id)
                     .values(story_id=story_id, join_reason=reason)
                 )
-                self._touch_story(conn, story_id, row.first_seen_at, entry.published)
+                self._touch_story(conn, story_id, since, items[entry_id].published)
                 still_used = conn.execute(
-                    select(sent_stories.c.story_id).where(sent_stories.c.story_id == row.story_id)
+                    select(sent_stories.c.story_id).where(sent_stories.c.story_id == old_story)
                 ).first()
                 if still_used is None:
-                    conn.execute(stories.delete().where(stories.c.id == row.story_id))
-                joined += 1
-        return joined
+                    conn.execute(stories.delete().where(stories.c.id == old_story))
+        return len(decisions)
 
     @staticmethod
     def _near_story(
@@ -1292,6 +1325,60 @@ def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
     if content_html and len(text) < limit:
         text = f"{text} {html_to_text(content_html[: limit * 4])}"
     return text[:limit]
+
+
+def join_batch(
+    matcher: StoryMatcher,
+    items: Mapping[int, StoryItem],
+    story_of: dict[int, int],
+    new_ids: Sequence[int],
+) -> list[tuple[int, int, Match]]:
+    """For each new item in order, the story it joins (pure apart from the feature cache).
+
+    ``story_of`` is updated as items join, so a later new item can join a story an
+    earlier one joined in the same cycle.
+    """
+    corpus = Corpus()
+    feats = {i: matcher.features_of(item) for i, item in items.items()}
+    for f in feats.values():
+        corpus.add(f)
+    keys = {i: _candidate_keys(f) for i, f in feats.items()}
+    index: defaultdict[str, list[int]] = defaultdict(list)
+    for i, item_keys in keys.items():
+        for key in item_keys:
+            index[key].append(i)
+    members: defaultdict[int, list[int]] = defaultdict(list)
+    for i, story in story_of.items():
+        members[story].append(i)
+    max_postings = max(50, len(items) // 20)
+    window = timedelta(days=matcher.rules.window_days)
+    decisions: list[tuple[int, int, Match]] = []
+    for new_id in new_ids:
+        item = items[new_id]
+        own_story = story_of[new_id]
+        if len(members[own_story]) > 1:
+            continue  # an earlier new item of this cycle joined it: it anchors a story now
+        found: set[int] = set()
+        for key in keys[new_id]:
+            postings = index.get(key)
+            if postings and len(postings) <= max_postings:
+                found.update(postings)
+        related = {
+            story_of[o]
+            for o in found
+            if story_of[o] != own_story and abs(items[o].published - item.published) <= window
+        }
+        candidates = [Candidate(items[m], feats[m], s) for s in related for m in members[s]]
+        chosen, match = choose_story(
+            item, feats[new_id], candidates, corpus, matcher.rules, forced=matcher.forced
+        )
+        if chosen is None:
+            continue
+        decisions.append((new_id, chosen, match))
+        members[own_story].remove(new_id)
+        members[chosen].append(new_id)
+        story_of[new_id] = chosen
+    return decisions
 
 
 def _short_hash(text: str) -> str:
