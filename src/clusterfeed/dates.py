@@ -92,15 +92,11 @@ def parse_human_date(text: str, pattern: str | None = None, tz: str = "UTC") -> 
     except (TypeError, ValueError, IndexError):
         pass
     marked = _tidy(_months_to_numbers(text, "@"))
-    for regex, order in ((_DAY_MONTH_YEAR, (2, 1, 0)), (_MONTH_DAY_YEAR, (2, 0, 1))):
-        match = regex.search(marked)
-        if match:
-            groups = [int(g) for g in match.groups()]
-            year, month, day = (groups[i] for i in order)
-            try:
-                return _aware(datetime(year, month, day), zone)
-            except ValueError:
-                return None
+    matched, found = _search_date(
+        marked, ((_DAY_MONTH_YEAR, (2, 1, 0)), (_MONTH_DAY_YEAR, (2, 0, 1)))
+    )
+    if matched:
+        return _aware(found, zone) if found else None
     for candidate_pattern in _NUMERIC:
         try:
             return _aware(datetime.strptime(text, candidate_pattern), zone)
@@ -108,16 +104,25 @@ def parse_human_date(text: str, pattern: str | None = None, tz: str = "UTC") -> 
             continue
     # A numeric date inside more text ("Mo, 02.03.2026", "02.03.2026 14:30 Uhr",
     # "2026.03.02"): day-month-year with dots (German), or year first.
-    for regex, order in ((_DOTTED_DMY, (2, 1, 0)), (_YEAR_FIRST, (0, 1, 2))):
+    _matched, found = _search_date(text, ((_DOTTED_DMY, (2, 1, 0)), (_YEAR_FIRST, (0, 1, 2))))
+    return _aware(found, zone) if found else None
+
+
+def _search_date(
+    text: str, patterns: tuple[tuple[re.Pattern[str], tuple[int, int, int]], ...]
+) -> tuple[bool, datetime | None]:
+    """(matched, date) for the first pattern that matches (its groups, taken in
+    ``order``, are year, month, day); the date is None when it is impossible."""
+    for regex, order in patterns:
         match = regex.search(text)
         if match:
             groups = [int(g) for g in match.groups()]
             year, month, day = (groups[i] for i in order)
             try:
-                return _aware(datetime(year, month, day), zone)
+                return True, datetime(year, month, day)
             except ValueError:
-                return None
-    return None
+                return True, None
+    return False, None
 
 
 def _aware(value: datetime, zone: ZoneInfo) -> datetime:
