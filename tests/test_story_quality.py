@@ -97,3 +97,53 @@ def test_katakana_names_meet_their_latin_spelling() -> None:
     assert latin_skeleton("Helix") in katakana_skeletons("ヘリックス・ベクター")
     assert latin_skeleton("Coastline") in katakana_skeletons("コーストライン社")
     assert latin_skeleton("Kristall") in katakana_skeletons("クリスタル")
+
+
+def _templated(company: str, device: str, feed: str, day: int, *, rename: str = "") -> StoryItem:
+    from datetime import UTC, datetime
+
+    return StoryItem(
+        id=f"{feed}-{company}",
+        feed=feed,
+        language="en",
+        title=f"NordBio member {company} receives IVDR certificate for {device}",
+        text=(
+            f"{rename or company} has been certified by its notified body under the EU In Vitro "
+            f"Diagnostic Medical Devices Regulation (IVDR) for {device}, a class C device. "
+            f"{rename or company} makes the test in Kiel for the U.S. Food and Drug "
+            "Administration and European laboratories."
+        ),
+        link=f"https://{feed}.example/news/{company.lower()}",
+        published=datetime(2026, 3, day, 9, tzinfo=UTC),
+    )
+
+
+def test_templated_announcements_about_different_subjects_stay_apart() -> None:
+    """The same regulation, city and agency in both texts; a different company in each
+    title: two events, however alike the wording (issue 9, point 3)."""
+    from clusterfeed.stories import DEFAULT_RULES, Corpus, different_protagonists, features
+
+    filler = [
+        _templated(f"Filler{n}", "a test", f"other{n}", 1 + n % 9, rename="The firm")
+        for n in range(40)
+    ]
+    first = _templated("Nolonos", "a sepsis test", "partner-a", 10)
+    second = _templated("Vidaser", "a sepsis test", "partner-b", 11)
+    same_as_first = _templated("Nolonos", "a sepsis test", "partner-c", 11)
+    items = [*filler, first, second, same_as_first]
+    corpus = Corpus()
+    for item in items:
+        corpus.add(features(item))
+    reason = different_protagonists(
+        features(first), features(second), corpus, DEFAULT_RULES.rare_name_idf
+    )
+    assert reason is not None and "nolonos" in reason and "vidaser" in reason
+    assert (
+        different_protagonists(
+            features(first), features(same_as_first), corpus, DEFAULT_RULES.rare_name_idf
+        )
+        is None
+    )
+    labels = clusterfeed_labels(items)
+    assert labels[first.id] != labels[second.id]
+    assert labels[first.id] == labels[same_as_first.id]

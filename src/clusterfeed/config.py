@@ -401,6 +401,7 @@ class StoriesConfig(_Strict):
     code_weight: float = Field(0.8, ge=0, le=10)
     date_weight: float = Field(0.35, ge=0, le=10)
     percent_weight: float = Field(0.35, ge=0, le=10)
+    rare_name_idf: float = Field(0.6, ge=0, le=1)
     together: list[tuple[str, str]] = Field(default_factory=list)
     apart: list[tuple[str, str]] = Field(default_factory=list)
 
@@ -421,7 +422,7 @@ class StoriesConfig(_Strict):
             text_weight=self.text_weight, min_text_similarity=self.min_text_similarity,
             link_weight=self.link_weight, amount_weight=self.amount_weight,
             code_weight=self.code_weight, date_weight=self.date_weight,
-            percent_weight=self.percent_weight,
+            percent_weight=self.percent_weight, rare_name_idf=self.rare_name_idf,
         )  # fmt: skip
 
 

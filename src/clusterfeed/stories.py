@@ -67,6 +67,8 @@ class MatchRules:
     use_text: bool = True
     use_katakana: bool = True
     use_vetoes: bool = True
+    # A title name this rare (idf scaled to (0, 1], see Corpus.idf) names the subject.
+    rare_name_idf: float = 0.6
 
 
 DEFAULT_RULES = MatchRules()
@@ -99,6 +101,8 @@ class Features:
     own_link: str | None
     series_title: str | None
     series_numbers: tuple[str, ...]
+    # The names in the title: who the news is about (see ``different_protagonists``).
+    title_names: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,8 +224,9 @@ def name_tokens(text: str) -> set[str]:
 _token_info: dict[str, tuple[str, int]] = {}
 
 
-def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str]]:
-    """``latin_tokens`` of title and body, and their ``name_tokens``, in one pass."""
+def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str], frozenset[str]]:
+    """``latin_tokens`` of title and body, their ``name_tokens``, and the title's names,
+    in one pass."""
     text = f"{title} {body}"
     body_start = len(title) + 1
     tokens: list[str] = []
@@ -245,7 +250,7 @@ def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str]]
             segment = body_start if start >= body_start else 0
             if kind == 2 or not _at_sentence_start(text, start, segment):
                 (in_body if segment else in_title).add(lowered)
-    return tokens, _frozen(in_title | in_body)
+    return tokens, _frozen(in_title | in_body), _frozen(in_title)
 
 
 def cjk_bigrams(text: str) -> list[str]:
@@ -513,7 +518,7 @@ def features(item: StoryItem) -> Features:
     title = normalize_text(item.title)
     body = normalize_text(item.text)
     text = f"{title} {body}"
-    tokens, names = _tokens_and_names(title, body)
+    tokens, names, title_names = _tokens_and_names(title, body)
     words: Counter[str] = Counter(t for t in tokens if t not in STOPWORDS and len(t) >= 2)
     words.update(cjk_bigrams(text))
     skeletons = _frozen(katakana_skeletons(text)) if _KATAKANA_RUN.search(text) else _EMPTY
@@ -531,6 +536,7 @@ def features(item: StoryItem) -> Features:
         own_link=_link_key(item.link) if item.link else None,
         series_title=masked,
         series_numbers=numbers,
+        title_names=title_names,
     )
 
 
@@ -682,6 +688,51 @@ def veto(a: StoryItem, fa: Features, b: StoryItem, fb: Features) -> str | None:
     return None
 
 
+def different_protagonists(
+    fa: Features, fb: Features, corpus: Corpus, rare_idf: float
+) -> str | None:
+    """Whether both titles name someone rare whom the other item never mentions.
+
+    Two templated announcements in one week ("X receives IVDR certificate", "Y receives
+    IVDR certificate"; two FDA clearances) share the regulator's, the standard's and
+    the city's names, which are rare enough to look like strong evidence. What tells
+    them apart is who the news is about: the rare names in each title. When each title
+    has one and none of them appears anywhere in the other item (as a name or a word,
+    or as a part of a hyphenated compound such as "Peptidion-Übernahme"), the two
+    items are about different subjects. Only items in one language are compared this
+    way: across languages a title's names are often translated or in katakana. A title
+    without a rare name (a teaser) decides nothing.
+    """
+    mine = _subjects(fa, corpus, rare_idf)
+    if not mine:
+        return None
+    theirs = _subjects(fb, corpus, rare_idf)
+    if not theirs:
+        return None
+    if _mentioned(mine, fb) or _mentioned(theirs, fa):
+        return None
+    return (
+        f"different subjects in the titles ({', '.join(sorted(mine)[:3])} / "
+        f"{', '.join(sorted(theirs)[:3])})"
+    )
+
+
+def _subjects(f: Features, corpus: Corpus, rare_idf: float) -> set[str]:
+    # A subject is named again in the text; a capitalized German noun of the title
+    # ("Produktion", "Betrieb") mostly is not.
+    return {n for n in f.title_names if f.words.get(n, 0) >= 2 and corpus.idf(n) >= rare_idf}
+
+
+def _mentioned(names: set[str], f: Features) -> bool:
+    for name in names:
+        parts = [name, *(p for p in name.split("-") if len(p) >= 3)]
+        if any(p in f.names or p in f.words for p in parts):
+            return True
+        if any(name in other.split("-") for other in f.names if "-" in other):
+            return True
+    return False
+
+
 def score(
     a: StoryItem, fa: Features, b: StoryItem, fb: Features, corpus: Corpus, rules: MatchRules
 ) -> Match:
@@ -694,6 +745,10 @@ def score(
             return Match(0.0, (), reason)
     elif a.feed == b.feed and a.language == b.language:
         return Match(0.0, (), "same partner feed")
+    if rules.use_vetoes and rules.use_names and a.language == b.language:
+        reason = different_protagonists(fa, fb, corpus, rules.rare_name_idf)
+        if reason:
+            return Match(0.0, (), reason)
     total = 0.0
     reasons: list[str] = []
     if rules.use_links and (
