@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clusterfeed.service import Service
@@ -63,9 +63,20 @@ class _Counter:
 READS = _Counter()
 
 # Feeds change at most once a fetch cycle; a reader polling more often is answered by
-# its own cache. Archive pages that are complete never change.
+# its own cache. Archive pages that are complete never change, nor does a sent
+# digest's web version (digests/<date>.html; the list of them, digests/, does).
 FEED_MAX_AGE = 300
 ARCHIVE_MAX_AGE = 86400
+
+
+def max_age(path: str) -> int:
+    """How long a client may keep a published file without asking again."""
+    path = path.strip("/")
+    if path.startswith("archive/"):
+        return ARCHIVE_MAX_AGE
+    if path.startswith("digests/") and path.endswith(".html") and path != "digests/index.html":
+        return ARCHIVE_MAX_AGE
+    return FEED_MAX_AGE
 
 
 @dataclass
@@ -77,6 +88,7 @@ class CachedFile:
     last_modified: datetime
     signature: tuple[int, int]
     content_type: str
+    folder_index: bool = False  # an index.html, served for its folder's URL
     _encoded: dict[str, bytes] = field(default_factory=dict)
 
     def encoded(self, coding: str) -> bytes:
@@ -130,6 +142,7 @@ class FileCache:
             last_modified=datetime.fromtimestamp(stat.st_mtime, UTC).replace(microsecond=0),
             signature=signature,
             content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
+            folder_index=path.name == "index.html",
         )
         with self._lock:
             self._files[key] = fresh
@@ -179,11 +192,10 @@ def _not_modified(request: Request, file: CachedFile) -> bool:
 
 
 def file_response(request: Request, file: CachedFile, path: str) -> Response:
-    max_age = ARCHIVE_MAX_AGE if path.startswith("archive/") else FEED_MAX_AGE
     headers = {
         "ETag": file.etag,
         "Last-Modified": format_datetime(file.last_modified, usegmt=True),
-        "Cache-Control": f"public, max-age={max_age}",
+        "Cache-Control": f"public, max-age={max_age(path)}",
         "Vary": "Accept-Encoding",
     }
     if _not_modified(request, file):
@@ -291,6 +303,9 @@ def create_app(service: Service) -> Starlette:
                 status_code=404,
                 media_type="application/json",
             )
+        if file.folder_index and path and not path.endswith(("/", "index.html")):
+            # /digests → /digests/, so the page's relative links resolve inside it.
+            return RedirectResponse("/" + path + "/", status_code=301)
         return file_response(request, file, path)
 
     return Starlette(
