@@ -434,17 +434,28 @@ class Run:
 
 
 def load(
-    name: str, url: str, pid: int, script: Path, connections: int, seconds: int, coding: str
+    name: str,
+    url: str,
+    pid: int,
+    script: Path,
+    connections: int,
+    seconds: int,
+    coding: str,
+    with_etag: int,
 ) -> Run:
-    """Half the connections without validators, half with the current ETag, at once."""
+    """``with_etag`` connections send the current ETag, the others no validator; at once."""
     status, headers, _ = get(url, {"Accept-Encoding": coding} if coding else None)
     assert status == 200, f"{name}: {url} answered {status}"
     etag = headers["etag"]
-    half = max(connections // 2, 1)
+    groups = [
+        (group, n, tag)
+        for group, n, tag in (("200", connections - with_etag, ""), ("304", with_etag, etag))
+        if n > 0
+    ]
     commands = [
-        ["wrk", "-t1", f"-c{half}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+        ["wrk", "-t1", f"-c{n}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
          url, "--", tag, coding]
-        for tag in ("", etag)
+        for _group, n, tag in groups
     ]  # fmt: skip
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before, read_before = process_cpu(pid), process_read_bytes(pid)
@@ -457,7 +468,7 @@ def load(
     cpu_after, read_after = process_cpu(pid), process_read_bytes(pid)
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     run = Run(name, connections, seconds)
-    for group, output in zip(("200", "304"), outputs, strict=True):
+    for (group, _n, _tag), output in zip(groups, outputs, strict=True):
         line = next((x for x in output.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             raise RuntimeError(f"wrk gave no result for {name}:\n{output}")
@@ -529,6 +540,8 @@ def median_run(runs: list[Run]) -> Run:
 
 
 def _fmt_latency(lat: dict[str, float]) -> str:
+    if not lat:
+        return "–"
     return " / ".join(f"{lat[k]:.1f}" for k in ("p50", "p90", "p99"))
 
 
@@ -557,7 +570,7 @@ def report(
             else "; clients send no Accept-Encoding (identity bodies)"
         ),
         f"- Load: wrk, {args.connections} keep-alive connections on 127.0.0.1 "
-        f"({args.connections // 2} without validators, {args.connections // 2} with "
+        f"({args.connections - args.with_etag} without validators, {args.with_etag} with "
         f"the current ETag in If-None-Match), {args.seconds} s per run, "
         f"{args.rounds} run(s) per server alternating; the table shows the run with the "
         "median requests per second.",
@@ -606,6 +619,12 @@ def main() -> int:
     parser.add_argument("--feed", choices=("generated", "example"), default="generated")
     parser.add_argument("--stories", type=int, default=100, help="stories in a generated feed")
     parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument(
+        "--with-etag",
+        type=int,
+        default=None,
+        help="connections that send If-None-Match (default: half)",
+    )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--encoding", default="", help='e.g. "gzip": sent by every client')
@@ -619,6 +638,9 @@ def main() -> int:
         "--static-peer", nargs=2, metavar=("FOLDER", "PORT"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    if args.with_etag is None:
+        args.with_etag = args.connections // 2
+    args.with_etag = min(max(args.with_etag, 0), args.connections)
     if args.static_peer:
         run_static_peer(Path(args.static_peer[0]), int(args.static_peer[1]))
         return 0
@@ -675,12 +697,15 @@ def main() -> int:
             results: dict[str, list[Run]] = {name: [] for name in urls}
             # Warm both up (the first request reads the file; uvicorn imports lazily).
             for name, url in urls.items():
-                load(name, url, servers[name].pid, script, args.connections, 2, args.encoding)
+                load(
+                    name, url, servers[name].pid, script, args.connections, 2, args.encoding,
+                    args.with_etag,
+                )  # fmt: skip
             for _round in range(args.rounds):
                 for name, url in urls.items():
                     run = load(
                         name, url, servers[name].pid, script, args.connections, args.seconds,
-                        args.encoding,
+                        args.encoding, args.with_etag,
                     )  # fmt: skip
                     results[name].append(run)
                     print(
