@@ -786,6 +786,8 @@ class Service:
 
 
 def _already_holds(path: Path, keep_if: KeepIf | KeepExisting) -> bool:
+    if isinstance(keep_if, KeepExisting):
+        return path.is_file()  # one stat per sent digest and publish, no reading
     try:
         return keep_if.matches(path.read_bytes())
     except FileNotFoundError:
