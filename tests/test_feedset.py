@@ -215,6 +215,7 @@ def test_one_feed_per_topic_and_language_in_three_formats(example_service: Servi
             f"{kind}/{name}.{suffix}" for name in names for suffix in ("atom", "rss", "json")
         }
     expected |= {f"topics/{name}.html" for name in topics}  # the web page, per topic
+    expected.add("digests/index.html")  # the list of sent digests, empty so far
     # max_entries = 100 holds all 36 stories: no archive yet, and no link to one.
     assert {p.relative_to(folder).as_posix() for p in report.written} == expected
     assert report.unchanged == []

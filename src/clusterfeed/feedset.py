@@ -44,8 +44,11 @@ OPML_NAME = "sources.opml"
 TOPICS_DIR = "topics"
 LANGUAGES_DIR = "languages"
 ARCHIVE_DIR = "archive"
+DIGESTS_DIR = "digests"  # the web versions of sent digests (clusterfeed.site)
 # publish.filename may not take a name the other files use.
-RESERVED_NAMES = frozenset({RSS_NAME, JSON_NAME, OPML_NAME, TOPICS_DIR, LANGUAGES_DIR, ARCHIVE_DIR})
+RESERVED_NAMES = frozenset(
+    {RSS_NAME, JSON_NAME, OPML_NAME, TOPICS_DIR, LANGUAGES_DIR, ARCHIVE_DIR, DIGESTS_DIR}
+)
 
 ATOM_NS = "http://www.w3.org/2005/Atom"
 _SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,79}$")
@@ -123,12 +126,24 @@ class KeepIf:
 
 
 @dataclass(frozen=True)
+class KeepExisting:
+    """A file that, once written, is never rewritten: a sent digest's web version.
+
+    It shows the digest as it went out; a story corrected or joined by another partner
+    later changes the feeds and the news page, not what a digest was.
+    """
+
+    def matches(self, existing: bytes) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
 class PlannedFile:
     """One file of the published folder: its path there, and how to make its bytes."""
 
     path: str
     render: Callable[[], bytes]
-    keep_if: KeepIf | None = None
+    keep_if: KeepIf | KeepExisting | None = None
 
 
 def file_slug(name: str) -> str:

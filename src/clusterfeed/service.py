@@ -21,6 +21,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from urllib.parse import urljoin
 
+import jinja2
+
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
     DigestLinks,
@@ -33,7 +35,15 @@ from clusterfeed.digest import (
     select_stories,
     template_dir,
 )
-from clusterfeed.feedset import RESERVED_NAMES, KeepIf, PlannedFile, SiteMeta, plan_files
+from clusterfeed.feedset import (
+    DIGESTS_DIR,
+    RESERVED_NAMES,
+    KeepExisting,
+    KeepIf,
+    PlannedFile,
+    SiteMeta,
+    plan_files,
+)
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
@@ -52,7 +62,15 @@ from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
 from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
-from clusterfeed.site import site_environment, site_pages
+from clusterfeed.site import (
+    DigestPage,
+    digest_page_url,
+    digest_pages,
+    render_digest_index,
+    render_digest_page,
+    site_environment,
+    site_pages,
+)
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.tokens import UNSUBSCRIBE, make_token
@@ -181,6 +199,7 @@ class Service:
         self.store = store
         self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
+        self._digest_pages: dict[int, DigestPage] = {}  # a sent digest's page never moves
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
@@ -491,7 +510,10 @@ class Service:
             PlannedFile(path, render)
             for path, render in site_pages(env, cfg, stories, cfg.publish.max_entries)
         ]
-        planned = pages + planned
+        planned = self._digest_files(env) + pages + planned
+        return self._write_files(folder, planned)
+
+    def _write_files(self, folder: Path, planned: list[PlannedFile]) -> PublishReport:
         report = PublishReport(folder)
         for file in planned:
             target = folder / file.path
@@ -503,6 +525,49 @@ class Service:
             else:
                 report.unchanged.append(target)
         return report
+
+    def _digest_files(self, env: jinja2.Environment) -> list[PlannedFile]:
+        """The web version of every sent digest, then ``digests/index.html``.
+
+        A page already in the folder is left as it is (it shows the digest as it went
+        out), so only a new digest, or a new folder, costs loading its stories.
+        """
+        cfg = self.config
+        pages = digest_pages(
+            ((d.id, d.slot) for d in self.store.sent_digests()), cfg.schedule.timezone
+        )
+
+        def page_renderer(page: DigestPage) -> Callable[[], bytes]:
+            def render() -> bytes:
+                ids = self.store.digest_story_ids(page.digest_id)
+                return render_digest_page(env, cfg, page, self.store.recent_stories(only_ids=ids))
+
+            return render
+
+        files = [PlannedFile(p.path, page_renderer(p), KeepExisting()) for p in pages]
+        index = PlannedFile(
+            f"{DIGESTS_DIR}/index.html", lambda: render_digest_index(env, cfg, pages)
+        )
+        return [*files, index]
+
+    def write_digest_pages(self) -> PublishReport:
+        """Write the web versions of sent digests (and their index) into the output folder.
+
+        Called as soon as a digest is recorded, before its mails go out, so the "View in
+        browser" link works from the first mail on rather than from the next publish.
+        """
+        env = site_environment(template_dir(self.config), default_template_dir())
+        return self._write_files(self.config.publish.output_dir, self._digest_files(env))
+
+    def digest_page(self, digest_id: int) -> DigestPage | None:
+        """The web version of a sent digest (named once, then remembered)."""
+        if digest_id not in self._digest_pages:
+            pages = digest_pages(
+                ((d.id, d.slot) for d in self.store.sent_digests()),
+                self.config.schedule.timezone,
+            )
+            self._digest_pages.update((p.digest_id, p) for p in pages)
+        return self._digest_pages.get(digest_id)
 
     async def notify_hub(self, report: PublishReport) -> list[str]:
         """Tell the WebSub hub which feeds changed, so subscribers hear at once.
@@ -543,7 +608,7 @@ class Service:
     def secret(self) -> str:
         return os.environ.get(self.config.web.secret_env) or self.store.secret()
 
-    def links_for(self, subscriber: Subscriber) -> DigestLinks:
+    def links_for(self, subscriber: Subscriber, page: DigestPage | None = None) -> DigestLinks:
         base = self.config.web.base_url.rstrip("/")
         assert subscriber.id is not None
         token = make_token(self.secret(), UNSUBSCRIBE, subscriber.id, subscriber.email)
@@ -552,6 +617,7 @@ class Service:
             preferences_url=f"{base}/preferences/{token}",
             feed_url=self.config.feed_url,
             site_url=self.config.cluster.url,
+            web_url=digest_page_url(self.config, page) if page is not None else None,
         )
 
     def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
@@ -586,6 +652,15 @@ class Service:
                 )
             )
         created = self.store.create_digest(key, slot, rows, self.clock())
+        if created and rows:
+            try:
+                self.write_digest_pages()
+            except (OSError, jinja2.TemplateError) as exc:
+                # The mails still go out; the next publish writes the page.
+                log.error(
+                    "could not write the web version of digest %s into %s: %s",
+                    key, self.config.publish.output_dir, exc,
+                )  # fmt: skip
         return created, len(rows) if created else 0
 
     def compose(self, delivery: Delivery) -> EmailMessage:
@@ -594,7 +669,7 @@ class Service:
         stories = self.store.recent_stories(only_ids=delivery.story_ids)
         order = {sid: i for i, sid in enumerate(delivery.story_ids)}
         stories.sort(key=lambda s: order.get(s.id, 0))
-        links = self.links_for(delivery.subscriber)
+        links = self.links_for(delivery.subscriber, self.digest_page(delivery.digest_id))
         rendered = render_digest(
             env, self.config, delivery.subscriber, stories, slot=delivery.digest_slot, links=links
         )
@@ -710,7 +785,9 @@ class Service:
         return report
 
 
-def _already_holds(path: Path, keep_if: KeepIf) -> bool:
+def _already_holds(path: Path, keep_if: KeepIf | KeepExisting) -> bool:
+    if isinstance(keep_if, KeepExisting):
+        return path.is_file()  # one stat per sent digest and publish, no reading
     try:
         return keep_if.matches(path.read_bytes())
     except FileNotFoundError:

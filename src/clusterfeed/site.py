@@ -1,24 +1,35 @@
-"""The news page for people: the latest stories as HTML, one page per topic.
+"""The news page for people: the latest stories as HTML, one page per topic, and the
+web version of every digest that was sent.
 
 Rendered from the operator's ``site.html`` template (jinja2, escaped), from the same
 stories as the feeds; pure, so it is written by ``publish`` beside the feeds and is
 byte-identical when nothing changed. Each page links the feeds with
 ``<link rel="alternate">`` so a feed reader given the page's address finds them.
+
+A digest's web version (``digests/<date>.html``) is the general digest of that date:
+every story any subscriber's mail of it held, and nothing about any subscriber. It is
+what the mail's "View in browser" link opens, so its name is decided here from the
+store's record of the digest alone, the same for the page and for the mail.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import jinja2
 
 from clusterfeed.config import Config
-from clusterfeed.digest import story_view
+from clusterfeed.digest import format_date, group_stories, story_view
+from clusterfeed.feedset import DIGESTS_DIR
 from clusterfeed.model import Story
 
 SITE_TEMPLATE = "site.html"
+DIGEST_PAGE_TEMPLATE = "digest_page.html"
+DIGEST_INDEX_TEMPLATE = "digest_index.html"
 
 
 def site_environment(operator_dir: Path, default_dir: Path) -> jinja2.Environment:
@@ -128,7 +139,122 @@ def render_page(
         current_topic=current_topic,
         alternates=feeds,
         home_href=f"{root}index.html" if root else "./",
+        digests_href=f"{root}{DIGESTS_DIR}/index.html",
         heading=heading,
         page_title=f"{config.cluster.name} – {heading}",
         language=(config.feeds[0].language if config.feeds else "en"),
     )
+
+
+# -- the web versions of sent digests ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DigestPage:
+    """Where one sent digest's web version lives, and the date it is shown under.
+
+    ``number`` counts the digests sent on that date (in ``schedule.timezone``), from 1:
+    the first is ``digests/<date>.html``, a later one the same day (a digest sent by
+    hand besides the scheduled one, or a second cron time) ``digests/<date>-<n>.html``.
+    """
+
+    digest_id: int
+    local_slot: datetime
+    number: int
+
+    @property
+    def name(self) -> str:
+        day = self.local_slot.date().isoformat()
+        return day if self.number == 1 else f"{day}-{self.number}"
+
+    @property
+    def path(self) -> str:
+        return f"{DIGESTS_DIR}/{self.name}.html"
+
+    @property
+    def title(self) -> str:
+        text = format_date(self.local_slot)
+        return text if self.number == 1 else f"{text}, {self.local_slot:%H:%M}"
+
+
+def digest_pages(records: Iterable[tuple[int, datetime]], tz: str) -> list[DigestPage]:
+    """Name the web versions of ``records`` ((digest id, slot) of every sent digest).
+
+    Numbered per local date in the order the digests were created (their ids), not by
+    slot: a digest for a missed slot, sent late, comes after the ones already named, so
+    no page, and no link in a mail already sent, ever changes its name.
+    """
+    zone = ZoneInfo(tz)
+    seen: dict[date, int] = {}
+    pages = []
+    for digest_id, slot in sorted(records, key=lambda r: r[0]):
+        local = slot.astimezone(zone)
+        seen[local.date()] = seen.get(local.date(), 0) + 1
+        pages.append(DigestPage(digest_id, local, seen[local.date()]))
+    return pages
+
+
+def digest_page_url(config: Config, page: DigestPage) -> str | None:
+    """The web version's address for the mail, or None when ``web.base_url`` is not set.
+
+    Without a configured address the page could only be guessed (the default is this
+    machine's own), and a "View in browser" link that leads nowhere is worse than none.
+    """
+    if "base_url" not in config.web.model_fields_set:
+        return None
+    return f"{config.web.base_url.rstrip('/')}/{page.path}"
+
+
+def _language(config: Config) -> str:
+    return config.feeds[0].language if config.feeds else "en"
+
+
+def render_digest_page(
+    env: jinja2.Environment, config: Config, page: DigestPage, stories: Sequence[Story]
+) -> bytes:
+    """The web version of one digest: its stories, newest first, grouped as in the mail."""
+    tz = config.schedule.timezone
+    ordered = sorted(stories, key=lambda s: (s.entry.published, s.id), reverse=True)
+    views = [story_view(s, summary_chars=config.digest.summary_chars, tz=tz) for s in ordered]
+    topic_order = [t for f in config.feeds for t in f.topics]
+    heading = f"Our digest of {page.title}"
+    html = env.get_template(DIGEST_PAGE_TEMPLATE).render(
+        cluster=config.cluster,
+        stories=views,
+        groups=group_stories(views, config.digest.group_by, topic_order),
+        count=len(views),
+        date=page.local_slot,
+        date_text=page.title,
+        alternates=alternates("../", config.feed_title),
+        home_href="../index.html",
+        digests_href="index.html",
+        heading=heading,
+        page_title=f"{config.cluster.name} – {heading}",
+        language=_language(config),
+    )
+    return html.encode("utf-8")
+
+
+@dataclass(frozen=True)
+class DigestLink:
+    title: str
+    href: str
+    name: str
+
+
+def render_digest_index(
+    env: jinja2.Environment, config: Config, pages: Sequence[DigestPage]
+) -> bytes:
+    """``digests/index.html``: every sent digest, newest first."""
+    newest_first = sorted(pages, key=lambda p: (p.local_slot.date(), p.number), reverse=True)
+    heading = "Past digests"
+    html = env.get_template(DIGEST_INDEX_TEMPLATE).render(
+        cluster=config.cluster,
+        digests=[DigestLink(p.title, f"{p.name}.html", p.name) for p in newest_first],
+        alternates=alternates("../", config.feed_title),
+        home_href="../index.html",
+        heading=heading,
+        page_title=f"{config.cluster.name} – {heading}",
+        language=_language(config),
+    )
+    return html.encode("utf-8")

@@ -294,6 +294,15 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DigestRecord:
+    """A digest that has outbox rows: what its web version is named and dated by."""
+
+    id: int
+    key: str
+    slot: datetime
+
+
+@dataclass(frozen=True)
 class FeedUpdateSummary:
     new_entries: int
     updated_entries: int
@@ -1165,6 +1174,36 @@ class Store:
         except IntegrityError:
             return False
         return True
+
+    def sent_digests(self) -> list[DigestRecord]:
+        """Digests with at least one outbox row, in the order they were created.
+
+        A digest nobody had anything new for has no rows and no web version. Rows are
+        written with their digest in one transaction, so this list only ever grows at
+        its end and a digest's place in it (which names its web page) never changes.
+        """
+        has_rows = select(deliveries.c.id).where(deliveries.c.digest_id == digests.c.id).exists()
+        query = select(digests.c.id, digests.c.key, digests.c.slot_at).where(has_rows)
+        with self.engine.connect() as conn:
+            return [
+                DigestRecord(id=r.id, key=r.key, slot=_utc(r.slot_at) or r.slot_at)
+                for r in conn.execute(query.order_by(digests.c.id))
+            ]
+
+    def digest_story_ids(self, digest_id: int) -> list[int]:
+        """Every story any subscriber's mail of this digest holds (its general version).
+
+        Read from the outbox rows, which are fixed when the digest is created, so the
+        answer never changes; a story merged into another since is left out by the
+        caller that loads the stories.
+        """
+        ids: set[int] = set()
+        with self.engine.connect() as conn:
+            for (story_ids,) in conn.execute(
+                select(deliveries.c.story_ids).where(deliveries.c.digest_id == digest_id)
+            ):
+                ids.update(int(i) for i in story_ids)
+        return sorted(ids)
 
     def recover_claims(
         self, now: datetime, lease: timedelta, is_delivered: Callable[[Delivery], bool]
