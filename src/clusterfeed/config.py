@@ -372,6 +372,27 @@ class WebConfig(_Strict):
     _check_base = field_validator("base_url")(_http_url)
 
 
+class SignupConfig(_Strict):
+    """The public sign-up form and its limits (see README, "Subscribers")."""
+
+    enabled: bool = False
+    # Bump when the text of the form or the privacy notice changes: every consent row
+    # records the version the person saw.
+    form_version: str = Field("1", min_length=1, max_length=50)
+    confirm_hours: float = Field(48.0, gt=0, le=24 * 30)
+    address_limit: int = Field(3, ge=1, le=1000)
+    address_window_hours: float = Field(24.0, gt=0, le=24 * 30)
+    client_limit: int = Field(20, ge=1, le=100_000)
+    client_window_minutes: float = Field(60.0, gt=0, le=24 * 60)
+
+    @field_validator("form_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (for example 2026-11)")
+        return value
+
+
 class SubscriberConfig(_Strict):
     email: str
     name: str | None = None
@@ -451,6 +472,7 @@ class Config(_Strict):
     mail: MailConfig = MailConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()
+    signup: SignupConfig = SignupConfig()
     alerts: AlertsConfig = AlertsConfig()
     stories: StoriesConfig = StoriesConfig()
     filters: FiltersConfig = FiltersConfig()
