@@ -92,10 +92,7 @@ def _mails(service: Service) -> list[EmailMessage]:
     if not folder.exists():
         return []
     files = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns)
-    return [
-        email.message_from_bytes(p.read_bytes(), policy=email.policy.default)
-        for p in files
-    ]
+    return [email.message_from_bytes(p.read_bytes(), policy=email.policy.default) for p in files]
 
 
 def _mails_to(service: Service, address: str) -> list[EmailMessage]:

@@ -16,6 +16,7 @@ import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -709,10 +710,14 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
+def read_subscribers_csv(
+    path: Path, ignore: Collection[str] = (), skip: Callable[[dict[str, str]], bool] | None = None
+) -> list[SubscriberConfig]:
     """Read subscribers from a CSV with a header row; ``email`` is the only required column.
 
-    ``topics`` and ``languages`` hold several values separated by ``;``.
+    ``topics`` and ``languages`` hold several values separated by ``;``. Columns in
+    ``ignore`` are allowed and not read (``subscribers export`` writes a few more than
+    an import needs); rows for which ``skip`` is true are left out.
     """
     problems: list[Problem] = []
     result: list[SubscriberConfig] = []
@@ -726,7 +731,7 @@ def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
                 [Problem(path, "line 1", "the header row must have an 'email' column")]
             )
         allowed = {"email", "name", "topics", "languages", "frequency"}
-        unknown = [f for f in fields if f not in allowed]
+        unknown = [f for f in fields if f not in allowed and f not in ignore]
         if unknown:
             problems.append(
                 Problem(
@@ -739,6 +744,8 @@ def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
         for row in reader:
             line = reader.line_num
             clean = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if skip is not None and skip(clean):
+                continue
             data: dict[str, Any] = {"email": clean.get("email", "")}
             if clean.get("name"):
                 data["name"] = clean["name"]

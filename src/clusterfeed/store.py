@@ -1131,7 +1131,7 @@ class Store:
         self,
         configured: Iterable[Subscriber],
         now: datetime,
-        suppressed: Callable[[str], bool] = lambda _email: False,
+        email_hash: Callable[[str], str] | None = None,
     ) -> list[str]:
         """Mirror the config's subscriber list; return the addresses refused as erased.
 
@@ -1139,7 +1139,8 @@ class Store:
         once (and the consent log says "config"). A subscriber's own choices survive a
         restart: preferences are copied from the config only when the config changed
         them. Someone who unsubscribed stays unsubscribed however often the config
-        names them. One taken off the config is marked removed; their history stays.
+        names them, and an erased address (``email_hash`` on the suppression list) is
+        not added again. One taken off the config is marked removed; their history stays.
         """
         wanted = {s.email.lower(): s for s in configured}
         refused: list[str] = []
@@ -1159,7 +1160,7 @@ class Store:
                     select(subscribers).where(subscribers.c.email == email)
                 ).first()
                 if existing is None:
-                    if suppressed(email):
+                    if email_hash is not None and self._suppressed(conn, email_hash(email)):
                         refused.append(email)
                         continue
                     new_id = conn.execute(
@@ -1338,8 +1339,11 @@ class Store:
                     .where(subscribers.c.id == subscriber_id)
                     .values(status="confirmed", active=True, paused=False, confirmed_at=now)
                 )
-                choices = {"topics": row.topics, "languages": row.languages,
-                           "frequency": row.frequency}  # fmt: skip
+                choices = {
+                    "topics": row.topics,
+                    "languages": row.languages,
+                    "frequency": row.frequency,
+                }
                 self._log_consent(
                     conn, subscriber_id, now, "confirm", form_version, choices, ip_hash
                 )
@@ -1359,8 +1363,12 @@ class Store:
         ip_hash: str | None,
     ) -> None:
         """A confirmed subscriber's own change of what they get, and whether for now."""
-        choices = {"topics": list(topics), "languages": list(languages),
-                   "frequency": frequency, "paused": paused}  # fmt: skip
+        choices = {
+            "topics": list(topics),
+            "languages": list(languages),
+            "frequency": frequency,
+            "paused": paused,
+        }
         with self._tx() as conn:
             row = conn.execute(
                 select(subscribers.c.status).where(subscribers.c.id == subscriber_id)
@@ -1383,9 +1391,14 @@ class Store:
             )
 
     def unsubscribe(
-        self, subscriber_id: int, now: datetime, *, action: str = "unsubscribe",
-        ip_hash: str | None = None, status: str = "unsubscribed",
-    ) -> bool:  # fmt: skip
+        self,
+        subscriber_id: int,
+        now: datetime,
+        *,
+        action: str = "unsubscribe",
+        ip_hash: str | None = None,
+        status: str = "unsubscribed",
+    ) -> bool:
         """Stop all mail to a subscriber at once; True if they were receiving or pending.
 
         Pending outbox rows of theirs are dropped in the same commit, so no digest that
@@ -1436,9 +1449,13 @@ class Store:
 
     def is_suppressed(self, email_hash: str) -> bool:
         with self.engine.connect() as conn:
-            found = conn.execute(
-                select(suppressions.c.email_hash).where(suppressions.c.email_hash == email_hash)
-            ).first()
+            return self._suppressed(conn, email_hash)
+
+    @staticmethod
+    def _suppressed(conn: Connection, email_hash: str) -> bool:
+        found = conn.execute(
+            select(suppressions.c.email_hash).where(suppressions.c.email_hash == email_hash)
+        ).first()
         return found is not None
 
     def consents(self) -> list[Consent]:

@@ -51,6 +51,7 @@ from clusterfeed.tokens import (
     make_token,
     read_timed_token,
     read_token,
+    suppression_hash,
 )
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class Subscriptions:
         return self.service.secret()
 
     def email_hash(self, email: str) -> str:
-        return keyed_hash(self.secret, "suppress", email.strip().lower())
+        return suppression_hash(self.secret, email)
 
     def client_hash(self, client: str | None) -> str | None:
         return keyed_hash(self.secret, "client", client)[:32] if client else None
@@ -212,15 +213,19 @@ class Subscriptions:
         cfg = self.config.signup
         now = self.service.clock()
         client_ok = client_hash is None or self.store.take_rate(
-            f"client:{client_hash}", now,
-            timedelta(minutes=cfg.client_window_minutes), cfg.client_limit,
-        )  # fmt: skip
+            f"client:{client_hash}",
+            now,
+            timedelta(minutes=cfg.client_window_minutes),
+            cfg.client_limit,
+        )
         if not client_ok:
             return False, False
         address_ok = self.store.take_rate(
-            f"address:{self.email_hash(email)[:32]}", now,
-            timedelta(hours=cfg.address_window_hours), cfg.address_limit,
-        )  # fmt: skip
+            f"address:{self.email_hash(email)[:32]}",
+            now,
+            timedelta(hours=cfg.address_window_hours),
+            cfg.address_limit,
+        )
         return True, address_ok
 
     async def sign_up(
@@ -231,6 +236,7 @@ class Subscriptions:
         ip_hash: str | None,
         action: str = "signup",
         confirmed: bool = False,
+        name: str | None = None,
     ) -> str:
         """Record a sign-up and send the mail it leads to; the outcome (see signup_outcome).
 
@@ -240,22 +246,31 @@ class Subscriptions:
         existing = self.store.membership(email=email)
         outcome = signup_outcome(existing, self.is_suppressed(email))
         if outcome == "erased":
-            await self.send(self._erased_mail(email))
+            if action == "signup":
+                await self.send(self._erased_mail(email))
             return outcome
         if outcome == "already":
             # Nothing changes: the confirmed subscriber's choices are theirs to change on
             # their preferences page, which the mail links to.
             assert existing is not None
-            if not confirmed:
+            if action == "signup":
                 await self.send(self._already_mail(existing))
             return outcome
         membership = self.store.record_signup(
-            Subscriber(email=email, topics=prefs.topics, languages=prefs.languages,
-                       frequency=prefs.frequency),
-            now, status="confirmed" if confirmed else "pending",
-            origin="import" if action == "import" else "signup", action=action,
-            form_version=self.config.signup.form_version, ip_hash=ip_hash,
-        )  # fmt: skip
+            Subscriber(
+                email=email,
+                name=name,
+                topics=prefs.topics,
+                languages=prefs.languages,
+                frequency=prefs.frequency,
+            ),
+            now,
+            status="confirmed" if confirmed else "pending",
+            origin="signup" if action == "signup" else "operator",
+            action=action,
+            form_version=self.config.signup.form_version,
+            ip_hash=ip_hash,
+        )
         if not confirmed:
             await self.send(self._confirm_mail(membership))
         return outcome
@@ -264,9 +279,13 @@ class Subscriptions:
         """Confirm the sign-up behind a confirmation token (InvalidToken/ExpiredToken)."""
         now = self.service.clock()
         sid = read_timed_token(
-            self.secret, CONFIRM, token, self.store.email_of, now,
+            self.secret,
+            CONFIRM,
+            token,
+            self.store.email_of,
+            now,
             timedelta(hours=self.config.signup.confirm_hours),
-        )  # fmt: skip
+        )
         membership = self.store.membership(id=sid)
         if membership is None:
             raise InvalidToken("unknown subscriber")
@@ -378,26 +397,36 @@ def _page(subs: Subscriptions, template: str, status: int = 200, **values: Any) 
 
 
 def _message_page(
-    subs: Subscriptions, title: str, text: str, status: int = 200, link: str | None = None,
+    subs: Subscriptions,
+    title: str,
+    text: str,
+    status: int = 200,
+    link: str | None = None,
     link_text: str | None = None,
-) -> HTMLResponse:  # fmt: skip
-    return _page(subs, "message.html", status, title=title, text=text, link=link,
-                 link_text=link_text)  # fmt: skip
+) -> HTMLResponse:
+    return _page(
+        subs, "message.html", status, title=title, text=text, link=link, link_text=link_text
+    )
 
 
 def _bad_link(subs: Subscriptions, exc: InvalidToken) -> HTMLResponse:
     if isinstance(exc, ExpiredToken):
         return _message_page(
-            subs, "This link has expired",
+            subs,
+            "This link has expired",
             "Confirmation links work for a limited time. Please sign up again; "
-            "you will get a new link.", 400, "/subscribe", "Sign up again",
-        )  # fmt: skip
+            "you will get a new link.",
+            400,
+            "/subscribe",
+            "Sign up again",
+        )
     return _message_page(
-        subs, "This link is not valid",
+        subs,
+        "This link is not valid",
         "The link is incomplete or was not made for this address. Please use the "
         "link from your most recent mail, or copy the whole link into the address bar.",
         403,
-    )  # fmt: skip
+    )
 
 
 async def _fields(request: Request) -> list[tuple[str, str]]:
@@ -413,35 +442,53 @@ def routes(service: Service) -> list[Route]:
         return subs.client_hash(request.client.host if request.client else None)
 
     def signup_page(
-        request: Request, *, status: int = 200, error: FormError | None = None,
-        email: str = "", prefs: Preferences | None = None,
-    ) -> Response:  # fmt: skip
+        request: Request,
+        *,
+        status: int = 200,
+        error: FormError | None = None,
+        email: str = "",
+        prefs: Preferences | None = None,
+    ) -> Response:
         nonce = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(18)
         response = _page(
-            subs, "subscribe.html", status, choices=subs.choices, error=error, email=email,
+            subs,
+            "subscribe.html",
+            status,
+            choices=subs.choices,
+            error=error,
+            email=email,
             prefs=prefs or Preferences((), (), "daily"),
             form_token=make_form_token(subs.secret, nonce, service.clock()),
-            honeypot=HONEYPOT, form_version=service.config.signup.form_version,
-        )  # fmt: skip
+            honeypot=HONEYPOT,
+            form_version=service.config.signup.form_version,
+        )
         response.set_cookie(
-            CSRF_COOKIE, nonce, max_age=int(FORM_MAX_AGE.total_seconds()), httponly=True,
-            samesite="strict", secure=request.url.scheme == "https", path="/subscribe",
-        )  # fmt: skip
+            CSRF_COOKIE,
+            nonce,
+            max_age=int(FORM_MAX_AGE.total_seconds()),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/subscribe",
+        )
         return response
 
     def disabled() -> Response:
         return _message_page(
-            subs, "Sign-up is closed",
+            subs,
+            "Sign-up is closed",
             "This news service does not take sign-ups on the web. "
-            "Please ask the cluster office to add you.", 404,
-        )  # fmt: skip
+            "Please ask the cluster office to add you.",
+            404,
+        )
 
     def sent_page() -> Response:
         return _message_page(
-            subs, "Please check your inbox",
+            subs,
+            "Please check your inbox",
             "If the address can receive our news, a mail with a link to confirm is on its "
             "way. Nothing is sent to you until you confirm.",
-        )  # fmt: skip
+        )
 
     async def subscribe(request: Request) -> Response:
         if not service.config.signup.enabled:
@@ -451,15 +498,21 @@ def routes(service: Service) -> list[Route]:
         fields = await _fields(request)
         values = dict(fields)
         if not form_token_matches(
-            subs.secret, values.get("form_token", ""), request.cookies.get(CSRF_COOKIE, ""),
-            service.clock(), FORM_MAX_AGE,
-        ):  # fmt: skip
+            subs.secret,
+            values.get("form_token", ""),
+            request.cookies.get(CSRF_COOKIE, ""),
+            service.clock(),
+            FORM_MAX_AGE,
+        ):
             return _message_page(
-                subs, "Please try again",
+                subs,
+                "Please try again",
                 "The form had expired or came from another page. Please open the "
-                "sign-up page again and send the form from there.", 403, "/subscribe",
+                "sign-up page again and send the form from there.",
+                403,
+                "/subscribe",
                 "Open the sign-up page",
-            )  # fmt: skip
+            )
         if values.get(HONEYPOT):
             log.info("sign-up refused: the hidden field was filled in (a bot)")
             return sent_page()
@@ -469,25 +522,31 @@ def routes(service: Service) -> list[Route]:
         except FormError as exc:
             shown = values.get("email", "")
             return signup_page(
-                request, status=400, error=exc,
+                request,
+                status=400,
+                error=exc,
                 email="" if exc.field == "email" and "\n" in shown else shown,
-            )  # fmt: skip
+            )
         ip_hash = client(request)
         client_ok, address_ok = subs.allowed(email, ip_hash)
         if not client_ok:
             return _message_page(
-                subs, "Too many sign-ups",
-                "Too many sign-ups came from your network. Please try again in an hour.", 429,
-            )  # fmt: skip
+                subs,
+                "Too many sign-ups",
+                "Too many sign-ups came from your network. Please try again in an hour.",
+                429,
+            )
         if address_ok:
             try:
                 await subs.sign_up(email, prefs, ip_hash=ip_hash)
             except (TemporaryFailure, PermanentFailure, OSError) as exc:
                 log.error("could not send the sign-up mail: %s", exc)
                 return _message_page(
-                    subs, "Please try again later",
-                    "We could not send the confirmation mail just now.", 503,
-                )  # fmt: skip
+                    subs,
+                    "Please try again later",
+                    "We could not send the confirmation mail just now.",
+                    503,
+                )
         return sent_page()
 
     async def confirm(request: Request) -> Response:
@@ -496,26 +555,35 @@ def routes(service: Service) -> list[Route]:
             if request.method == "GET":
                 # Only check the link; the button confirms (link scanners press nothing).
                 read_timed_token(
-                    subs.secret, CONFIRM, token, service.store.email_of, service.clock(),
+                    subs.secret,
+                    CONFIRM,
+                    token,
+                    service.store.email_of,
+                    service.clock(),
                     timedelta(hours=service.config.signup.confirm_hours),
-                )  # fmt: skip
+                )
                 return _page(subs, "confirm.html", action=f"/confirm/{token}")
             membership = subs.confirm(token, ip_hash=client(request))
         except InvalidToken as exc:
             return _bad_link(subs, exc)
         if membership.status != "confirmed":
             return _message_page(
-                subs, "This sign-up was withdrawn",
-                "The address was unsubscribed since. Please sign up again.", 400,
-                "/subscribe", "Sign up again",
-            )  # fmt: skip
+                subs,
+                "This sign-up was withdrawn",
+                "The address was unsubscribed since. Please sign up again.",
+                400,
+                "/subscribe",
+                "Sign up again",
+            )
         return _message_page(
-            subs, "You are subscribed",
+            subs,
+            "You are subscribed",
             f"Thank you. {service.config.cluster.name} news will come to "
             f"{membership.subscriber.email}. Every mail has a link to change what you get "
-            "or to leave.", link=subs.preferences_url(membership.subscriber),
+            "or to leave.",
+            link=subs.preferences_url(membership.subscriber),
             link_text="Your preferences",
-        )  # fmt: skip
+        )
 
     async def preferences(request: Request) -> Response:
         token = request.path_params["token"]
@@ -525,11 +593,12 @@ def routes(service: Service) -> list[Route]:
             return _bad_link(subs, exc)
         if membership.status != "confirmed":
             return _message_page(
-                subs, "You do not receive our news",
+                subs,
+                "You do not receive our news",
                 f"{membership.subscriber.email} is not subscribed (any more).",
                 link="/subscribe" if service.config.signup.enabled else None,
                 link_text="Sign up",
-            )  # fmt: skip
+            )
         saved = False
         error: FormError | None = None
         if request.method == "POST":
@@ -539,19 +608,30 @@ def routes(service: Service) -> list[Route]:
                 error = exc
             else:
                 service.store.set_preferences(
-                    membership.subscriber.id or 0, service.clock(), topics=prefs.topics,
-                    languages=prefs.languages, frequency=prefs.frequency, paused=prefs.paused,
-                    form_version=service.config.signup.form_version, ip_hash=client(request),
-                )  # fmt: skip
+                    membership.subscriber.id or 0,
+                    service.clock(),
+                    topics=prefs.topics,
+                    languages=prefs.languages,
+                    frequency=prefs.frequency,
+                    paused=prefs.paused,
+                    form_version=service.config.signup.form_version,
+                    ip_hash=client(request),
+                )
                 return RedirectResponse(f"/preferences/{token}?saved=1", status_code=303)
         saved = request.query_params.get("saved") == "1"
         sub = membership.subscriber
         return _page(
-            subs, "preferences.html", 400 if error else 200, choices=subs.choices,
-            email=sub.email, saved=saved, error=error,
+            subs,
+            "preferences.html",
+            400 if error else 200,
+            choices=subs.choices,
+            email=sub.email,
+            saved=saved,
+            error=error,
             prefs=Preferences(sub.topics, sub.languages, sub.frequency, membership.paused),
-            action=f"/preferences/{token}", unsubscribe=f"/unsubscribe/{token}",
-        )  # fmt: skip
+            action=f"/preferences/{token}",
+            unsubscribe=f"/unsubscribe/{token}",
+        )
 
     async def unsubscribe(request: Request) -> Response:
         token = request.path_params["token"]
@@ -561,9 +641,11 @@ def routes(service: Service) -> list[Route]:
             return _bad_link(subs, exc)
         if request.method == "GET":
             return _page(
-                subs, "unsubscribe.html", action=f"/unsubscribe/{token}",
+                subs,
+                "unsubscribe.html",
+                action=f"/unsubscribe/{token}",
                 email=membership.subscriber.email,
-            )  # fmt: skip
+            )
         # RFC 8058: a POST unsubscribes at once. Mail providers post
         # "List-Unsubscribe=One-Click" without cookies or a form token; the token in
         # the URL is the proof, so nothing else is asked for.
@@ -571,12 +653,13 @@ def routes(service: Service) -> list[Route]:
             membership.subscriber.id or 0, service.clock(), ip_hash=client(request)
         )
         return _message_page(
-            subs, "You are unsubscribed",
+            subs,
+            "You are unsubscribed",
             f"{membership.subscriber.email} will get no more news from "
             f"{service.config.cluster.name}.",
             link="/subscribe" if service.config.signup.enabled else None,
             link_text="Changed your mind? Sign up again",
-        )  # fmt: skip
+        )
 
     return [
         Route("/subscribe", subscribe, methods=["GET", "POST"]),

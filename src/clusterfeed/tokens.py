@@ -38,6 +38,11 @@ def keyed_hash(secret: str, purpose: str, value: str) -> str:
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
 
+def suppression_hash(secret: str, email: str) -> str:
+    """What the suppression list keeps of an erased address."""
+    return keyed_hash(secret, "suppress", email.strip().lower())
+
+
 class _ClockedSigner(TimestampSigner):
     """A timestamp signer that reads the service's clock, so expiry is testable."""
 
