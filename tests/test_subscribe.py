@@ -450,3 +450,34 @@ def test_read_signup_names_the_bad_field(fields: list[tuple[str, str]], field: s
 def test_signup_outcome_depends_only_on_state_the_page_does_not_show() -> None:
     assert signup_outcome(None, suppressed=False) == "confirm"
     assert signup_outcome(None, suppressed=True) == "erased"
+
+
+def test_the_confirmation_mail_goes_through_the_configured_smtp_server(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, clock: Clock, smtp_server: Any
+) -> None:
+    config = load_config(
+        write_config(
+            tmp_path,
+            served_example_feeds(feed_server),
+            database_url=database_url,
+            mail={"transport": "smtp", "host": smtp_server.host, "port": smtp_server.port,
+                  "security": "none"},
+            extra=SIGNUP,
+        )
+    )  # fmt: skip
+    service = Service(config, Store(config.database_url), clock)
+    service.prepare()
+    running = RunningServer(service)
+    try:
+        answer = Browser(running.base).sign_up("smtp-reader@example.org")
+        assert answer.status_code == 200
+        (envelope,) = smtp_server.handler.messages
+        assert envelope.rcpt_tos == ["smtp-reader@example.org"]
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        confirm = _link(message, "confirm")  # type: ignore[arg-type]
+        assert httpx.post(running.base + confirm).status_code == 200
+        assert _status(service, "smtp-reader@example.org") == "confirmed"
+    finally:
+        running.stop()
+        service.close()
+        service.store.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from sqlalchemy import MetaData, select
 
 from clusterfeed.config import load_config
+from clusterfeed.model import Subscriber
 from clusterfeed.service import Service
 from clusterfeed.store import Store
 from tests.conftest import FeedServer, served_example_feeds, write_config
@@ -242,3 +245,69 @@ def test_the_consent_record_is_exported(example_config: Path, tmp_path: Path, ru
     kai = next(r for r in rows if r["email"] == "kai@example.org")
     assert kai["choices"] == "topics=research languages=de frequency=daily"
     assert kai["at"].startswith("20")
+
+
+# -- the store's rules, directly ----------------------------------------------------------
+
+NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+def test_own_preference_changes_survive_a_restart_until_the_config_changes(store: Store) -> None:
+    store.sync_subscribers([Subscriber(email="a@example.org", topics=("research",))], NOW)
+    (a,) = store.active_subscribers()
+    assert a.id is not None
+    store.set_preferences(
+        a.id, NOW, topics=("medtech",), languages=("de",), frequency="weekly", paused=False,
+        form_version="1", ip_hash=None,
+    )  # fmt: skip
+
+    store.sync_subscribers([Subscriber(email="a@example.org", topics=("research",))], NOW)
+    (a,) = store.active_subscribers()
+    assert (a.topics, a.languages, a.frequency) == (("medtech",), ("de",), "weekly")
+
+    store.sync_subscribers([Subscriber(email="a@example.org", topics=("financing",))], NOW)
+    (a,) = store.active_subscribers()
+    assert (a.topics, a.languages, a.frequency) == (("financing",), (), "daily")
+
+
+def test_removed_from_the_config_then_added_again(store: Store) -> None:
+    store.sync_subscribers([Subscriber(email="a@example.org")], NOW)
+    store.sync_subscribers([], NOW)
+    membership = store.membership(email="a@example.org")
+    assert membership is not None and membership.status == "removed"
+    assert store.active_subscribers() == []
+
+    store.sync_subscribers([Subscriber(email="a@example.org")], NOW)
+    assert [s.email for s in store.active_subscribers()] == ["a@example.org"]
+    actions = [c.action for c in store.consents()]
+    assert actions == ["config", "remove", "config"]
+
+
+def test_unsubscribing_drops_the_digests_still_waiting(store: Store) -> None:
+    store.sync_subscribers([Subscriber(email="a@example.org")], NOW)
+    (a,) = store.active_subscribers()
+    assert a.id is not None
+    assert store.create_digest("scheduled:x", NOW, [(a, [], "<m1@nordbio.example>")], NOW)
+    assert len(store.pending_deliveries()) == 1
+
+    assert store.unsubscribe(a.id, NOW)
+
+    assert store.pending_deliveries() == []
+    assert not store.unsubscribe(a.id, NOW)  # a second click changes nothing
+
+
+def test_rate_events_leave_the_window(store: Store) -> None:
+    window = timedelta(hours=1)
+    assert store.take_rate("client:x", NOW, window, 2)
+    assert store.take_rate("client:x", NOW + timedelta(minutes=10), window, 2)
+    assert not store.take_rate("client:x", NOW + timedelta(minutes=20), window, 2)
+    assert store.take_rate("client:y", NOW + timedelta(minutes=20), window, 2)
+    assert store.take_rate("client:x", NOW + timedelta(minutes=61), window, 2)
