@@ -481,3 +481,19 @@ def test_the_confirmation_mail_goes_through_the_configured_smtp_server(
         running.stop()
         service.close()
         service.store.close()
+
+
+def test_a_sign_up_never_confirmed_is_forgotten_after_its_link_expired_and_a_week(
+    service: Service, web: RunningServer, clock: Clock
+) -> None:
+    Browser(web.base).sign_up("never@example.org")
+    clock.advance(timedelta(hours=48) + timedelta(days=6))
+    Browser(web.base).sign_up("other@example.org")
+    assert _status(service, "never@example.org") == "pending"  # still within the week
+
+    clock.advance(timedelta(days=1, hours=1))
+    Browser(web.base).sign_up("third@example.org")
+
+    assert _status(service, "never@example.org") is None
+    assert all(c.email != "never@example.org" for c in service.store.consents())
+    assert _status(service, "other@example.org") == "pending"

@@ -304,6 +304,21 @@ def test_unsubscribing_drops_the_digests_still_waiting(store: Store) -> None:
     assert not store.unsubscribe(a.id, NOW)  # a second click changes nothing
 
 
+def test_pausing_drops_the_digests_still_waiting(store: Store) -> None:
+    store.sync_subscribers([Subscriber(email="a@example.org")], NOW)
+    (a,) = store.active_subscribers()
+    assert a.id is not None
+    assert store.create_digest("scheduled:x", NOW, [(a, [], "<m1@nordbio.example>")], NOW)
+
+    store.set_preferences(
+        a.id, NOW, topics=(), languages=(), frequency="daily", paused=True, form_version="1",
+        ip_hash=None,
+    )  # fmt: skip
+
+    assert store.pending_deliveries() == []
+    assert store.active_subscribers() == []
+
+
 def test_rate_events_leave_the_window(store: Store) -> None:
     window = timedelta(hours=1)
     assert store.take_rate("client:x", NOW, window, 2)

@@ -1375,6 +1375,9 @@ class Store:
             ).first()
             if row is None or row.status != "confirmed":
                 return
+            if paused:
+                # "Send nothing for now" includes a digest already waiting in the outbox.
+                _drop_pending(conn, subscriber_id, "subscriber paused")
             conn.execute(
                 update(subscribers)
                 .where(subscribers.c.id == subscriber_id)
@@ -1415,13 +1418,42 @@ class Store:
                 .where(subscribers.c.id == subscriber_id)
                 .values(status=status, active=False, unsubscribed_at=now)
             )
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.subscriber_id == subscriber_id, deliveries.c.state == "pending")
-                .values(state="failed", last_error=f"subscriber {status}")
-            )
+            _drop_pending(conn, subscriber_id, f"subscriber {status}")
             self._log_consent(conn, subscriber_id, now, action, None, {}, ip_hash)
         return True
+
+    def forget_unconfirmed(self, before: datetime) -> int:
+        """Delete sign-ups that were never confirmed and were last asked for before ``before``.
+
+        Without confirmation there is no consent to keep an address for; someone who was
+        a subscriber earlier (and has digests on record) keeps their history.
+        """
+        last = (
+            select(consents.c.subscriber_id, func.max(consents.c.at).label("last_at"))
+            .group_by(consents.c.subscriber_id)
+            .subquery()
+        )
+        has_history = (
+            select(deliveries.c.id).where(deliveries.c.subscriber_id == subscribers.c.id).exists()
+        )
+        with self._tx() as conn:
+            ids = (
+                conn.execute(
+                    select(subscribers.c.id)
+                    .join(last, last.c.subscriber_id == subscribers.c.id)
+                    .where(
+                        subscribers.c.status == "pending",
+                        last.c.last_at < before,
+                        ~has_history,
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            if ids:
+                conn.execute(consents.delete().where(consents.c.subscriber_id.in_(ids)))
+                conn.execute(subscribers.delete().where(subscribers.c.id.in_(ids)))
+        return len(ids)
 
     def erase(self, email: str, email_hash: str, now: datetime) -> bool:
         """Delete every personal datum of one address and keep only its keyed hash.
@@ -1705,6 +1737,15 @@ class Store:
                     select(deliveries.c.state, func.count()).group_by(deliveries.c.state)
                 ).all()
             }
+
+
+def _drop_pending(conn: Connection, subscriber_id: int, reason: str) -> None:
+    """Take a subscriber's waiting digests out of the outbox (kept as failed, with why)."""
+    conn.execute(
+        update(deliveries)
+        .where(deliveries.c.subscriber_id == subscriber_id, deliveries.c.state == "pending")
+        .values(state="failed", last_error=reason)
+    )
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -61,6 +61,7 @@ CSRF_COOKIE = "clusterfeed_form"
 FORM_MAX_AGE = timedelta(hours=12)
 HONEYPOT = "website"
 MAX_FIELD = 500
+UNCONFIRMED_GRACE = timedelta(days=7)
 
 
 # -- pure decisions ---------------------------------------------------------------------
@@ -194,6 +195,11 @@ class Subscriptions:
     def is_suppressed(self, email: str) -> bool:
         return self.store.is_suppressed(self.email_hash(email))
 
+    def keep_unconfirmed(self) -> timedelta:
+        """How long an unconfirmed sign-up is kept: its link's life plus a week, so a late
+        click still gets "expired" (not "invalid")."""
+        return timedelta(hours=self.config.signup.confirm_hours) + UNCONFIRMED_GRACE
+
     def base_url(self) -> str:
         return self.config.web.base_url.rstrip("/")
 
@@ -243,6 +249,7 @@ class Subscriptions:
         ``confirmed`` is for the operator's imports of lists whose consent they hold.
         """
         now = self.service.clock()
+        self.store.forget_unconfirmed(now - self.keep_unconfirmed())
         existing = self.store.membership(email=email)
         outcome = signup_outcome(existing, self.is_suppressed(email))
         if outcome == "erased":
