@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +183,9 @@ class Subscriptions:
         self.choices = offered_choices(service.config)
         self.env = page_environment(service.config)
 
-    @property
+    @cached_property
     def secret(self) -> str:
+        # Read once: without the environment variable it is a database read.
         return self.service.secret()
 
     def email_hash(self, email: str) -> str:
@@ -275,7 +277,8 @@ class Subscriptions:
             status="confirmed" if confirmed else "pending",
             origin="signup" if action == "signup" else "operator",
             action=action,
-            form_version=self.config.signup.form_version,
+            # The form's text version only when the person saw the form.
+            form_version=self.config.signup.form_version if action == "signup" else None,
             ip_hash=ip_hash,
         )
         if not confirmed:
