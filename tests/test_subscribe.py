@@ -127,6 +127,7 @@ def test_sign_up_confirm_change_preferences_and_leave_in_one_click(
     assert "NordBio Cluster" in page.text and "#0b5d7a" in page.text
     assert 'name="viewport"' in page.text and "<script" not in page.text
     assert 'value="gene-therapy"' in page.text and 'value="ja"' in page.text
+    assert "Gene therapy" in page.text and "Deutsch" in page.text and "日本語" in page.text
 
     answer = browser.sign_up(
         "nina@example.org", topics=["research", "financing"], languages=["de"], frequency="weekly"

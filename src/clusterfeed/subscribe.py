@@ -170,6 +170,18 @@ def topic_label(topic: str) -> str:
     return topic.replace("-", " ").replace("_", " ").capitalize()
 
 
+# Each language named in itself, as a reader of it would look for it; others show their code.
+LANGUAGE_NAMES = {
+    "da": "Dansk", "de": "Deutsch", "en": "English", "es": "Español", "fi": "Suomi",
+    "fr": "Français", "it": "Italiano", "ja": "日本語", "ko": "한국어", "nl": "Nederlands",
+    "no": "Norsk", "pl": "Polski", "pt": "Português", "sv": "Svenska", "zh": "中文",
+}  # fmt: skip
+
+
+def language_label(code: str) -> str:
+    return LANGUAGE_NAMES.get(code.split("-")[0].lower(), code.upper())
+
+
 # -- the edge: store, clock, secret, mail -----------------------------------------------
 
 
@@ -391,7 +403,10 @@ def page_environment(config: Config) -> jinja2.Environment:
 
 def _page(subs: Subscriptions, template: str, status: int = 200, **values: Any) -> HTMLResponse:
     html = subs.env.get_template(template).render(
-        cluster=subs.config.cluster, topic_label=topic_label, **values
+        cluster=subs.config.cluster,
+        topic_label=topic_label,
+        language_label=language_label,
+        **values,
     )
     return HTMLResponse(
         html,
