@@ -661,22 +661,25 @@ def subscribers_list(config_path: Path | None, show_all: bool) -> None:
     with _service(config_path) as service:
         members = service.store.memberships()
         shown = [m for m in members if show_all or m.status in ("confirmed", "pending")]
-        table = Table("state", "topics", "languages", "frequency", "since", box=None)
-        # The address in full, whatever the terminal's width: it is what the operator
-        # copies into the next command.
-        table.add_column("email", no_wrap=True, overflow="ignore")
+        # Plain aligned columns, every cell in full whatever the terminal's width: the
+        # address is what the operator copies into the next command.
+        rows = [("email", "state", "topics", "languages", "frequency", "since")]
         for m in shown:
             s = m.subscriber
-            state = m.status + (", paused" if m.paused else "")
-            table.add_row(
-                state,
-                ", ".join(s.topics) or "all",
-                ", ".join(s.languages) or "all",
-                s.frequency,
-                _when(m.confirmed_at or m.created_at),
-                s.email,
+            rows.append(
+                (
+                    s.email,
+                    m.status + (",paused" if m.paused else ""),
+                    ",".join(s.topics) or "all",
+                    ",".join(s.languages) or "all",
+                    s.frequency,
+                    (m.confirmed_at or m.created_at).date().isoformat(),
+                )
             )
-        out.print(table)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            out.print(line.rstrip(), markup=False)
         receiving = sum(1 for m in members if m.receives_digests)
         out.print(
             f"{receiving} receive the digest; {len(shown)} listed of {len(members)} known",
