@@ -402,6 +402,13 @@ def test_an_erased_address_cannot_sign_up_again_but_is_told_by_mail(
     assert "presse@nordbio.example" in _body(told)
 
 
+def test_digests_to_an_internationalized_domain_carry_its_idna_form() -> None:
+    from clusterfeed.digest import address
+
+    assert str(address("Anna <anna@bücher.example>")) == "Anna <anna@xn--bcher-kva.example>"
+    assert str(address("plain@example.org")) == "plain@example.org"
+
+
 def test_sign_up_is_closed_unless_enabled(
     tmp_path: Path, feed_server: FeedServer, database_url: str, clock: Clock
 ) -> None:

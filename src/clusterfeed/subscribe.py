@@ -166,21 +166,6 @@ def signup_outcome(membership: Membership | None, suppressed: bool) -> str:
     return "confirm"
 
 
-def ascii_address(email: str) -> str:
-    """The address with its domain in IDNA form (``xn--…``), as mail headers need it.
-
-    A domain like bücher.example must not become an RFC 2047 encoded word (mail servers
-    cannot route that); the local part stays as it is (non-ASCII ones need SMTPUTF8).
-    """
-    from email_validator import EmailNotValidError, validate_email
-
-    try:
-        info = validate_email(email, check_deliverability=False)
-    except EmailNotValidError:
-        return email
-    return f"{info.local_part}@{info.ascii_domain}"
-
-
 def topic_label(topic: str) -> str:
     return topic.replace("-", " ").replace("_", " ").capitalize()
 
@@ -359,7 +344,7 @@ class Subscriptions:
         text = self.env.get_template(template).render(cluster=cluster, email=to, **values)
         msg = EmailMessage()
         msg["From"] = address(self.config.digest.from_address)
-        msg["To"] = address(ascii_address(to))
+        msg["To"] = address(to)
         if self.config.digest.reply_to:
             msg["Reply-To"] = address(self.config.digest.reply_to)
         msg["Subject"] = subject
