@@ -326,3 +326,28 @@ def test_rate_events_leave_the_window(store: Store) -> None:
     assert not store.take_rate("client:x", NOW + timedelta(minutes=20), window, 2)
     assert store.take_rate("client:y", NOW + timedelta(minutes=20), window, 2)
     assert store.take_rate("client:x", NOW + timedelta(minutes=61), window, 2)
+
+
+def test_an_unreachable_mail_server_is_a_sentence_not_a_traceback(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, run_cli: Any
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(
+        tmp_path,
+        served_example_feeds(feed_server),
+        database_url=database_url,
+        mail={"transport": "smtp", "host": "127.0.0.1", "port": port, "security": "none",
+              "timeout_seconds": 5},
+    )  # fmt: skip
+
+    result = run_cli("subscribers", "add", "new@example.org", "--config", config)
+
+    assert result.exit_code == 2
+    assert "new@example.org is stored as pending" in result.stderr
+    assert "check [mail]" in result.stderr
+    assert "Traceback" not in result.output
+    assert _states(config)["new@example.org"] == "pending"

@@ -26,6 +26,7 @@ from rich.table import Table
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
 from clusterfeed.health import Alert
+from clusterfeed.mail import PermanentFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -630,6 +631,9 @@ EXPORT_COLUMNS = (
     "confirmed_at",
     "unsubscribed_at",
 )
+# What sending a confirmation mail can raise that the operator can fix (the server, the
+# password, the Maildir folder).
+MAIL_ERRORS = (TemporaryFailure, PermanentFailure, OSError)
 CONSENT_COLUMNS = ("email", "at", "action", "form_version", "choices", "ip_hash")
 
 
@@ -721,9 +725,18 @@ def subscribers_add(
                 ]
             )
         prefs = Preferences(tuple(topics), tuple(languages), frequency)
-        outcome = asyncio.run(
-            subs.sign_up(address, prefs, ip_hash=None, action="add", confirmed=confirmed)
-        )
+        try:
+            outcome = asyncio.run(
+                subs.sign_up(address, prefs, ip_hash=None, action="add", confirmed=confirmed)
+            )
+        except MAIL_ERRORS as exc:
+            _fail(
+                [
+                    f"error: {address} is stored as pending, but the confirmation mail could "
+                    f"not be sent ({exc}); check [mail] and run the command again"
+                ]
+            )
+            raise
         if outcome == "already":
             out.print(f"{address} is already subscribed; nothing changed", markup=False)
         elif confirmed:
@@ -810,7 +823,16 @@ def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool
                 )
                 counts[outcome] = counts.get(outcome, 0) + 1
 
-        asyncio.run(run())
+        try:
+            asyncio.run(run())
+        except MAIL_ERRORS as exc:
+            _fail(
+                [
+                    f"error: {csv_file}: a confirmation mail could not be sent ({exc}); "
+                    f"{counts['confirm']} addresses were imported before it. Check [mail] and "
+                    "import the file again (pending addresses get a new mail)"
+                ]
+            )
         for address in erased:
             err.print(
                 f"refused: {csv_file}: {address} was erased on request and is on the "
