@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, select, update
+from sqlalchemy.engine import Connection
 
 from clusterfeed.config import load_config
 from clusterfeed.model import Entry, Subscriber
@@ -25,6 +26,7 @@ from clusterfeed.store import (
     StoreError,
     deliveries,
     schema_info,
+    subscribers,
 )
 from tests.conftest import FeedServer, Route, write_config
 
@@ -113,21 +115,32 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 3
-    assert store.schema_version() == 3
+    assert store.migrate() == SCHEMA_VERSION == 4
+    assert store.schema_version() == 4
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 3  # a second start changes nothing and loses nothing
+    assert store.migrate() == 4  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [3]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [4]
     store.close()
 
 
 V2_FEED_COLUMNS = ("state", "next_attempt_at", "failing_since", "moved_to", "discovered_url")
+V4_SUBSCRIBER_COLUMNS = ("status", "paused", "confirmed_at", "unsubscribed_at", "config_prefs")
+V4_TABLES = ("consents", "suppressions", "rate_events")
+
+
+def _back_to_version_3(conn: Connection) -> None:
+    """Undo what schema version 4 added, leaving what version 3 wrote."""
+    for table in V4_TABLES:
+        conn.exec_driver_sql(f"DROP TABLE {table}")
+    for column in V4_SUBSCRIBER_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE subscribers DROP COLUMN {column}")
+    conn.execute(update(schema_info).values(version=3))
 
 
 def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str) -> None:
@@ -145,6 +158,7 @@ def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str)
     )
     # Turn it into what version 1 wrote: no alerts table, none of the version-2 columns.
     with store.engine.begin() as conn:
+        _back_to_version_3(conn)
         conn.exec_driver_sql("DROP TABLE alerts")
         for column in V2_FEED_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE feeds DROP COLUMN {column}")
@@ -164,6 +178,39 @@ def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str)
     with upgraded.engine.connect() as conn:
         states = dict(conn.exec_driver_sql("SELECT name, state FROM feeds").all())
     assert states == {"Helix Vektor": "new", "Elbmed Pharma": "failing"}
+    upgraded.close()
+
+
+def test_a_version_3_database_is_upgraded_with_its_subscribers_confirmed_or_removed(
+    database_url: str,
+) -> None:
+    store = Store(database_url)
+    store.migrate()
+    with store.engine.begin() as conn:
+        _back_to_version_3(conn)
+        # What version 3 held: two config subscribers, one of them taken off the config.
+        for email, active in (("rita@example.org", True), ("old@example.org", False)):
+            conn.execute(
+                subscribers.insert().values(
+                    email=email, topics=[], languages=["de"], frequency="weekly",
+                    active=active, origin="config", created_at=NOW,
+                )
+            )  # fmt: skip
+    store.close()
+
+    upgraded = Store(database_url)
+    assert upgraded.migrate() == SCHEMA_VERSION
+    tables = set(inspect(upgraded.engine).get_table_names())
+    assert set(V4_TABLES) <= tables
+    states = {m.subscriber.email: m for m in upgraded.memberships()}
+    assert states["rita@example.org"].status == "confirmed"
+    assert states["rita@example.org"].confirmed_at == NOW
+    assert states["rita@example.org"].subscriber.languages == ("de",)
+    assert states["old@example.org"].status == "removed"
+    assert [s.email for s in upgraded.active_subscribers()] == ["rita@example.org"]
+    # The new tables work on the upgraded database.
+    assert upgraded.take_rate("k", NOW, timedelta(hours=1), 1)
+    assert not upgraded.take_rate("k", NOW, timedelta(hours=1), 1)
     upgraded.close()
 
 

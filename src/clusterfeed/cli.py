@@ -26,6 +26,7 @@ from rich.table import Table
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
 from clusterfeed.health import Alert
+from clusterfeed.mail import PermanentFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -613,3 +614,332 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
     except OSError as exc:
         _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
     out.print(f"wrote {out_file}: {export.exported} feeds", markup=False)
+
+
+# -- subscribers --------------------------------------------------------------------------
+
+EXPORT_COLUMNS = (
+    "email",
+    "name",
+    "topics",
+    "languages",
+    "frequency",
+    "status",
+    "paused",
+    "origin",
+    "created_at",
+    "confirmed_at",
+    "unsubscribed_at",
+)
+# What sending a confirmation mail can raise that the operator can fix (the server, the
+# password, the Maildir folder).
+MAIL_ERRORS = (TemporaryFailure, PermanentFailure, OSError)
+CONSENT_COLUMNS = ("email", "at", "action", "form_version", "choices", "ip_hash")
+
+
+@main.group()
+def subscribers() -> None:
+    """Who gets the digest: list, add, remove, import, export, erase."""
+
+
+def _config_emails(service: Service) -> set[str]:
+    return {s.email.lower() for s in all_subscribers(service.config)}
+
+
+def _checked_address(value: str) -> str:
+    from clusterfeed.config import normalize_email
+
+    try:
+        return normalize_email(value.strip())
+    except ValueError as exc:
+        _fail([f"error: {value!r}: {exc}"])
+    raise AssertionError("unreachable")
+
+
+@subscribers.command("list")
+@config_option
+@click.option("--all", "show_all", is_flag=True, help="Also list unsubscribed and removed ones.")
+@_handle_errors
+def subscribers_list(config_path: Path | None, show_all: bool) -> None:
+    """Show subscribers with their state and choices (empty choices mean "all")."""
+    with _service(config_path) as service:
+        members = service.store.memberships()
+        shown = [m for m in members if show_all or m.status in ("confirmed", "pending")]
+        # Plain aligned columns, every cell in full whatever the terminal's width: the
+        # address is what the operator copies into the next command.
+        rows = [("email", "state", "topics", "languages", "frequency", "since")]
+        for m in shown:
+            s = m.subscriber
+            rows.append(
+                (
+                    s.email,
+                    m.status + (",paused" if m.paused else ""),
+                    ",".join(s.topics) or "all",
+                    ",".join(s.languages) or "all",
+                    s.frequency,
+                    (m.confirmed_at or m.created_at).date().isoformat(),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            out.print(line.rstrip(), markup=False)
+        receiving = sum(1 for m in members if m.receives_digests)
+        out.print(
+            f"{receiving} receive the digest; {len(shown)} listed of {len(members)} known",
+            markup=False,
+        )
+
+
+@subscribers.command("add")
+@config_option
+@click.argument("email")
+@click.option("--topic", "topics", multiple=True, help="A topic to get (repeat; none = all).")
+@click.option("--language", "languages", multiple=True, help="A language (repeat; none = all).")
+@click.option("--frequency", type=click.Choice(["daily", "weekly"]), default="daily")
+@click.option(
+    "--confirmed",
+    is_flag=True,
+    help="You hold their consent already: no confirmation mail, digests start at once.",
+)
+@_handle_errors
+def subscribers_add(
+    config_path: Path | None,
+    email: str,
+    topics: tuple[str, ...],
+    languages: tuple[str, ...],
+    frequency: str,
+    confirmed: bool,
+) -> None:
+    """Add one address; without --confirmed it gets a confirmation mail first."""
+    from clusterfeed.subscribe import Preferences, Subscriptions
+
+    address = _checked_address(email)
+    with _service(config_path) as service:
+        subs = Subscriptions(service)
+        if subs.is_suppressed(address):
+            _fail(
+                [
+                    f"error: {address} was erased on request and is on the suppression list; "
+                    "it cannot be added again"
+                ]
+            )
+        prefs = Preferences(tuple(topics), tuple(languages), frequency)
+        try:
+            outcome = asyncio.run(
+                subs.sign_up(address, prefs, ip_hash=None, action="add", confirmed=confirmed)
+            )
+        except MAIL_ERRORS as exc:
+            _fail(
+                [
+                    f"error: {address} is stored as pending, but the confirmation mail could "
+                    f"not be sent ({exc}); check [mail] and run the command again"
+                ]
+            )
+            raise
+        if outcome == "already":
+            out.print(f"{address} is already subscribed; nothing changed", markup=False)
+        elif confirmed:
+            out.print(f"added {address} (confirmed)", markup=False)
+        else:
+            out.print(f"added {address}; a confirmation mail was sent", markup=False)
+
+
+@subscribers.command("remove")
+@config_option
+@click.argument("email")
+@_handle_errors
+def subscribers_remove(config_path: Path | None, email: str) -> None:
+    """Stop the digest to one address; their record stays (see erase)."""
+    address = _checked_address(email)
+    with _service(config_path) as service:
+        if address.lower() in _config_emails(service):
+            _fail(
+                [
+                    f"error: {address} is listed in {service.config.source} (subscribers or "
+                    "subscribers_csv); remove it there, it would come back at the next start"
+                ]
+            )
+        membership = service.store.membership(email=address)
+        if membership is None:
+            _fail([f"error: {address} is not a subscriber"])
+        assert membership is not None and membership.subscriber.id is not None
+        if service.store.unsubscribe(
+            membership.subscriber.id, service.clock(), action="remove", status="removed"
+        ):
+            out.print(f"removed {address}", markup=False)
+        else:
+            out.print(f"{address} was not subscribed; nothing changed", markup=False)
+
+
+@subscribers.command("import")
+@config_option
+@click.argument("csv_file", metavar="FILE.csv", type=click.Path(path_type=Path))
+@click.option(
+    "--confirmed",
+    is_flag=True,
+    help="You hold the consent of everyone in the file: no confirmation mails.",
+)
+@_handle_errors
+def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool) -> None:
+    """Add the addresses of a CSV file (header row; email, topics, languages, frequency).
+
+    Without --confirmed every new address is pending and gets a confirmation mail.
+    Rows with a status of unsubscribed or removed (as ``export --all`` writes them)
+    are skipped, so a round trip never re-subscribes anyone.
+    """
+    from clusterfeed.config import read_subscribers_csv
+    from clusterfeed.subscribe import Preferences, Subscriptions
+
+    extra = set(EXPORT_COLUMNS) - {"email", "name", "topics", "languages", "frequency"}
+    try:
+        rows = read_subscribers_csv(
+            csv_file,
+            ignore=extra,
+            skip=lambda row: row.get("status", "") in ("unsubscribed", "removed"),
+        )
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"nothing imported: {len(exc.problems)} problem(s) in {csv_file}"]
+        )
+    with _service(config_path) as service:
+        subs = Subscriptions(service)
+        erased = [r.email for r in rows if subs.is_suppressed(r.email)]
+        counts = {"confirm": 0, "already": 0}
+
+        async def run() -> None:
+            for row in rows:
+                if row.email in erased:
+                    continue
+                prefs = Preferences(tuple(row.topics), tuple(row.languages), row.frequency)
+                outcome = await subs.sign_up(
+                    row.email,
+                    prefs,
+                    ip_hash=None,
+                    action="import",
+                    confirmed=confirmed,
+                    name=row.name,
+                )
+                counts[outcome] = counts.get(outcome, 0) + 1
+
+        try:
+            asyncio.run(run())
+        except MAIL_ERRORS as exc:
+            _fail(
+                [
+                    f"error: {csv_file}: a confirmation mail could not be sent ({exc}); "
+                    f"{counts['confirm']} addresses were imported before it. Check [mail] and "
+                    "import the file again (pending addresses get a new mail)"
+                ]
+            )
+        for address in erased:
+            err.print(
+                f"refused: {csv_file}: {address} was erased on request and is on the "
+                "suppression list; remove it from the file",
+                markup=False,
+            )
+        state = "confirmed" if confirmed else "pending, confirmation mails sent"
+        out.print(
+            f"imported {counts['confirm']} ({state}), {counts['already']} already subscribed, "
+            f"{len(erased)} refused as erased",
+            markup=False,
+        )
+
+
+def _csv_text(header: tuple[str, ...], rows: list[list[str]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+@subscribers.command("export")
+@config_option
+@click.option("--all", "export_all", is_flag=True, help="Also unsubscribed and removed ones.")
+@click.option("--consents", is_flag=True, help="Export the consent record instead.")
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the CSV to this file instead of standard output.",
+)
+@_handle_errors
+def subscribers_export(
+    config_path: Path | None, export_all: bool, consents: bool, out_file: Path | None
+) -> None:
+    """Write subscribers (or, with --consents, every consent change) as CSV."""
+    from clusterfeed.publish import write_atomic
+    from clusterfeed.subscribe import consent_row
+
+    with _service(config_path) as service:
+        header: tuple[str, ...]
+        if consents:
+            header = CONSENT_COLUMNS
+            rows = [
+                [
+                    c.email,
+                    c.at.isoformat(),
+                    c.action,
+                    c.form_version or "",
+                    consent_row(c.choices),
+                    c.ip_hash or "",
+                ]
+                for c in service.store.consents()
+            ]
+        else:
+            header = EXPORT_COLUMNS
+            rows = [
+                [
+                    m.subscriber.email,
+                    m.subscriber.name or "",
+                    ";".join(m.subscriber.topics),
+                    ";".join(m.subscriber.languages),
+                    m.subscriber.frequency,
+                    m.status,
+                    "yes" if m.paused else "",
+                    m.origin,
+                    m.created_at.isoformat(),
+                    _iso(m.confirmed_at) or "",
+                    _iso(m.unsubscribed_at) or "",
+                ]
+                for m in service.store.memberships()
+                if export_all or m.status in ("confirmed", "pending")
+            ]
+    data = _csv_text(header, rows)
+    if out_file is None:
+        click.echo(data, nl=False)
+        return
+    try:
+        write_atomic(out_file, data.encode("utf-8"))
+    except OSError as exc:
+        _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
+    out.print(f"wrote {out_file}: {len(rows)} rows", markup=False)
+
+
+@subscribers.command("erase")
+@config_option
+@click.argument("email")
+@_handle_errors
+def subscribers_erase(config_path: Path | None, email: str) -> None:
+    """Delete every personal datum of an address (GDPR erasure); keep a keyed hash so it
+    cannot be imported or signed up again by mistake."""
+    from clusterfeed.subscribe import Subscriptions
+
+    address = _checked_address(email)
+    with _service(config_path) as service:
+        address = address.lower()
+        found = Subscriptions(service).erase(address)
+        what = "erased" if found else "not in the store; added to the suppression list"
+        out.print(f"{address}: {what}", markup=False)
+        if address.lower() in _config_emails(service):
+            err.print(
+                f"note: {address} is still listed in {service.config.source}; remove it "
+                "there (it gets no mail meanwhile)",
+                markup=False,
+            )

@@ -16,6 +16,7 @@ import os
 import re
 import tomllib
 import zoneinfo
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -372,6 +373,27 @@ class WebConfig(_Strict):
     _check_base = field_validator("base_url")(_http_url)
 
 
+class SignupConfig(_Strict):
+    """The public sign-up form and its limits (see README, "Subscribers")."""
+
+    enabled: bool = False
+    # Bump when the text of the form or the privacy notice changes: every consent row
+    # records the version the person saw.
+    form_version: str = Field("1", min_length=1, max_length=50)
+    confirm_hours: float = Field(48.0, gt=0, le=24 * 30)
+    address_limit: int = Field(3, ge=1, le=1000)
+    address_window_hours: float = Field(24.0, gt=0, le=24 * 30)
+    client_limit: int = Field(20, ge=1, le=100_000)
+    client_window_minutes: float = Field(60.0, gt=0, le=24 * 60)
+
+    @field_validator("form_version")
+    @classmethod
+    def _version(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (for example 2026-11)")
+        return value
+
+
 class SubscriberConfig(_Strict):
     email: str
     name: str | None = None
@@ -452,6 +474,7 @@ class Config(_Strict):
     mail: MailConfig = MailConfig()
     store: StoreConfig = StoreConfig()
     web: WebConfig = WebConfig()
+    signup: SignupConfig = SignupConfig()
     alerts: AlertsConfig = AlertsConfig()
     stories: StoriesConfig = StoriesConfig()
     filters: FiltersConfig = FiltersConfig()
@@ -688,10 +711,14 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
+def read_subscribers_csv(
+    path: Path, ignore: Collection[str] = (), skip: Callable[[dict[str, str]], bool] | None = None
+) -> list[SubscriberConfig]:
     """Read subscribers from a CSV with a header row; ``email`` is the only required column.
 
-    ``topics`` and ``languages`` hold several values separated by ``;``.
+    ``topics`` and ``languages`` hold several values separated by ``;``. Columns in
+    ``ignore`` are allowed and not read (``subscribers export`` writes a few more than
+    an import needs); rows for which ``skip`` is true are left out.
     """
     problems: list[Problem] = []
     result: list[SubscriberConfig] = []
@@ -705,7 +732,7 @@ def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
                 [Problem(path, "line 1", "the header row must have an 'email' column")]
             )
         allowed = {"email", "name", "topics", "languages", "frequency"}
-        unknown = [f for f in fields if f not in allowed]
+        unknown = [f for f in fields if f not in allowed and f not in ignore]
         if unknown:
             problems.append(
                 Problem(
@@ -718,6 +745,8 @@ def read_subscribers_csv(path: Path) -> list[SubscriberConfig]:
         for row in reader:
             line = reader.line_num
             clean = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if skip is not None and skip(clean):
+                continue
             data: dict[str, Any] = {"email": clean.get("email", "")}
             if clean.get("name"):
                 data["name"] = clean["name"]

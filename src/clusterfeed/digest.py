@@ -10,6 +10,7 @@ again after a crash is byte-for-byte the one that was meant, Message-ID included
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
@@ -289,6 +290,13 @@ def address(value: str) -> Address:
     if not addr or "@" not in addr:
         raise ValueError(f"not an e-mail address: {value!r}")
     local, _, domain = addr.rpartition("@")
+    if not domain.isascii():
+        # An internationalized domain goes into headers in its IDNA form (xn--…); left
+        # as it is, the email package writes it as an encoded word no server can route.
+        from email_validator import EmailNotValidError, validate_email
+
+        with contextlib.suppress(EmailNotValidError):
+            domain = validate_email(addr, check_deliverability=False).ascii_domain
     return Address(display_name=one_line(name, 100), username=local, domain=domain)
 
 

@@ -175,3 +175,37 @@ class FeedStatus:
         if self.state == "gone":
             return False
         return self.next_attempt_at is None or self.next_attempt_at <= now
+
+
+@dataclass(frozen=True)
+class Membership:
+    """A subscriber with their consent state, as the store keeps it.
+
+    ``status`` is ``pending`` (signed up, not confirmed), ``confirmed``, ``unsubscribed``
+    or ``removed`` (taken off the config or by the operator); only a confirmed, not
+    paused subscriber gets digests.
+    """
+
+    subscriber: Subscriber
+    status: str
+    paused: bool
+    origin: str
+    created_at: datetime
+    confirmed_at: datetime | None = None
+    unsubscribed_at: datetime | None = None
+
+    @property
+    def receives_digests(self) -> bool:
+        return self.status == "confirmed" and not self.paused
+
+
+@dataclass(frozen=True)
+class Consent:
+    """One change of consent: who, when, what they chose, under which form text."""
+
+    email: str
+    at: datetime
+    action: str  # signup | confirm | preferences | unsubscribe | import | config | add | remove
+    form_version: str | None
+    choices: dict[str, object]
+    ip_hash: str | None = None

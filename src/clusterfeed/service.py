@@ -73,7 +73,7 @@ from clusterfeed.site import (
 )
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
-from clusterfeed.tokens import UNSUBSCRIBE, make_token
+from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,18 @@ class Service:
             )
             for s in all_subscribers(self.config)
         ]
-        self.store.sync_subscribers(subs, self.clock())
+        secret = self.secret()
+        refused = self.store.sync_subscribers(
+            subs,
+            self.clock(),
+            lambda email: suppression_hash(secret, email),
+        )
+        for email in refused:
+            log.warning(
+                "%s is in the config's subscriber list but was erased on request; it gets "
+                "no mail. Remove it from the config (or from subscribers_csv) to silence this.",
+                email,
+            )
 
     # -- fetching -----------------------------------------------------------------
 

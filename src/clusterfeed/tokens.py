@@ -10,15 +10,101 @@ because a hand-rolled HMAC format is an easy place for subtle mistakes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
-from itsdangerous import BadSignature, Signer
+from itsdangerous import BadSignature, SignatureExpired, Signer, TimestampSigner
 
 UNSUBSCRIBE = "clusterfeed.unsubscribe.v1"
+CONFIRM = "clusterfeed.confirm.v1"
+FORM = "clusterfeed.form.v1"
 
 
 class InvalidToken(Exception):
     """The token was not made by this installation, or was altered."""
+
+
+class ExpiredToken(InvalidToken):
+    """The token was made here but is older than it may be."""
+
+
+def keyed_hash(secret: str, purpose: str, value: str) -> str:
+    """An HMAC-SHA256 of ``value``: the same input gives the same hash, but without the
+    secret nobody can test a guessed address or IP against it (a plain hash of an
+    e-mail address is reversed by trying a list of addresses)."""
+    key = hashlib.sha256(f"{purpose}\x1f{secret}".encode()).digest()
+    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
+
+
+def suppression_hash(secret: str, email: str) -> str:
+    """What the suppression list keeps of an erased address."""
+    return keyed_hash(secret, "suppress", email.strip().lower())
+
+
+class _ClockedSigner(TimestampSigner):
+    """A timestamp signer that reads the service's clock, so expiry is testable."""
+
+    def __init__(self, secret: str, salt: str, now: datetime) -> None:
+        super().__init__(secret, salt=salt)
+        self._now = int(now.timestamp())
+
+    def get_timestamp(self) -> int:
+        return self._now
+
+
+def make_timed_token(
+    secret: str, purpose: str, subscriber_id: int, email: str, now: datetime
+) -> str:
+    """Like ``make_token``, with the time it was made, for links that must expire."""
+    signer = _ClockedSigner(secret, f"{purpose}\x1f{email.strip().lower()}", now)
+    return signer.sign(str(subscriber_id)).decode("ascii")
+
+
+def read_timed_token(
+    secret: str,
+    purpose: str,
+    token: str,
+    email_of: Callable[[int], str | None],
+    now: datetime,
+    max_age: timedelta,
+) -> int:
+    """The subscriber id in a timed token; ``ExpiredToken`` when it is older than ``max_age``."""
+    head, sep, _ = token.partition(".")
+    if not sep or not head.isdigit():
+        raise InvalidToken("malformed token")
+    email = email_of(int(head))
+    if email is None:
+        raise InvalidToken("token signature does not match")
+    signer = _ClockedSigner(secret, f"{purpose}\x1f{email.strip().lower()}", now)
+    try:
+        value = signer.unsign(token, max_age=int(max_age.total_seconds()))
+    except SignatureExpired as exc:
+        raise ExpiredToken("token has expired") from exc
+    except BadSignature as exc:
+        raise InvalidToken("token signature does not match") from exc
+    return int(value)
+
+
+def make_form_token(secret: str, nonce: str, now: datetime) -> str:
+    """The CSRF value for a form: the browser's cookie nonce, signed with a time."""
+    return _ClockedSigner(secret, FORM, now).sign(nonce).decode("ascii")
+
+
+def form_token_matches(
+    secret: str, token: str, nonce: str, now: datetime, max_age: timedelta
+) -> bool:
+    """Whether a posted form token was made here, recently, for this browser's cookie."""
+    if not token or not nonce:
+        return False
+    try:
+        value = _ClockedSigner(secret, FORM, now).unsign(
+            token, max_age=int(max_age.total_seconds())
+        )
+    except BadSignature:
+        return False
+    return hmac.compare_digest(value, nonce.encode())
 
 
 def _signer(secret: str, purpose: str, email: str) -> Signer:

@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from clusterfeed import subscribe
 from clusterfeed.service import Service
 
 CONTENT_TYPES = {
@@ -375,6 +376,7 @@ def create_app(service: Service) -> Starlette:
         routes=[
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *subscribe.routes(service),
             Route("/{path:path}", published, methods=["GET", "HEAD"]),
         ]
     )
