@@ -113,17 +113,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 3
-    assert store.schema_version() == 3
+    assert store.migrate() == SCHEMA_VERSION == 4
+    assert store.schema_version() == 4
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 3  # a second start changes nothing and loses nothing
+    assert store.migrate() == 4  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [3]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [4]
     store.close()
 
 
@@ -149,6 +149,8 @@ def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str)
         for column in V2_FEED_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE feeds DROP COLUMN {column}")
         conn.exec_driver_sql("ALTER TABLE entries DROP COLUMN join_reason")  # version 3
+        for table, column in V4_DELIVERY_COLUMNS:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute(update(schema_info).values(version=1))
     store.close()
 
@@ -164,6 +166,38 @@ def test_a_version_1_database_is_upgraded_without_losing_data(database_url: str)
     with upgraded.engine.connect() as conn:
         states = dict(conn.exec_driver_sql("SELECT name, state FROM feeds").all())
     assert states == {"Helix Vektor": "new", "Elbmed Pharma": "failing"}
+    upgraded.close()
+
+
+V4_DELIVERY_COLUMNS = (
+    ("deliveries", "next_attempt_at"),
+    ("subscribers", "hard_bounces"),
+    ("subscribers", "bouncing_since"),
+)
+
+
+def test_a_version_3_outbox_is_upgraded_and_its_pending_mail_is_due_at_once(
+    store: Store, database_url: str
+) -> None:
+    delivery = _one_digest(store)
+    with store.engine.begin() as conn:
+        for table, column in V4_DELIVERY_COLUMNS:
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.execute(update(schema_info).values(version=3))
+    store.close()
+
+    upgraded = Store(database_url)
+    assert upgraded.migrate() == SCHEMA_VERSION
+
+    (due,) = upgraded.pending_deliveries(now=NOW)
+    assert (due.id, due.message_id) == (delivery.id, "<m1@nordbio.example>")
+    assert upgraded.bouncing() == []
+    with upgraded.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT hard_bounces FROM subscribers").scalars().all() == [0]
+    # The new columns work: a refusal counts, a delivery resets the count.
+    (claimed,) = upgraded.claim_due("w:1", NOW, 10)
+    assert upgraded.mark_failed(claimed, "550 no", refused_address=True, now=NOW, bounce_after=1)
+    assert [b.email for b in upgraded.bouncing()] == ["rita@example.org"]
     upgraded.close()
 
 
