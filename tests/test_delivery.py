@@ -31,6 +31,7 @@ from aiosmtpd.smtp import Envelope, Session
 from sqlalchemy import select
 
 from clusterfeed.config import load_config
+from clusterfeed.digest import message_bytes
 from clusterfeed.mail import RateLimiter, RetryPolicy, next_attempt
 from clusterfeed.service import Service
 from clusterfeed.store import Store, deliveries, subscribers
@@ -414,6 +415,44 @@ def test_a_refused_sender_stops_the_run_and_fails_no_delivery(
     assert again.exit_code == 0, again.output
     assert "3 sent" in again.stdout
     assert _per_recipient(smtp) == {f"reader{i:03d}@example.org": 1 for i in range(3)}
+
+
+def test_a_large_outbox_rendered_in_worker_processes_sends_the_same_messages(
+    tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str
+) -> None:
+    path = write_config(
+        tmp_path,
+        served_example_feeds(feed_server),
+        database_url=database_url,
+        mail=_mail(smtp, connections=3),
+        subscribers=[
+            {"email": "ada@example.org", "name": "Ada", "topics": ["gene-therapy"]},
+            {"email": "ben@example.org", "languages": ["de"]},
+            {"email": "kenji@example.org", "languages": ["ja", "en"]},
+            {"email": "lena@example.org", "topics": ["research", "financing"]},
+            {"email": "ole@example.org"},
+        ],
+    )
+    clock = Clock(T0)
+    service = _service(path, clock)
+    asyncio.run(service.fetch())
+    service.create_digest("test:pool", clock())
+    expected = {d.subscriber.email: service.compose(d) for d in service.store.pending_deliveries()}
+    service.render_threshold = 1  # what a large outbox does: render in worker processes
+
+    report = asyncio.run(service.send_pending())
+
+    assert report.sent == 5
+    received = {e.rcpt_tos[0]: _parse(e.content) for e in smtp.handler.messages}
+    assert set(received) == set(expected) and len(smtp.handler.messages) == 5
+    for address, message in received.items():
+        mine = _parse(message_bytes(expected[address]))  # the same CRLF wire form
+        assert message["Message-ID"] == mine["Message-ID"]
+        assert message["Subject"] == mine["Subject"]
+        assert message.get_body(("plain",)).get_content() == mine.get_body(("plain",)).get_content()
+    assert service.store.delivery_counts() == {"sent": 5}
+    service.close()
+    service.store.close()
 
 
 # -- the rate limit ------------------------------------------------------------------

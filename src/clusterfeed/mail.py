@@ -23,6 +23,7 @@ import random
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -68,12 +69,33 @@ class SetupFailure(PermanentFailure):
         super().__init__(message, address=False)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A message already turned into its bytes (rendered in a worker process, where an
+    ``EmailMessage`` would cost a second serialization to carry back)."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+Outgoing = EmailMessage | Prepared
+
+
+def prepare(message: EmailMessage) -> Prepared:
+    return Prepared(
+        message["From"].addresses[0].addr_spec,
+        tuple(a.addr_spec for a in message["To"].addresses),
+        message_bytes(message),
+    )
+
+
 class Transport(Protocol):
     """Where messages go. ``connections`` is how many sends may run at once."""
 
     connections: int
 
-    async def send(self, message: EmailMessage, key: str, slot: int) -> None: ...
+    async def send(self, message: Outgoing, key: str, slot: int) -> None: ...
 
     def is_delivered(self, key: str) -> bool: ...
 
@@ -232,8 +254,8 @@ def make_signer(cfg: MailConfig, config_file: Path) -> DkimSigner | None:
     return DkimSigner(cfg.dkim.selector, cfg.dkim.domain, key)
 
 
-def wire_bytes(message: EmailMessage, signer: DkimSigner | None) -> bytes:
-    data = message_bytes(message)
+def wire_bytes(message: Outgoing, signer: DkimSigner | None) -> bytes:
+    data = message.data if isinstance(message, Prepared) else message_bytes(message)
     return signer.sign(data) if signer is not None else data
 
 
@@ -257,7 +279,7 @@ class MaildirTransport:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 
-    async def send(self, message: EmailMessage, key: str, slot: int = 0) -> None:
+    async def send(self, message: Outgoing, key: str, slot: int = 0) -> None:
         data = wire_bytes(message, self.signer)
         # ".eml" so that a double click opens the message in a mail client (the issue
         # promises "one .eml per message"); Maildir readers accept any unique name.
@@ -338,14 +360,17 @@ class SmtpTransport:
         self._clients[slot] = client
         return client
 
-    async def send(self, message: EmailMessage, key: str, slot: int = 0) -> None:
+    async def send(self, message: Outgoing, key: str, slot: int = 0) -> None:
         data = wire_bytes(message, self.signer)
+        if isinstance(message, Prepared):
+            sender, recipients = message.sender, list(message.recipients)
+        else:
+            sender = message["From"].addresses[0].addr_spec
+            recipients = [a.addr_spec for a in message["To"].addresses]
         client = await self._client(slot)
         if self.limiter is not None:
             await self.limiter.acquire()
         try:
-            sender = message["From"].addresses[0].addr_spec
-            recipients = [a.addr_spec for a in message["To"].addresses]
             await client.sendmail(sender, recipients, data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
@@ -409,9 +434,11 @@ class SendReport:
 async def deliver_pending(
     store: Store,
     transport: Transport,
-    compose: Callable[[Delivery], EmailMessage],
+    compose: Callable[[Delivery], Outgoing],
     *,
     clock: Callable[[], datetime],
+    render: Callable[[Delivery], Awaitable[Outgoing]] | None = None,
+    ahead: int | None = None,
     policy: RetryPolicy | None = None,
     bounce_after: int = 3,
     spread: Callable[[], float] = random.random,
@@ -419,10 +446,11 @@ async def deliver_pending(
 ) -> SendReport:
     """Send every delivery that is due; safe to run in several processes at once.
 
-    One task claims rows in batches and renders them (in a thread, so rendering the
-    next message overlaps with sending this one); one task per connection sends and
-    records each answer before it takes the next message. Memory holds one claimed
-    batch and a few rendered messages, however long the outbox is.
+    One task claims rows in batches and has up to ``ahead`` of them rendered at once
+    (``compose`` in a thread, or ``render``, e.g. in worker processes), in outbox
+    order; one task per connection sends and records each answer before it takes the
+    next message. Memory holds one claimed batch and a few rendered messages, however
+    long the outbox is.
     """
     policy = policy or RetryPolicy()
     report = SendReport(bouncing=[])
@@ -431,32 +459,49 @@ async def deliver_pending(
     # the same process, and each run gives back only its own unfinished claims.
     me = f"{worker_id()}/{secrets.token_hex(4)}"
     connections = max(1, transport.connections)
-    queue: asyncio.Queue[tuple[Delivery, EmailMessage] | None] = asyncio.Queue(
-        maxsize=2 * connections
-    )
+    queue: asyncio.Queue[tuple[Delivery, Outgoing] | None] = asyncio.Queue(maxsize=2 * connections)
+    window = max(1, ahead or 2)
+
+    def start(delivery: Delivery) -> asyncio.Future[Outgoing]:
+        if render is not None:
+            return asyncio.ensure_future(render(delivery))
+        return asyncio.ensure_future(asyncio.to_thread(compose, delivery))
+
     stop = asyncio.Event()
     problems: list[BaseException] = []
 
     async def produce() -> None:
+        rendering: deque[tuple[Delivery, asyncio.Future[Outgoing]]] = deque()
+
+        async def hand_on() -> None:
+            delivery, future = rendering.popleft()
+            try:
+                message = await future
+            except Exception as exc:
+                # A template or store problem: put the row back, then stop loudly.
+                store.mark_retry(delivery, f"could not compose the message: {exc}")
+                raise
+            await queue.put((delivery, message))
+
         try:
             while not stop.is_set():
                 batch = store.claim_due(me, clock(), CLAIM_BATCH)
                 if not batch:
-                    return
+                    break
                 for delivery in batch:
                     if stop.is_set():
-                        return
-                    try:
-                        message = await asyncio.to_thread(compose, delivery)
-                    except Exception as exc:
-                        # A template or store problem: put the row back, then stop loudly.
-                        store.mark_retry(delivery, f"could not compose the message: {exc}")
-                        raise
-                    await queue.put((delivery, message))
+                        break
+                    rendering.append((delivery, start(delivery)))
+                    if len(rendering) >= window:
+                        await hand_on()
+            while rendering and not stop.is_set():
+                await hand_on()
         except BaseException as exc:
             problems.append(exc)
             stop.set()
         finally:
+            for _delivery, future in rendering:
+                future.cancel()
             for _ in range(connections):
                 await queue.put(None)
 

@@ -38,6 +38,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -292,6 +293,40 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_2_to_3,
     _migrate_3_to_4_delivery,
 ]
+
+
+class _SentStatements:
+    """``mark_sent``'s statements, built once: it runs once per message, and building
+    the expressions cost more than executing them."""
+
+    def __init__(self) -> None:
+        values = {
+            "state": "sent",
+            "sent_at": bindparam("now"),
+            "last_error": None,
+            "next_attempt_at": None,
+            "attempts": deliveries.c.attempts + 1,
+        }
+        mine = and_(deliveries.c.id == bindparam("did"), deliveries.c.state == "sending")
+        self.update_any = update(deliveries).where(mine).values(**values)
+        self.update_claimed = (
+            update(deliveries)
+            .where(mine, deliveries.c.claimed_by == bindparam("by"))
+            .values(**values)
+        )
+        self.have = select(sent_stories.c.story_id).where(
+            sent_stories.c.subscriber_id == bindparam("sid"),
+            sent_stories.c.story_id.in_(bindparam("ids", expanding=True)),
+        )
+        self.insert = insert(sent_stories)
+        self.reset_bounces = (
+            update(subscribers)
+            .where(subscribers.c.id == bindparam("sid"), subscribers.c.hard_bounces > 0)
+            .values(hard_bounces=0)
+        )
+
+
+_SENT = _SentStatements()
 
 
 @dataclass(frozen=True)
@@ -1337,50 +1372,33 @@ class Store:
         """Record acceptance and which stories the subscriber now has, in one commit.
 
         This commit is what bounds the duplicate window, so it is one per message and
-        kept small: the story rows go in with one statement that skips those the
-        subscriber already has.
+        kept small: statements built once (``_SENT``), the story rows in one insert.
         """
         with self._tx() as conn:
-            conditions = [deliveries.c.id == delivery.id, deliveries.c.state == "sending"]
-            if claimed_by is not None:
-                conditions.append(deliveries.c.claimed_by == claimed_by)
-            result = conn.execute(
-                update(deliveries)
-                .where(and_(*conditions))
-                .values(
-                    state="sent",
-                    sent_at=now,
-                    last_error=None,
-                    next_attempt_at=None,
-                    attempts=deliveries.c.attempts + 1,
+            if claimed_by is None:
+                result = conn.execute(_SENT.update_any, {"did": delivery.id, "now": now})
+            else:
+                result = conn.execute(
+                    _SENT.update_claimed, {"did": delivery.id, "now": now, "by": claimed_by}
                 )
-            )
             if result.rowcount != 1:
                 return
             subscriber_id = delivery.subscriber.id
             if delivery.story_ids:
-                have = {
-                    r[0]
-                    for r in conn.execute(
-                        select(sent_stories.c.story_id).where(
-                            sent_stories.c.subscriber_id == subscriber_id,
-                            sent_stories.c.story_id.in_(delivery.story_ids),
-                        )
-                    )
-                }
+                have = set(
+                    conn.execute(
+                        _SENT.have, {"sid": subscriber_id, "ids": list(delivery.story_ids)}
+                    ).scalars()
+                )
                 new = [
                     {"subscriber_id": subscriber_id, "story_id": sid, "delivery_id": delivery.id}
                     for sid in dict.fromkeys(delivery.story_ids)
                     if sid not in have
                 ]
                 if new:
-                    conn.execute(insert(sent_stories), new)
+                    conn.execute(_SENT.insert, new)
             # A delivered message ends a run of permanent refusals.
-            conn.execute(
-                update(subscribers)
-                .where(subscribers.c.id == subscriber_id, subscribers.c.hard_bounces > 0)
-                .values(hard_bounces=0)
-            )
+            conn.execute(_SENT.reset_bounces, {"sid": subscriber_id})
 
     def release_claims(self, worker: str) -> int:
         """Give back what this worker claimed but did not finish (a run that stopped)."""
