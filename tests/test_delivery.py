@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
+import os
 import random
 import socket
 import subprocess
@@ -671,6 +672,63 @@ KILLS = 20
 CONNECTIONS = 3
 
 
+def _kill_repeatedly(
+    config: Path, log: Path, received: Any, count: Any, rng: random.Random
+) -> tuple[int, int]:
+    """Start ``clusterfeed digest``, SIGKILL it at a random point, KILLS times.
+
+    ``received()`` counts the copies of each Message-ID delivered so far, ``count()``
+    (cheap enough to poll) how many messages there are. Returns the kills that landed
+    and how many messages were, at the moment of a kill, delivered during that run but
+    still "sending" in the store: the window.
+    """
+    in_window = kills = 0
+    while kills < KILLS:
+        had = received()
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [CLUSTERFEED, "digest", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        # A random point after the run started to send: 0-2 more messages, then
+        # 0-15 ms, so kills fall before, during and after the server's answer.
+        target = count() + rng.randint(0, 2)
+        while count() < target and proc.poll() is None:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.015))
+        if proc.poll() is not None:
+            break  # everything was sent before this kill: the final run checks it
+        proc.kill()
+        proc.wait()
+        kills += 1
+        store = Store(load_config(config).database_url)
+        with store.engine.connect() as conn:
+            sending = set(
+                conn.execute(
+                    select(deliveries.c.message_id).where(deliveries.c.state == "sending")
+                ).scalars()
+            )
+        store.close()
+        now_has = received()
+        window = sum(1 for m in sending if now_has[m] > had[m])
+        assert window <= CONNECTIONS, f"kill {kills}: {window} accepted but not recorded"
+        in_window += window
+    final = subprocess.run(
+        [CLUSTERFEED, "digest", "--config", str(config)], capture_output=True, timeout=120
+    )
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert kills >= 10, f"only {kills} kills landed before the digest was complete"
+    return kills, in_window
+
+
+def _fetch_in_subprocess(config: Path) -> None:
+    fetch = subprocess.run(
+        [CLUSTERFEED, "fetch", "--config", str(config)], capture_output=True, timeout=120
+    )
+    assert fetch.returncode == 0, fetch.stderr
+
+
 def test_a_smtp_sender_killed_20_times_at_random_points_delivers_each_digest_once_but_the_window(
     tmp_path: Path, feed_server: FeedServer, database_url: str
 ) -> None:
@@ -690,57 +748,18 @@ def test_a_smtp_sender_killed_20_times_at_random_points_delivers_each_digest_onc
             mail=_mail(server, connections=CONNECTIONS),
             subscribers=_readers(SUBSCRIBERS),
         )
-        fetch = subprocess.run(
-            [CLUSTERFEED, "fetch", "--config", str(config)], capture_output=True, timeout=120
-        )
-        assert fetch.returncode == 0, fetch.stderr
-        log = tmp_path / "digest.log"
-        rng = random.Random(4)
-        in_window = 0
-        kills = 0
+        _fetch_in_subprocess(config)
 
         def received() -> Counter[str]:
             return Counter(_parse(e.content)["Message-ID"] for e in list(handler.messages))
 
-        while kills < KILLS:
-            before = len(handler.messages)
-            had = received()
-            with log.open("ab") as out:
-                proc = subprocess.Popen(
-                    [CLUSTERFEED, "digest", "--config", str(config)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            # A random point after the run started to send: 0-2 more messages, then
-            # 0-15 ms, so kills fall before, during and after the server's answer.
-            target = before + rng.randint(0, 2)
-            while len(handler.messages) < target and proc.poll() is None:
-                time.sleep(0.001)
-            time.sleep(rng.uniform(0, 0.015))
-            if proc.poll() is not None:
-                break  # everything was sent before this kill: the final run checks it
-            proc.kill()
-            proc.wait()
-            kills += 1
-            # Accepted by the server during this run, but still "sending" in the store:
-            # exactly the messages the next run sends again.
-            store = Store(load_config(config).database_url)
-            with store.engine.connect() as conn:
-                sending = set(
-                    conn.execute(
-                        select(deliveries.c.message_id).where(deliveries.c.state == "sending")
-                    ).scalars()
-                )
-            store.close()
-            now_has = received()
-            window = sum(1 for m in sending if now_has[m] > had[m])
-            assert window <= CONNECTIONS, f"kill {kills}: {window} accepted but not recorded"
-            in_window += window
-
-        final = subprocess.run(
-            [CLUSTERFEED, "digest", "--config", str(config)], capture_output=True, timeout=120
+        kills, in_window = _kill_repeatedly(
+            config,
+            tmp_path / "digest.log",
+            received,
+            lambda: len(handler.messages),
+            random.Random(4),
         )
-        assert final.returncode == 0, final.stdout + final.stderr
 
         copies = received()
         recipients = Counter(r for e in handler.messages for r in e.rcpt_tos)
@@ -750,9 +769,43 @@ def test_a_smtp_sender_killed_20_times_at_random_points_delivers_each_digest_onc
         print(f"{kills} kills, {duplicates} duplicates, all in the documented window")
         assert duplicates == in_window, (duplicates, in_window)
         assert duplicates <= kills * CONNECTIONS
-        assert kills >= 10, f"only {kills} kills landed before the digest was complete"
         store = Store(load_config(config).database_url)
         assert store.delivery_counts() == {"sent": SUBSCRIBERS}
         store.close()
     finally:
         controller.stop()
+
+
+def test_a_maildir_sender_killed_20_times_at_random_points_delivers_each_digest_exactly_once(
+    tmp_path: Path, feed_server: FeedServer, database_url: str
+) -> None:
+    # More subscribers than over SMTP: writing a file is quicker than an SMTP exchange,
+    # and the kills must land before the digest is complete.
+    n = 150
+    config = write_config(
+        tmp_path,
+        served_example_feeds(feed_server),
+        database_url=database_url,
+        subscribers=_readers(n),
+    )
+    _fetch_in_subprocess(config)
+    new = tmp_path / "mail" / "new"
+
+    def received() -> Counter[str]:
+        if not new.is_dir():
+            return Counter()
+        return Counter(_parse(f.read_bytes())["Message-ID"] for f in new.iterdir())
+
+    def count() -> int:
+        return len(os.listdir(new)) if new.is_dir() else 0
+
+    kills, in_window = _kill_repeatedly(
+        config, tmp_path / "digest.log", received, count, random.Random(8)
+    )
+
+    copies = received()
+    print(f"{kills} kills, {in_window} files written but not recorded at a kill, no duplicate")
+    assert len(copies) == n and set(copies.values()) == {1}, "exactly one file per subscriber"
+    store = Store(load_config(config).database_url)
+    assert store.delivery_counts() == {"sent": n}
+    store.close()
