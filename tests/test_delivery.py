@@ -283,6 +283,37 @@ def test_a_4xx_answer_is_delivered_on_a_later_run_after_the_delay_exactly_once(
     service.store.close()
 
 
+def test_the_schedulers_fetch_cycle_sends_deferred_deliveries_once_they_are_due(
+    tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed
+) -> None:
+    from clusterfeed.schedule import _fetch_and_publish
+
+    news = News(feed_server, rss_feed)
+    path = write_config(
+        tmp_path,
+        [{"name": "Helix Vektor", "url": news.url}],
+        database_url=database_url,
+        mail=_mail(smtp, retry_first_minutes=10, retry_jitter=0),
+        subscribers=_readers(2),
+    )
+    clock = Clock(T0)
+    service = _service(path, clock)
+    smtp.handler.script["reader000@example.org"] = ["421 4.7.0 Try again later"]
+    _round(service, clock, "1")
+    assert _per_recipient(smtp) == {"reader001@example.org": 1}
+
+    clock.advance(minutes=5)  # a fetch cycle before the retry is due sends nothing
+    asyncio.run(_fetch_and_publish(service))
+    assert _per_recipient(smtp) == {"reader001@example.org": 1}
+
+    clock.advance(minutes=6)
+    asyncio.run(_fetch_and_publish(service))
+
+    assert _per_recipient(smtp) == {"reader000@example.org": 1, "reader001@example.org": 1}
+    assert service.store.delivery_counts() == {"sent": 2}
+    service.store.close()
+
+
 def test_repeated_4xx_answers_wait_longer_each_time_then_fail_with_the_last_answer(
     tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed
 ) -> None:
