@@ -115,17 +115,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 4
-    assert store.schema_version() == 4
+    assert store.migrate() == SCHEMA_VERSION == 5
+    assert store.schema_version() == 5
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 4  # a second start changes nothing and loses nothing
+    assert store.migrate() == 5  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [4]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [5]
     store.close()
 
 
@@ -134,8 +134,23 @@ V4_SUBSCRIBER_COLUMNS = ("status", "paused", "confirmed_at", "unsubscribed_at", 
 V4_TABLES = ("consents", "suppressions", "rate_events")
 
 
+V5_DELIVERY_COLUMNS = (
+    ("deliveries", "next_attempt_at"),
+    ("subscribers", "hard_bounces"),
+    ("subscribers", "bouncing_since"),
+)
+
+
+def _back_to_version_4(conn: Connection) -> None:
+    """Undo what schema version 5 added, leaving what version 4 wrote."""
+    for table, column in V5_DELIVERY_COLUMNS:
+        conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+    conn.execute(update(schema_info).values(version=4))
+
+
 def _back_to_version_3(conn: Connection) -> None:
-    """Undo what schema version 4 added, leaving what version 3 wrote."""
+    """Undo what schema versions 5 and 4 added, leaving what version 3 wrote."""
+    _back_to_version_4(conn)
     for table in V4_TABLES:
         conn.exec_driver_sql(f"DROP TABLE {table}")
     for column in V4_SUBSCRIBER_COLUMNS:
@@ -211,6 +226,29 @@ def test_a_version_3_database_is_upgraded_with_its_subscribers_confirmed_or_remo
     # The new tables work on the upgraded database.
     assert upgraded.take_rate("k", NOW, timedelta(hours=1), 1)
     assert not upgraded.take_rate("k", NOW, timedelta(hours=1), 1)
+    upgraded.close()
+
+
+def test_a_version_4_outbox_is_upgraded_and_its_pending_mail_is_due_at_once(
+    store: Store, database_url: str
+) -> None:
+    delivery = _one_digest(store)
+    with store.engine.begin() as conn:
+        _back_to_version_4(conn)
+    store.close()
+
+    upgraded = Store(database_url)
+    assert upgraded.migrate() == SCHEMA_VERSION
+
+    (due,) = upgraded.pending_deliveries(now=NOW)
+    assert (due.id, due.message_id) == (delivery.id, "<m1@nordbio.example>")
+    assert upgraded.bouncing() == []
+    with upgraded.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT hard_bounces FROM subscribers").scalars().all() == [0]
+    # The new columns work: a refusal counts, a delivery resets the count.
+    (claimed,) = upgraded.claim_due("w:1", NOW, 10)
+    assert upgraded.mark_failed(claimed, "550 no", refused_address=True, now=NOW, bounce_after=1)
+    assert [b.email for b in upgraded.bouncing()] == ["rita@example.org"]
     upgraded.close()
 
 

@@ -26,7 +26,7 @@ from rich.table import Table
 from clusterfeed import __version__
 from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
 from clusterfeed.health import Alert
-from clusterfeed.mail import PermanentFailure, TemporaryFailure
+from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -106,6 +106,9 @@ def _handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except StoreError as exc:
             _fail([f"error: {exc}"])
+        except SetupFailure as exc:
+            # Nothing was failed: the deliveries wait for the next run.
+            _fail([f"error: {exc}", "Nothing was marked failed; fix this and run again."])
         except KeyboardInterrupt:
             _fail(["interrupted"], 130)
 
@@ -237,7 +240,7 @@ def _send_with_progress(service: Service) -> Any:
             logging.getLogger("clusterfeed.mail").info("%s: %s", d.subscriber.email, outcome)
 
         return asyncio.run(service.send_pending(on_progress=log_one))
-    total = len(service.store.pending_deliveries())
+    total = service.store.count_due(service.clock())
     with Progress(
         TextColumn("sending"), BarColumn(), MofNCompleteColumn(), console=err, transient=True
     ) as progress:
@@ -274,15 +277,37 @@ def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> Non
         _created, planned = service.create_digest(adhoc_digest_key("manual", now), now)
         report = _send_with_progress(service)
         # Count what the first pass delivered too: a message deferred last time and
-        # sent now was reported as "0 sent". Deferred is what is still waiting.
+        # sent now was reported as "0 sent". Deferred is what is still waiting for a
+        # retry, from this run or an earlier one.
+        waiting = service.store.delivery_counts().get("pending", 0)
+        report.retry = waiting
         out.print(
             f"digest: {planned} planned, {earlier.sent + report.sent} sent, "
-            f"{report.retry} deferred, {earlier.failed + report.failed} failed"
+            f"{waiting} deferred, {earlier.failed + report.failed} failed"
             + (
                 f" (mail in {service.config.mail.maildir}/new)"
                 if service.config.mail.transport == "maildir"
                 else ""
             ),
+            markup=False,
+        )
+        _print_delivery_notes(service, report)
+
+
+def _print_delivery_notes(service: Service, report: SendReport) -> None:
+    """What the operator must know after sending: when deferred mail is tried again,
+    and which addresses were just marked bouncing."""
+    if report.retry:
+        when = service.store.next_retry_at()
+        out.print(
+            f"deferred deliveries are tried again from {_when(when, 'now')} "
+            "(by `clusterfeed run`, or the next `clusterfeed digest`)",
+            markup=False,
+        )
+    for email in report.bouncing or []:
+        out.print(
+            f"{email} is now bouncing: later digests skip it until "
+            f"`clusterfeed bounces clear {email}`",
             markup=False,
         )
 
@@ -340,9 +365,11 @@ def run(config_path: Path | None, once: bool, with_web: bool) -> None:
         out.print(
             f"digest: {report.sent} sent of {planned} planned"
             + (f", {report.failed} failed" if report.failed else "")
+            + (f", {report.retry} deferred" if report.retry else "")
             + f" → {where}",
             markup=False,
         )
+        _print_delivery_notes(service, report)
 
 
 async def _run_service(service: Service, with_web: bool) -> None:
@@ -463,6 +490,51 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             f"deliveries: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}",
             markup=False,
         )
+        _print_bouncing(service)
+
+
+def _print_bouncing(service: Service) -> None:
+    bouncing = service.store.bouncing()
+    if not bouncing:
+        return
+    out.print(
+        f"bouncing addresses ({len(bouncing)}; digests skip them until "
+        "`clusterfeed bounces clear EMAIL`):",
+        markup=False,
+    )
+    for b in bouncing:
+        out.print(
+            f"  {b.email}: since {_when(b.since)}, {b.refusals} refusals in a row"
+            + (f"; last: {b.last_error}" if b.last_error else ""),
+            markup=False,
+        )
+
+
+@main.group(invoke_without_command=True)
+@config_option
+@click.pass_context
+@_handle_errors
+def bounces(ctx: click.Context, config_path: Path | None) -> None:
+    """List addresses marked bouncing (permanent refusals in a row)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with _service(config_path) as service:
+        if not service.store.bouncing():
+            out.print("no bouncing addresses", markup=False)
+            return
+        _print_bouncing(service)
+
+
+@bounces.command("clear")
+@config_option
+@click.argument("email")
+@_handle_errors
+def bounces_clear(config_path: Path | None, email: str) -> None:
+    """Let the next digests reach EMAIL again (after the address was fixed)."""
+    with _service(config_path) as service:
+        if not service.store.clear_bouncing(email):
+            _fail([f"error: {email} is not marked bouncing (see `clusterfeed bounces`)"], 1)
+        out.print(f"{email} is no longer bouncing; the next digest includes it", markup=False)
 
 
 @main.command()

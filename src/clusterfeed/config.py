@@ -325,6 +325,29 @@ class DigestConfig(_Strict):
     lookback_days: int = Field(14, ge=1, le=365)
 
 
+class DkimConfig(_Strict):
+    """DKIM signing: the key signs for ``domain``; receivers fetch the public half from
+    ``<selector>._domainkey.<domain>`` in DNS."""
+
+    selector: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    domain: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z0-9-]+$")
+    private_key_file: Path | None = None
+    private_key_env: str | None = Field(None, validate_default=True)
+
+    @field_validator("private_key_env")
+    @classmethod
+    def _one_key_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        has_file = info.data.get("private_key_file") is not None
+        if value and has_file:
+            raise ValueError("set private_key_file or private_key_env, not both")
+        if not value and not has_file and "private_key_file" in info.data:
+            raise ValueError(
+                "DKIM needs a key: set private_key_file (a PEM file) or private_key_env "
+                "(the name of an environment variable holding the PEM text)"
+            )
+        return value
+
+
 class MailConfig(_Strict):
     transport: Literal["maildir", "smtp"] = "maildir"
     maildir: Path = Path("mail")
@@ -335,6 +358,21 @@ class MailConfig(_Strict):
     password_env: str | None = None
     connections: int = Field(2, ge=1, le=50)
     timeout_seconds: float = Field(60.0, gt=0, le=600)
+    # How often all connections together may hand over a message; 0 = no limit.
+    rate_per_minute: float = Field(0, ge=0)
+    # A 4xx answer (or a lost connection) is tried again after retry_first_minutes, then
+    # each delay times retry_factor, at most retry_max_minutes, with +-retry_jitter of it
+    # at random; after retry_attempts attempts or retry_hours since the digest was built
+    # the delivery fails with the last answer.
+    retry_first_minutes: float = Field(5, gt=0)
+    retry_factor: float = Field(3, ge=1)
+    retry_max_minutes: float = Field(240, gt=0)
+    retry_jitter: float = Field(0.1, ge=0, lt=1)
+    retry_attempts: int = Field(8, ge=1, le=100)
+    retry_hours: float = Field(48, gt=0)
+    # This many permanent refusals (5xx) in a row mark an address bouncing.
+    bounce_after: int = Field(3, ge=1, le=100)
+    dkim: DkimConfig | None = None
 
     # Field validators (not one model validator), so each problem is reported at its own
     # key ("mail.host", not "mail" with the whole table as the "found" value).
@@ -608,7 +646,15 @@ def _resolve_paths(config: Config, file: Path) -> Config:
             "digest": config.digest.model_copy(
                 update={"templates_dir": absolute(config.digest.templates_dir)}
             ),
-            "mail": config.mail.model_copy(update={"maildir": absolute(config.mail.maildir)}),
+            "mail": config.mail.model_copy(
+                update={
+                    "maildir": absolute(config.mail.maildir),
+                    "dkim": config.mail.dkim
+                    and config.mail.dkim.model_copy(
+                        update={"private_key_file": absolute(config.mail.dkim.private_key_file)}
+                    ),
+                }
+            ),
             "store": config.store.model_copy(update={"url": store_url}),
         }
     )
@@ -702,6 +748,16 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                 "export it with the SMTP password before starting clusterfeed",
             )
         )
+    dkim = mail.get("dkim")
+    if isinstance(dkim, dict):
+        key_file, key_env = dkim.get("private_key_file"), dkim.get("private_key_env")
+        try:
+            if isinstance(key_file, str) and key_file:
+                read_dkim_key(file, local(key_file), None)
+            elif isinstance(key_env, str) and key_env:
+                read_dkim_key(file, None, key_env)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     csv_path = raw.get("subscribers_csv")
     if isinstance(csv_path, str):
         try:
@@ -847,3 +903,62 @@ def _explain(file: Path, raw: dict[str, Any], exc: ValidationError) -> list[Prob
                 message = f"{shown}expected {err['ctx']['expected']}"
         problems.append(Problem(file, key, message))
     return problems
+
+
+def read_dkim_key(config_file: Path, key_file: Path | None, key_env: str | None) -> bytes:
+    """The DKIM private key as PEM bytes, or a ConfigError that says what to fix.
+
+    Read when the transport starts (and by ``check``), not per message: a key that is
+    missing or unreadable must stop the run before the first digest goes out unsigned.
+    """
+    from dkim.crypto import parse_pem_private_key
+
+    if key_file is not None:
+        key = "mail.dkim.private_key_file"
+        try:
+            data = key_file.read_bytes()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                [
+                    Problem(
+                        config_file,
+                        key,
+                        f"cannot read the DKIM key {key_file} ({reason}); check the path "
+                        "(relative paths start at the config file's folder) and that the "
+                        "user running clusterfeed may read it",
+                    )
+                ]
+            ) from None
+        where = str(key_file)
+    else:
+        key = "mail.dkim.private_key_env"
+        value = os.environ.get(key_env or "")
+        if not value:
+            raise ConfigError(
+                [
+                    Problem(
+                        config_file,
+                        key,
+                        f"environment variable {key_env} is not set; export it with the "
+                        "DKIM private key (PEM text) before starting clusterfeed",
+                    )
+                ]
+            )
+        data = value.encode()
+        where = f"${key_env}"
+    try:
+        parse_pem_private_key(data)
+    except Exception as exc:  # dkimpy raises several unrelated classes for a bad key
+        raise ConfigError(
+            [
+                Problem(
+                    config_file,
+                    key,
+                    f"{where} is not a PEM RSA private key ({exc}); "
+                    "it must begin with -----BEGIN RSA PRIVATE KEY----- or "
+                    "-----BEGIN PRIVATE KEY-----",
+                )
+            ]
+        ) from None
+    return data

@@ -81,6 +81,7 @@ async def _fetch_and_publish(service: Service) -> None:
         await service.send_alerts()
         published = service.publish()
         await service.notify_hub(published)
+        await _send_due_retries(service)
         failed = sum(1 for o in outcomes if o.state == "failed")
         log.info(
             "fetch cycle: %d feeds, %d failed, feed %s (%d files written, %d unchanged)",
@@ -92,6 +93,19 @@ async def _fetch_and_publish(service: Service) -> None:
         )
     except Exception:  # a job must never take the scheduler down
         log.exception("fetch cycle failed")
+
+
+async def _send_due_retries(service: Service) -> None:
+    """Deferred deliveries come due between digests; the fetch cycle sends them."""
+    if not service.store.count_due(service.clock()):
+        return
+    report = await service.send_pending()
+    log.info(
+        "deferred deliveries: %d sent, %d deferred again, %d failed",
+        report.sent,
+        report.retry,
+        report.failed,
+    )
 
 
 async def _digest(service: Service, slot: datetime) -> None:

@@ -12,7 +12,8 @@ import logging
 import multiprocessing
 import os
 import secrets
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -48,12 +49,16 @@ from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.mail import (
+    Outgoing,
     PermanentFailure,
+    Prepared,
+    RetryPolicy,
     SendReport,
     TemporaryFailure,
     Transport,
     deliver_pending,
     make_transport,
+    prepare,
 )
 from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
@@ -82,6 +87,11 @@ Clock = Callable[[], datetime]
 # Feeds in one cycle from which parsing moves to worker processes (fetch.parse_processes
 # unset): below it, starting the processes costs more than it saves.
 PARALLEL_PARSE_THRESHOLD = 40
+# From this many due deliveries on, messages are rendered in worker processes: below
+# it, starting the processes costs more than rendering in a thread.
+PARALLEL_RENDER_THRESHOLD = 300
+# Stories kept between messages of one sending run (they are shared by many digests).
+STORY_CACHE_SIZE = 2000
 
 
 def utc_now() -> datetime:
@@ -200,6 +210,10 @@ class Service:
         self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         self._digest_pages: dict[int, DigestPage] = {}  # a sent digest's page never moves
+        self._digest_env: jinja2.Environment | None = None
+        self._story_cache: dict[int, Story] = {}
+        self.render_threshold = PARALLEL_RENDER_THRESHOLD
+        self._story_lock = threading.Lock()
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
@@ -637,8 +651,11 @@ class Service:
         since = now - timedelta(days=cfg.digest.lookback_days)
         candidates = self.store.recent_stories(since=since)
         plan = []
+        bouncing = self.store.bouncing_subscriber_ids()
         for subscriber in self.store.active_subscribers():
             assert subscriber.id is not None
+            if subscriber.id in bouncing:
+                continue  # listed by `clusterfeed status` until the operator clears it
             if not is_due(subscriber, self.store.last_sent_at(subscriber.id), now):
                 continue
             had = self.store.unavailable_story_ids(subscriber.id)
@@ -674,12 +691,18 @@ class Service:
                 )  # fmt: skip
         return created, len(rows) if created else 0
 
+    def digest_environment(self) -> jinja2.Environment:
+        """The digest templates, compiled once per service, not once per message
+        (compiling took four fifths of a message's rendering time). jinja2 still
+        notices an edited template file and compiles it again."""
+        if self._digest_env is None:
+            self._digest_env = make_environment(template_dir(self.config))
+        return self._digest_env
+
     def compose(self, delivery: Delivery) -> EmailMessage:
         """Render one outbox row into the message the subscriber receives."""
-        env = make_environment(template_dir(self.config))
-        stories = self.store.recent_stories(only_ids=delivery.story_ids)
-        order = {sid: i for i, sid in enumerate(delivery.story_ids)}
-        stories.sort(key=lambda s: order.get(s.id, 0))
+        env = self.digest_environment()
+        stories = self._stories(delivery.story_ids)
         links = self.links_for(delivery.subscriber, self.digest_page(delivery.digest_id))
         rendered = render_digest(
             env, self.config, delivery.subscriber, stories, slot=delivery.digest_slot, links=links
@@ -692,6 +715,24 @@ class Service:
             slot=delivery.digest_slot,
             links=links,
         )
+
+    def _stories(self, ids: Sequence[int]) -> list[Story]:
+        """The stories of one message, in its order; loaded once per sending run, since
+        thousands of digests share the same few dozen stories."""
+        with self._story_lock:
+            missing = [i for i in ids if i not in self._story_cache]
+        if missing:
+            loaded = self.store.recent_stories(only_ids=missing)
+            with self._story_lock:
+                if len(self._story_cache) + len(loaded) > STORY_CACHE_SIZE:
+                    self._story_cache.clear()
+                self._story_cache.update((s.id, s) for s in loaded if s.id is not None)
+                found = {s.id: s for s in loaded}
+        else:
+            found = {}
+        with self._story_lock:
+            cache = self._story_cache
+            return [s for i in ids if (s := cache.get(i) or found.get(i)) is not None]
 
     def preview(self) -> str:
         """The HTML the first matching subscriber would get now, for ``digest --preview``."""
@@ -713,13 +754,53 @@ class Service:
         transport: Transport | None = None,
         on_progress: Callable[[Delivery, str], None] | None = None,
     ) -> SendReport:
-        return await deliver_pending(
-            self.store,
-            transport or make_transport(self.config.mail),
-            self.compose,
-            clock=self.clock,
-            on_progress=on_progress,
-        )
+        """Send every due delivery. A large outbox is rendered in worker processes, so
+        rendering (CPU-bound Python) runs beside the sending instead of taking turns
+        with it on one core."""
+        with self._story_lock:
+            self._story_cache.clear()  # stories may have changed since the last run
+        transport = transport or self.transport()
+        workers = self._render_processes(self.store.count_due(self.clock()))
+        pool = None
+        render = None
+        if workers:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["clusterfeed.service"])
+            pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=context,
+                initializer=_start_renderer,
+                initargs=(self.config,),
+            )
+            loop = asyncio.get_running_loop()
+
+            def render(delivery: Delivery) -> asyncio.Future[Outgoing]:
+                return loop.run_in_executor(pool, _render_in_worker, delivery)
+
+        try:
+            return await deliver_pending(
+                self.store,
+                transport,
+                self.compose,
+                clock=self.clock,
+                render=render,
+                ahead=4 * workers if workers else 2,
+                policy=RetryPolicy.from_config(self.config.mail),
+                bounce_after=self.config.mail.bounce_after,
+                on_progress=on_progress,
+            )
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _render_processes(self, due: int) -> int:
+        if due < self.render_threshold:
+            return 0
+        return max(1, os.cpu_count() or 1)
+
+    def transport(self) -> Transport:
+        """The configured transport, DKIM signer and rate limit included."""
+        return make_transport(self.config.mail, self.config.source)
 
     async def digest(self, key: str, slot: datetime) -> tuple[bool, int, SendReport]:
         """Finish any earlier digest's deliveries, then build and send ``key``."""
@@ -748,7 +829,7 @@ class Service:
         ]
         if not pending:
             return []
-        transport = transport or make_transport(self.config.mail)
+        transport = transport or self.transport()
         sent = []
         try:
             for alert in pending:
@@ -803,3 +884,19 @@ def _already_holds(path: Path, keep_if: KeepIf | KeepExisting) -> bool:
         return keep_if.matches(path.read_bytes())
     except FileNotFoundError:
         return False
+
+
+# -- rendering in worker processes ----------------------------------------------------
+
+_RENDERER: Service | None = None
+
+
+def _start_renderer(config: Config) -> None:
+    """A worker's own service and store connection; it only reads."""
+    global _RENDERER
+    _RENDERER = Service(config, Store(config.database_url))
+
+
+def _render_in_worker(delivery: Delivery) -> Prepared:
+    assert _RENDERER is not None
+    return prepare(_RENDERER.compose(delivery))

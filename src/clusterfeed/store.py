@@ -38,6 +38,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -207,6 +208,10 @@ subscribers = Table(
     # The preferences the config last gave, so a subscriber's own changes survive a
     # restart and only an edit of the config overrides them.
     Column("config_prefs", JSON),
+    # Schema version 5 (delivery): permanent refusals in a row, and since when the
+    # address counts as bouncing (skipped by digests until the operator clears it).
+    Column("hard_bounces", Integer, nullable=False, server_default="0"),
+    Column("bouncing_since", _UTCDateTime()),
 )
 
 # Schema version 4: the consent record. One row per change of consent, kept as long as
@@ -267,6 +272,8 @@ deliveries = Table(
     Column("claimed_by", String(200)),
     Column("claimed_at", _UTCDateTime()),
     Column("sent_at", _UTCDateTime()),
+    # Schema version 5: a deferred delivery waits until then (NULL: due now).
+    Column("next_attempt_at", _UTCDateTime()),
     UniqueConstraint("digest_id", "subscriber_id", name="uq_deliveries_digest_subscriber"),
 )
 Index("ix_deliveries_state", deliveries.c.state)
@@ -279,7 +286,7 @@ sent_stories = Table(
     Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -349,13 +356,54 @@ def _migrate_3_to_4(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_4_to_5(conn: Connection) -> None:
+    # Pending rows get no next_attempt_at: they are due at once, as they were before.
+    _add_columns(conn, deliveries, ["next_attempt_at"])
+    _add_columns(conn, subscribers, ["hard_bounces", "bouncing_since"])
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_1_to_2,
     _migrate_2_to_3,
     _migrate_3_to_4,
+    _migrate_4_to_5,
 ]
+
+
+class _SentStatements:
+    """``mark_sent``'s statements, built once: it runs once per message, and building
+    the expressions cost more than executing them."""
+
+    def __init__(self) -> None:
+        values = {
+            "state": "sent",
+            "sent_at": bindparam("now"),
+            "last_error": None,
+            "next_attempt_at": None,
+            "attempts": deliveries.c.attempts + 1,
+        }
+        mine = and_(deliveries.c.id == bindparam("did"), deliveries.c.state == "sending")
+        self.update_any = update(deliveries).where(mine).values(**values)
+        self.update_claimed = (
+            update(deliveries)
+            .where(mine, deliveries.c.claimed_by == bindparam("by"))
+            .values(**values)
+        )
+        self.have = select(sent_stories.c.story_id).where(
+            sent_stories.c.subscriber_id == bindparam("sid"),
+            sent_stories.c.story_id.in_(bindparam("ids", expanding=True)),
+        )
+        self.insert = insert(sent_stories)
+        self.reset_bounces = (
+            update(subscribers)
+            .where(subscribers.c.id == bindparam("sid"), subscribers.c.hard_bounces > 0)
+            .values(hard_bounces=0)
+        )
+
+
+_SENT = _SentStatements()
 
 
 @dataclass(frozen=True)
@@ -371,6 +419,19 @@ class Delivery:
     message_id: str
     state: str
     attempts: int
+    # When the digest was built: retries stop once it is older than the configured age.
+    digest_created: datetime | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Bouncing:
+    """An address that refused mail for good several times in a row."""
+
+    email: str
+    since: datetime
+    refusals: int
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -399,7 +460,8 @@ def _claim_is_dead(
 ) -> bool:
     if not claimed_by or claimed_at is None:
         return True
-    host, _, pid = claimed_by.rpartition(":")
+    # "host:pid", or "host:pid/run" for one of several sending runs in one process.
+    host, _, pid = claimed_by.split("/", 1)[0].rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
         if int(pid) == os.getpid():
             return False
@@ -1680,6 +1742,7 @@ class Store:
                 deliveries,
                 digests.c.key.label("digest_key"),
                 digests.c.slot_at.label("digest_slot"),
+                digests.c.created_at.label("digest_created"),
                 subscribers.c.email,
                 subscribers.c.name,
                 subscribers.c.topics,
@@ -1690,14 +1753,81 @@ class Store:
             .join(subscribers, subscribers.c.id == deliveries.c.subscriber_id)
         )
 
-    def pending_deliveries(self, limit: int | None = None) -> list[Delivery]:
-        query = (
-            self._delivery_query().where(deliveries.c.state == "pending").order_by(deliveries.c.id)
-        )
+    @staticmethod
+    def _due(now: datetime | None) -> Any:
+        condition = deliveries.c.state == "pending"
+        if now is not None:
+            condition = and_(
+                condition,
+                or_(deliveries.c.next_attempt_at.is_(None), deliveries.c.next_attempt_at <= now),
+            )
+        return condition
+
+    def pending_deliveries(
+        self, limit: int | None = None, *, now: datetime | None = None
+    ) -> list[Delivery]:
+        """Pending deliveries in outbox order; with ``now``, only those due by then."""
+        query = self._delivery_query().where(self._due(now)).order_by(deliveries.c.id)
         if limit:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             return [_row_to_delivery(r) for r in conn.execute(query)]
+
+    def count_due(self, now: datetime) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(deliveries).where(self._due(now))
+                ).scalar_one()
+            )
+
+    def next_retry_at(self) -> datetime | None:
+        """When the earliest deferred delivery is due, for the operator's summary."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(func.min(deliveries.c.next_attempt_at)).where(
+                    deliveries.c.state == "pending"
+                )
+            ).scalar()
+            return _utc(value)
+
+    def claim_due(self, worker: str, now: datetime, limit: int) -> list[Delivery]:
+        """Take up to ``limit`` due deliveries for this worker in one transaction.
+
+        Claiming a batch does not widen the duplicate window: a claimed row that was
+        never handed to the server is simply released on restart; only the step from
+        the server's acceptance to ``mark_sent`` matters, and that stays one commit
+        per message.
+        """
+        with self._tx() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    select(deliveries.c.id)
+                    .where(self._due(now))
+                    .order_by(deliveries.c.id)
+                    .limit(limit)
+                )
+            ]
+            if not ids:
+                return []
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id.in_(ids), deliveries.c.state == "pending")
+                .values(state="sending", claimed_by=worker, claimed_at=now)
+            )
+            rows = conn.execute(
+                self._delivery_query()
+                .where(
+                    deliveries.c.id.in_(ids),
+                    deliveries.c.state == "sending",
+                    deliveries.c.claimed_by == worker,
+                )
+                .order_by(deliveries.c.id)
+            ).all()
+        # ``attempts`` grows when an answer is recorded, not here: claims that a
+        # stopped run gives back were no attempt.
+        return [_row_to_delivery(r) for r in rows]
 
     def claim(self, delivery_id: int, worker: str, now: datetime) -> bool:
         """Take a pending delivery for this worker; False if someone else has it."""
@@ -1705,59 +1835,179 @@ class Store:
             result = conn.execute(
                 update(deliveries)
                 .where(deliveries.c.id == delivery_id, deliveries.c.state == "pending")
-                .values(
-                    state="sending",
-                    claimed_by=worker,
-                    claimed_at=now,
-                    attempts=deliveries.c.attempts + 1,
-                )
+                .values(state="sending", claimed_by=worker, claimed_at=now)
             )
             return bool(result.rowcount == 1)
 
     def mark_sent(self, delivery: Delivery, now: datetime, claimed_by: str | None = None) -> None:
-        """Record acceptance and which stories the subscriber now has, in one commit."""
+        """Record acceptance and which stories the subscriber now has, in one commit.
+
+        This commit is what bounds the duplicate window, so it is one per message and
+        kept small: statements built once (``_SENT``), the story rows in one insert.
+        """
         with self._tx() as conn:
-            conditions = [deliveries.c.id == delivery.id, deliveries.c.state == "sending"]
-            if claimed_by is not None:
-                conditions.append(deliveries.c.claimed_by == claimed_by)
-            result = conn.execute(
-                update(deliveries)
-                .where(and_(*conditions))
-                .values(state="sent", sent_at=now, last_error=None)
-            )
+            if claimed_by is None:
+                result = conn.execute(_SENT.update_any, {"did": delivery.id, "now": now})
+            else:
+                result = conn.execute(
+                    _SENT.update_claimed, {"did": delivery.id, "now": now, "by": claimed_by}
+                )
             if result.rowcount != 1:
                 return
-            for story_id in delivery.story_ids:
-                exists = conn.execute(
-                    select(sent_stories.c.story_id).where(
-                        sent_stories.c.subscriber_id == delivery.subscriber.id,
-                        sent_stories.c.story_id == story_id,
-                    )
-                ).first()
-                if exists is None:
+            subscriber_id = delivery.subscriber.id
+            if delivery.story_ids:
+                have = set(
                     conn.execute(
-                        insert(sent_stories).values(
-                            subscriber_id=delivery.subscriber.id,
-                            story_id=story_id,
-                            delivery_id=delivery.id,
-                        )
+                        _SENT.have, {"sid": subscriber_id, "ids": list(delivery.story_ids)}
+                    ).scalars()
+                )
+                new = [
+                    {"subscriber_id": subscriber_id, "story_id": sid, "delivery_id": delivery.id}
+                    for sid in dict.fromkeys(delivery.story_ids)
+                    if sid not in have
+                ]
+                if new:
+                    conn.execute(_SENT.insert, new)
+            # A delivered message ends a run of permanent refusals.
+            conn.execute(_SENT.reset_bounces, {"sid": subscriber_id})
+
+    def release_claims(self, worker: str) -> int:
+        """Give back what this worker claimed but did not finish (a run that stopped)."""
+        with self._tx() as conn:
+            result = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.state == "sending", deliveries.c.claimed_by == worker)
+                .values(state="pending", claimed_by=None, claimed_at=None)
+            )
+            return int(result.rowcount or 0)
+
+    def mark_retry(
+        self, delivery: Delivery, error: str, next_attempt_at: datetime | None = None
+    ) -> None:
+        """Put a delivery back in the queue, due at ``next_attempt_at`` (None: at once)."""
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id)
+                .values(
+                    state="pending",
+                    claimed_by=None,
+                    claimed_at=None,
+                    last_error=error,
+                    next_attempt_at=next_attempt_at,
+                    attempts=deliveries.c.attempts + 1,
+                )
+            )
+
+    def mark_failed(
+        self,
+        delivery: Delivery,
+        error: str,
+        *,
+        refused_address: bool = False,
+        now: datetime | None = None,
+        bounce_after: int = 0,
+    ) -> bool:
+        """Record a delivery that will not be tried again.
+
+        ``refused_address`` counts a permanent refusal against the address; the
+        ``bounce_after``-th one in a row marks it bouncing, and its other waiting
+        deliveries fail with that reason in the same transaction. True if the address
+        became bouncing now.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id)
+                .values(
+                    state="failed",
+                    claimed_by=None,
+                    last_error=error,
+                    next_attempt_at=None,
+                    attempts=deliveries.c.attempts + 1,
+                )
+            )
+            if not refused_address:
+                return False
+            subscriber_id = delivery.subscriber.id
+            conn.execute(
+                update(subscribers)
+                .where(subscribers.c.id == subscriber_id)
+                .values(hard_bounces=subscribers.c.hard_bounces + 1)
+            )
+            row = conn.execute(
+                select(subscribers.c.hard_bounces, subscribers.c.bouncing_since).where(
+                    subscribers.c.id == subscriber_id
+                )
+            ).one()
+            if not bounce_after or row.hard_bounces < bounce_after or row.bouncing_since:
+                return False
+            conn.execute(
+                update(subscribers)
+                .where(subscribers.c.id == subscriber_id)
+                .values(bouncing_since=now or datetime.now(UTC))
+            )
+            conn.execute(
+                update(deliveries)
+                .where(
+                    deliveries.c.subscriber_id == subscriber_id,
+                    deliveries.c.state == "pending",
+                )
+                .values(
+                    state="failed",
+                    next_attempt_at=None,
+                    last_error=f"not sent: the address is bouncing ({error})",
+                )
+            )
+            return True
+
+    def bouncing(self) -> list[Bouncing]:
+        """Bouncing addresses with the refusal that tipped them over, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(subscribers.c.id, subscribers.c.email, subscribers.c.bouncing_since,
+                       subscribers.c.hard_bounces)
+                .where(subscribers.c.bouncing_since.is_not(None))
+                .order_by(subscribers.c.bouncing_since, subscribers.c.email)
+            ).all()  # fmt: skip
+            result = []
+            for row in rows:
+                last = conn.execute(
+                    select(deliveries.c.last_error)
+                    .where(
+                        deliveries.c.subscriber_id == row.id,
+                        deliveries.c.state == "failed",
+                        deliveries.c.last_error.not_like("not sent: %"),
                     )
+                    .order_by(deliveries.c.id.desc())
+                    .limit(1)
+                ).scalar()
+                since = _utc(row.bouncing_since)
+                assert since is not None
+                result.append(Bouncing(row.email, since, int(row.hard_bounces), last))
+            return result
 
-    def mark_retry(self, delivery: Delivery, error: str) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery.id)
-                .values(state="pending", claimed_by=None, claimed_at=None, last_error=error)
-            )
+    def bouncing_subscriber_ids(self) -> set[int]:
+        with self.engine.connect() as conn:
+            return {
+                int(r[0])
+                for r in conn.execute(
+                    select(subscribers.c.id).where(subscribers.c.bouncing_since.is_not(None))
+                )
+            }
 
-    def mark_failed(self, delivery: Delivery, error: str) -> None:
+    def clear_bouncing(self, email: str) -> bool:
+        """The operator says the address works again; False if it was not bouncing."""
         with self._tx() as conn:
-            conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery.id)
-                .values(state="failed", claimed_by=None, last_error=error)
+            result = conn.execute(
+                update(subscribers)
+                .where(
+                    func.lower(subscribers.c.email) == email.strip().lower(),
+                    subscribers.c.bouncing_since.is_not(None),
+                )
+                .values(bouncing_since=None, hard_bounces=0)
             )
+            return bool(result.rowcount)
 
     def last_sent_at(self, subscriber_id: int) -> datetime | None:
         with self.engine.connect() as conn:
@@ -1933,4 +2183,6 @@ def _row_to_delivery(row: Any) -> Delivery:
         message_id=row.message_id,
         state=row.state,
         attempts=row.attempts,
+        digest_created=_utc(row.digest_created),
+        last_error=row.last_error,
     )
