@@ -38,11 +38,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
     insert,
-    or_,
     select,
     text,
     update,
@@ -602,9 +602,7 @@ class Store:
                     if link_row.identity not in fetched_ids:
                         by_link.setdefault(link_row.link_key, (link_row.id, link_row.content_hash))
             changes = plan_feed_update(new_entries, existing, by_link)
-            summary = FeedUpdateSummary(0, 0, 0)
-            for change in changes:
-                summary = self._apply_change(conn, feed_id, name, change, now, summary, matcher)
+            summary = self._write_changes(conn, feed_id, changes, now)
             conn.execute(
                 update(feeds)
                 .where(feeds.c.id == feed_id)
@@ -624,79 +622,82 @@ class Store:
             )
             return summary
 
-    def _apply_change(
-        self,
-        conn: Connection,
-        feed_id: int,
-        feed_name: str,
-        change: EntryChange,
-        now: datetime,
-        summary: FeedUpdateSummary,
-        matcher: StoryMatcher | None = None,
+    def _write_changes(
+        self, conn: Connection, feed_id: int, changes: Sequence[EntryChange], now: datetime
     ) -> FeedUpdateSummary:
-        entry = change.entry
-        values = {
-            "guid": entry.guid,
-            "link": entry.link,
-            "link_key": entry.link_key,
-            "title": entry.title,
-            "summary_html": entry.summary_html,
-            "summary_text": entry.summary_text,
-            "content_html": entry.content_html,
-            "image_url": entry.image_url,
-            "image_alt": entry.image_alt,
-            "author": entry.author,
-            "topics": list(entry.topics),
-            "language": entry.language,
-            "published_at": entry.published,
-            "updated_at": entry.updated,
-            "content_hash": entry.content_hash,
-        }
-        if change.kind == "update":
-            # The identity is written too: for a rotated GUID the entry is re-keyed.
+        """Apply one feed's planned changes with a handful of statements, whatever their number.
+
+        A first fetch brings a feed's whole backlog (30 items, or 10,000); one INSERT per
+        entry and story cost about 20 ms of SQLAlchemy bookkeeping per feed, on the one
+        thread that writes. So the lookups go by chunks of keys and the writes are
+        executemany calls of statements built once (``_STMT``), which the database
+        driver runs in a loop of its own. The result is the same as entry by entry:
+        the lookups only see other feeds' rows, which this feed's writes do not change.
+        """
+        updates = [c for c in changes if c.kind == "update"]
+        new = [c.entry for c in changes if c.kind == "new"]
+        if updates:
             conn.execute(
-                update(entries)
-                .where(entries.c.id == change.entry_id)
-                .values(identity=entry.identity, **values)
+                _STMT.update_entry,
+                [
+                    {"b_id": c.entry_id, "identity": c.entry.identity, **_entry_values(c.entry)}
+                    for c in updates
+                ],
             )
-            story_id = conn.execute(
-                select(entries.c.story_id).where(entries.c.id == change.entry_id)
-            ).scalar_one()
-            self._touch_story(conn, story_id, now)
-            return FeedUpdateSummary(
-                summary.new_entries, summary.updated_entries + 1, summary.new_stories
-            )
-        story_id = self._matching_story(conn, feed_id, entry)
-        join_reason = None if story_id is None else "the same GUID or page"
-        new_story = story_id is None
-        if story_id is None:
-            story_id = conn.execute(
-                insert(stories)
-                .values(
-                    key=f"{feed_id}-{_short_hash(entry.identity)}",
-                    first_seen_at=now,
-                    updated_at=now,
-                    published_at=entry.published,
+            ids = [c.entry_id for c in updates]
+            touched: set[int] = set()
+            for chunk in _chunks(ids, 500):
+                touched.update(
+                    int(story_id)
+                    for story_id in conn.execute(
+                        select(entries.c.story_id).where(entries.c.id.in_(chunk))
+                    ).scalars()
                 )
-                .returning(stories.c.id)
-            ).scalar_one()
-        else:
-            # A second partner told a story we already have: it gains a source and a
-            # new updated date, but stays one story.
-            self._touch_story(conn, story_id, now, entry.published)
-        conn.execute(
-            insert(entries).values(
-                feed_id=feed_id,
-                story_id=story_id,
-                identity=entry.identity,
-                first_seen_at=now,
-                join_reason=join_reason,
-                **values,
+            conn.execute(
+                _STMT.touch_story, [{"b_id": i, "updated_at": now} for i in sorted(touched)]
             )
+        if not new:
+            return FeedUpdateSummary(0, len(updates), 0)
+        matched = self._matching_stories(conn, feed_id, new)
+        unmatched = [e for e in new if e.identity not in matched]
+        story_ids: dict[str, int] = {}
+        if unmatched:
+            keys = {f"{feed_id}-{_short_hash(e.identity)}": e.identity for e in unmatched}
+            conn.execute(
+                _STMT.insert_story,
+                [
+                    {"key": key, "first_seen_at": now, "updated_at": now,
+                     "published_at": e.published}
+                    for key, e in zip(keys, unmatched, strict=True)
+                ],
+            )  # fmt: skip
+            for chunk in _chunks(list(keys), 500):
+                for row in conn.execute(
+                    select(stories.c.id, stories.c.key).where(stories.c.key.in_(chunk))
+                ):
+                    story_ids[keys[row.key]] = int(row.id)
+        for entry in new:
+            story_id = matched.get(entry.identity)
+            if story_id is not None:
+                # A second partner told a story we already have: it gains a source and
+                # a new updated date, but stays one story.
+                self._touch_story(conn, story_id, now, entry.published)
+                story_ids[entry.identity] = story_id
+        conn.execute(
+            _STMT.insert_entry,
+            [
+                {
+                    "feed_id": feed_id,
+                    "story_id": story_ids[e.identity],
+                    "identity": e.identity,
+                    "first_seen_at": now,
+                    "join_reason": "the same GUID or page" if e.identity in matched else None,
+                    **_entry_values(e),
+                }
+                for e in new
+            ],
         )
-        return FeedUpdateSummary(
-            summary.new_entries + 1, summary.updated_entries, summary.new_stories + int(new_story)
-        )
+        return FeedUpdateSummary(len(new), len(updates), len(unmatched))
 
     def join_new_stories(self, since: datetime, matcher: StoryMatcher) -> int:
         """Join this cycle's new one-item stories to the story they tell, if any.
@@ -831,22 +832,37 @@ class Store:
             )
 
     @staticmethod
-    def _matching_story(conn: Connection, feed_id: int, entry: Entry) -> int | None:
-        """The story another feed already holds for the same item (same GUID or page)."""
-        conditions = []
-        if entry.guid:
-            conditions.append(entries.c.guid == entry.guid)
-        if entry.link_key:
-            conditions.append(entries.c.link_key == entry.link_key)
-        if not conditions:
-            return None
-        row = conn.execute(
-            select(entries.c.story_id)
-            .where(entries.c.feed_id != feed_id, or_(*conditions))
-            .order_by(entries.c.id)
-            .limit(1)
-        ).first()
-        return None if row is None else int(row.story_id)
+    def _matching_stories(conn: Connection, feed_id: int, new: Sequence[Entry]) -> dict[str, int]:
+        """The story another feed already holds for each new entry (same GUID or page).
+
+        Per entry, the earliest other-feed entry sharing its GUID or its link key wins,
+        as one ``ORDER BY id LIMIT 1`` per entry would say; found by chunks of keys.
+        """
+        first: dict[tuple[str, str], tuple[int, int]] = {}
+        for column, name in ((entries.c.guid, "guid"), (entries.c.link_key, "link")):
+            values = sorted({v for e in new if (v := e.guid if name == "guid" else e.link_key)})
+            for chunk in _chunks(values, 500):
+                for row in conn.execute(
+                    select(column.label("value"), entries.c.id, entries.c.story_id).where(
+                        entries.c.feed_id != feed_id, column.in_(chunk)
+                    )
+                ):
+                    key = (name, row.value)
+                    if key not in first or row.id < first[key][0]:
+                        first[key] = (int(row.id), int(row.story_id))
+        found: dict[str, int] = {}
+        for entry in new:
+            hits = [
+                hit
+                for hit in (
+                    first.get(("guid", entry.guid)) if entry.guid else None,
+                    first.get(("link", entry.link_key)) if entry.link_key else None,
+                )
+                if hit is not None
+            ]
+            if hits:
+                found[entry.identity] = min(hits)[1]
+        return found
 
     def feed_statuses(self, now: datetime | None = None) -> list[FeedStatus]:
         """Every feed's conversation with its server, and how much it published lately."""
@@ -1307,6 +1323,54 @@ class Store:
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _entry_values(entry: Entry) -> dict[str, Any]:
+    """The columns an entry's content fills, the same for an insert and an update."""
+    return {
+        "guid": entry.guid,
+        "link": entry.link,
+        "link_key": entry.link_key,
+        "title": entry.title,
+        "summary_html": entry.summary_html,
+        "summary_text": entry.summary_text,
+        "content_html": entry.content_html,
+        "image_url": entry.image_url,
+        "image_alt": entry.image_alt,
+        "author": entry.author,
+        "topics": list(entry.topics),
+        "language": entry.language,
+        "published_at": entry.published,
+        "updated_at": entry.updated,
+        "content_hash": entry.content_hash,
+    }
+
+
+class _Statements:
+    """The feed-update statements, built once: building one per row (``.values(...)``)
+    cost more than running it, in SQLAlchemy's cache-key computation alone."""
+
+    def __init__(self) -> None:
+        self.insert_entry = insert(entries)
+        self.insert_story = insert(stories)
+        self.update_entry = (
+            update(entries)
+            .where(entries.c.id == bindparam("b_id"))
+            .values({c: bindparam(c) for c in ("identity", *_ENTRY_CONTENT)})
+        )
+        self.touch_story = (
+            update(stories)
+            .where(stories.c.id == bindparam("b_id"))
+            .values(updated_at=bindparam("updated_at"))
+        )
+
+
+_ENTRY_CONTENT = (
+    "guid", "link", "link_key", "title", "summary_html", "summary_text", "content_html",
+    "image_url", "image_alt", "author", "topics", "language", "published_at", "updated_at",
+    "content_hash",
+)  # fmt: skip
+_STMT = _Statements()
 
 
 _HREF = re.compile(r"href=[\"']([^\"']+)")
