@@ -13,13 +13,15 @@ import multiprocessing
 import os
 import secrets
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from urllib.parse import urljoin
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
@@ -300,30 +302,46 @@ class Service:
         pool = self._parse_pool(len(requests))
         loop = asyncio.get_running_loop()
         timezone = self.config.schedule.timezone
+        # One thread writes, in the order results are parsed. The database takes one
+        # writer at a time anyway: a thread per feed only queued for its lock (and under
+        # load waited out SQLite's busy timeout, "database is locked"), each holding the
+        # GIL the event loop needs in between. Parsing runs elsewhere (worker processes
+        # or other threads), so the network, the parsing and the store overlap.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterfeed-store")
 
         async def handle(result: FetchResult) -> None:
             read = None
-            if pool is not None and result.error is None and result.body:
-                try:
-                    read = await loop.run_in_executor(
-                        pool, read_feed, result, self.config.feed(result.feed_name), timezone,
-                        self.clock(),
-                    )  # fmt: skip
-                except BrokenProcessPool as exc:
-                    # A worker died (out of memory, killed): parse here instead, and
-                    # start a fresh pool next cycle. The feed is not lost.
-                    log.warning("parsing process failed (%s); parsing in-process", exc)
-                    self._pool = None
-            # The store write (and, without a pool, the parsing) runs in a thread, so the
-            # event loop stays free for the fetches still in flight.
+            if result.error is None and result.body and not result.not_modified:
+                read = await self._read(pool, result, timezone)
             previous = statuses.get(result.feed_name)
-            outcome = await asyncio.to_thread(self.ingest, result, previous, read)
+            outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
                 on_feed(outcome)
 
-        await fetch_all(requests, self.fetch_limits(), handle)
+        try:
+            await fetch_all(requests, self.fetch_limits(), handle)
+        finally:
+            writer.shutdown(wait=True)
         return outcomes
+
+    async def _read(
+        self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
+    ) -> ReadFeed:
+        """Parse and normalize off the event loop: in a worker process, else a thread."""
+        feed = self.config.feed(result.feed_name)
+        if pool is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(
+                    pool, read_feed, result, feed, timezone, self.clock()
+                )
+            except BrokenProcessPool as exc:
+                # A worker died (out of memory, killed): parse here instead, and start a
+                # fresh pool next cycle. The feed is not lost.
+                log.warning("parsing process failed (%s); parsing in-process", exc)
+                self._pool = None
+        return await asyncio.to_thread(read_feed, result, feed, timezone, self.clock())
 
     def _poll(self, result: FetchResult, previous: FeedStatus | None, *, ok: bool) -> PollFacts:
         failures = 0 if ok else (previous.consecutive_failures if previous else 0) + 1
@@ -349,6 +367,23 @@ class Service:
         ``read`` is the parsed and normalized content when it was prepared elsewhere
         (in a worker process); otherwise it is prepared here.
         """
+        try:
+            return self._ingest(result, previous, read)
+        except SQLAlchemyError as exc:
+            # The database refused (locked by another process past the busy timeout, gone,
+            # full): the transaction rolled back, validators included, so the next cycle
+            # fetches this feed in full and nothing is lost. The other feeds go on.
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            message = (
+                f"fetched, but the database refused the write ({reason}); nothing of this "
+                "feed was stored, the next cycle fetches it again"
+            )
+            log.error("feed %r: %s", result.feed_name, message)
+            return FeedOutcome(result.feed_name, "failed", message=message)
+
+    def _ingest(
+        self, result: FetchResult, previous: FeedStatus | None, read: ReadFeed | None
+    ) -> FeedOutcome:
         now = self.clock()
         name = result.feed_name
         if result.moved_to:
