@@ -25,6 +25,8 @@ import httpx
 from clusterfeed.model import FetchResult
 
 MAX_REDIRECTS = 5
+# Idle keep-alive connections one fetch cycle keeps open, across all hosts.
+IDLE_CONNECTIONS = 200
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,10 @@ async def _read_response(
     now = datetime.now(UTC)
     max_age = parse_max_age(response.headers.get("cache-control"))
     if status == 304:
+        # A 304 has no body, but the connection goes back to the pool only once its
+        # end was read; unread, httpcore closes it and the next request connects anew.
+        async for _ in response.aiter_raw():
+            pass
         return FetchResult(
             request.feed_name,
             request.url,
@@ -345,8 +351,14 @@ def make_client(limits: FetchLimits) -> httpx.AsyncClient:
         },
         timeout=httpx.Timeout(limits.timeout_seconds, connect=limits.connect_timeout_seconds),
         follow_redirects=False,
+        # fetch_all bounds the requests in flight (globally and per host); the pool only
+        # keeps connections open between them. Kept to the global concurrency, it closed
+        # one to open the next whenever more hosts than that took turns (every request a
+        # new connection at 50 hosts): each partner's server is asked again within the
+        # cycle, so its connection is worth keeping until it idles out (5 s).
         limits=httpx.Limits(
-            max_connections=limits.concurrency, max_keepalive_connections=limits.concurrency
+            max_connections=limits.concurrency + IDLE_CONNECTIONS,
+            max_keepalive_connections=IDLE_CONNECTIONS,
         ),
     )
 
