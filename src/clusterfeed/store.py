@@ -58,7 +58,7 @@ from clusterfeed.stories import (
     Match,
     StoryItem,
     StoryMatcher,
-    _candidate_keys,
+    candidate_keys,
     choose_story,
 )
 
@@ -1406,7 +1406,7 @@ def join_batch(
     feats = {i: matcher.features_of(item) for i, item in items.items()}
     for f in feats.values():
         corpus.add(f)
-    keys = {i: _candidate_keys(f) for i, f in feats.items()}
+    keys = {i: candidate_keys(f) for i, f in feats.items()}
     index: defaultdict[str, list[int]] = defaultdict(list)
     for i, item_keys in keys.items():
         for key in item_keys:
