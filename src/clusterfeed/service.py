@@ -47,13 +47,12 @@ from clusterfeed.mail import (
     deliver_pending,
     make_transport,
 )
-from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
-from clusterfeed.normalize import normalize_entries
+from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
-from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
-from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
+from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
+from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import site_environment, site_pages
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
@@ -128,51 +127,19 @@ class CycleReport:
         return [f for f in self.feeds if f.state == "failed"]
 
 
-@dataclass(frozen=True)
-class ReadFeed:
-    """One fetched document, parsed and normalized: entries, or why there are none."""
-
-    entries: list[Entry] = field(default_factory=list)
-    warning: str | None = None
-    error: str | None = None
-    announced_feeds: list[str] = field(default_factory=list)
-
-
-def read_feed(result: FetchResult, feed: FeedConfig, timezone: str, now: datetime) -> ReadFeed:
-    """Parse and normalize one fetched document; pure, so it can run in a worker process.
-
-    This is where a fetch cycle spends its CPU (feedparser, the sanitizer); keeping it
-    free of the store and the event loop lets it run on every core while the main
-    process goes on talking to the network.
-    """
-    body = result.body or b""
-    remote_base = result.final_url if feed.is_remote else None
-    try:
-        if feed.kind == "html" and feed.selectors is not None:
-            parsed = scrape_listing(
-                body,
-                result.headers,
-                remote_base or feed.site or feed.url,
-                ListingSelectors(**feed.selectors.model_dump()),
-                timezone=timezone,
-            )
-        else:
-            parsed = parse_feed(body, result.headers, remote_base or feed.site)
-    except FeedParseError as exc:
-        reason = str(exc)
-        links = []
-        if "HTML page" in reason:
-            links = discover_feed_links(body, result.final_url or result.url)
-        return ReadFeed(error=reason, announced_feeds=links)
-    entries = normalize_entries(
-        parsed.entries,
-        feed_name=result.feed_name,
-        feed_topics=feed.topics,
-        feed_language=feed.language,
-        base_url=remote_base or feed.site or parsed.link,
-        now=now,
+def read_spec(feed: FeedConfig) -> ReadSpec:
+    """The part of a feed's config that reading its document needs, as plain data."""
+    selectors = None
+    if feed.kind == "html" and feed.selectors is not None:
+        selectors = ListingSelectors(**feed.selectors.model_dump())
+    return ReadSpec(
+        url=feed.url,
+        site=feed.site,
+        is_remote=feed.is_remote,
+        topics=tuple(feed.topics),
+        language=feed.language,
+        selectors=selectors,
     )
-    return ReadFeed(entries=entries, warning=parsed.warning)
 
 
 class Service:
@@ -202,7 +169,7 @@ class Service:
 
         feedparser and the sanitizer are CPU-bound Python: in threads they would share
         one core. A pool is started once (with the forkserver method: a clean process
-        that imports clusterfeed once and forks cheap workers, never a fork of this
+        that imports the reading module once and forks cheap workers, never a fork of this
         threaded process) and kept for later cycles. Small cycles, like the bundled
         example's nine feeds, parse in a thread and start no processes at all.
         """
@@ -213,7 +180,7 @@ class Service:
             return None
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["clusterfeed.service"])
+            context.set_forkserver_preload(["clusterfeed.reading"])
             self._pool = ProcessPoolExecutor(max_workers=wanted, mp_context=context)
         return self._pool
 
@@ -329,19 +296,19 @@ class Service:
         self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
     ) -> ReadFeed:
         """Parse and normalize off the event loop: in a worker process, else a thread."""
-        feed = self.config.feed(result.feed_name)
+        spec = read_spec(self.config.feed(result.feed_name))
         if pool is not None:
             loop = asyncio.get_running_loop()
             try:
                 return await loop.run_in_executor(
-                    pool, read_feed, result, feed, timezone, self.clock()
+                    pool, read_feed, result, spec, timezone, self.clock()
                 )
             except BrokenProcessPool as exc:
                 # A worker died (out of memory, killed): parse here instead, and start a
                 # fresh pool next cycle. The feed is not lost.
                 log.warning("parsing process failed (%s); parsing in-process", exc)
                 self._pool = None
-        return await asyncio.to_thread(read_feed, result, feed, timezone, self.clock())
+        return await asyncio.to_thread(read_feed, result, spec, timezone, self.clock())
 
     def _poll(self, result: FetchResult, previous: FeedStatus | None, *, ok: bool) -> PollFacts:
         failures = 0 if ok else (previous.consecutive_failures if previous else 0) + 1
@@ -417,7 +384,7 @@ class Service:
             return FeedOutcome(name, "unchanged")
         feed_cfg = self.config.feed(name)
         if read is None:
-            read = read_feed(result, feed_cfg, self.config.schedule.timezone, now)
+            read = read_feed(result, read_spec(feed_cfg), self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)
         rules = [self.config.filters.rules(), feed_cfg.filters.rules()]
