@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -127,6 +128,19 @@ class CycleReport:
         return [f for f in self.feeds if f.state == "failed"]
 
 
+def _settle(
+    future: asyncio.Future[FeedOutcome], outcome: FeedOutcome | None, exc: BaseException | None
+) -> None:
+    """Answer a feed waiting for the writer thread (unless its task was cancelled)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert outcome is not None
+        future.set_result(outcome)
+
+
 def read_spec(feed: FeedConfig) -> ReadSpec:
     """The part of a feed's config that reading its document needs, as plain data."""
     selectors = None
@@ -227,7 +241,7 @@ class Service:
         """
         now = self.clock()
         cycle_started = now
-        statuses = {s.name: s for s in self.store.feed_statuses(now)}
+        statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
         requests = []
         for feed in self.config.feeds:
             status = statuses.get(feed.name)
@@ -245,7 +259,7 @@ class Service:
             FetchRequest(o.name, o.use_url, None, None) for o in outcomes if o.use_url is not None
         ]
         if retries:
-            statuses = {s.name: s for s in self.store.feed_statuses(now)}
+            statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
             retried = await self._fetch_and_ingest(retries, statuses, on_feed)
             done = {o.name for o in retried}
             outcomes = [o for o in outcomes if o.name not in done] + retried
@@ -275,13 +289,41 @@ class Service:
         # GIL the event loop needs in between. Parsing runs elsewhere (worker processes
         # or other threads), so the network, the parsing and the store overlap.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterfeed-store")
+        # Unchanged feeds (304) wait here for the writer and are recorded together: a
+        # cycle of 304s arrives in waves of `concurrency` answers, and one transaction
+        # and one thread hand-off per wave instead of per feed keeps the GIL for the
+        # event loop, which is what an all-304 cycle waits on.
+        unchanged: list[tuple[FetchResult, FeedStatus | None, asyncio.Future[FeedOutcome]]] = []
+        unchanged_lock = threading.Lock()
+
+        def write_unchanged() -> None:
+            with unchanged_lock:
+                batch = unchanged[:]
+                unchanged.clear()
+            try:
+                results = self._ingest_unchanged([(r, p) for r, p, _ in batch])
+            except BaseException as exc:  # never leave a feed waiting for an answer
+                for _, _, future in batch:
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                raise
+            for (_, _, future), outcome in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_settle, future, outcome, None)
 
         async def handle(result: FetchResult) -> None:
             read = None
-            if result.error is None and result.body and not result.not_modified:
-                read = await self._read(pool, result, timezone)
             previous = statuses.get(result.feed_name)
-            outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
+            if result.error is None and result.not_modified:
+                future: asyncio.Future[FeedOutcome] = loop.create_future()
+                with unchanged_lock:
+                    unchanged.append((result, previous, future))
+                    first = len(unchanged) == 1
+                if first:
+                    writer.submit(write_unchanged)
+                outcome = await future
+            else:
+                if result.error is None and result.body:
+                    read = await self._read(pool, result, timezone)
+                outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
                 on_feed(outcome)
@@ -347,6 +389,34 @@ class Service:
             )
             log.error("feed %r: %s", result.feed_name, message)
             return FeedOutcome(result.feed_name, "failed", message=message)
+
+    def _ingest_unchanged(
+        self, answers: list[tuple[FetchResult, FeedStatus | None]]
+    ) -> list[FeedOutcome]:
+        """Record many 304 answers in one transaction (``ingest`` does the same for one)."""
+        now = self.clock()
+        rows = []
+        for result, previous in answers:
+            if result.moved_to:
+                log.warning(
+                    "feed %r moved to %s: update the config (clusterfeed uses the new "
+                    "address meanwhile)",
+                    result.feed_name,
+                    result.moved_to,
+                )
+            poll = self._poll(result, previous, ok=True)
+            rows.append((result.feed_name, result.status, result.etag, result.last_modified, poll))
+        try:
+            self.store.record_not_modified_many(rows, now)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            message = (
+                f"not modified, but the database refused to record it ({reason}); the next "
+                "cycle asks again"
+            )
+            log.error("%d unchanged feeds: %s", len(rows), message)
+            return [FeedOutcome(r.feed_name, "failed", message=message) for r, _ in answers]
+        return [FeedOutcome(r.feed_name, "unchanged") for r, _ in answers]
 
     def _ingest(
         self, result: FetchResult, previous: FeedStatus | None, read: ReadFeed | None

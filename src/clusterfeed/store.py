@@ -555,6 +555,38 @@ class Store:
                 )
             )
 
+    def record_not_modified_many(
+        self,
+        answers: Sequence[tuple[str, int | None, str | None, str | None, PollFacts]],
+        now: datetime,
+    ) -> None:
+        """``record_not_modified`` for many feeds in one transaction and one statement.
+
+        ``answers`` holds (feed name, status, ETag, Last-Modified, poll facts) per feed.
+        A cycle of 304s is mostly this bookkeeping; one transaction per feed cost more
+        than the UPDATE itself. Each feed's row is still written whole or not at all.
+        """
+        if not answers:
+            return
+        with self._tx() as conn:
+            conn.execute(
+                _STMT.not_modified,
+                [
+                    {
+                        "b_name": name,
+                        "b_now": now,
+                        "b_status": status,
+                        "b_etag": etag,
+                        "b_last_modified": last_modified,
+                        "b_state": poll.state,
+                        "b_next": poll.next_attempt,
+                        "b_moved_to": poll.moved_to,
+                        "b_discovered_url": poll.discovered_url,
+                    }
+                    for name, status, etag, last_modified, poll in answers
+                ],
+            )
+
     def apply_feed_update(
         self,
         name: str,
@@ -864,29 +896,22 @@ class Store:
                 found[entry.identity] = min(hits)[1]
         return found
 
-    def feed_statuses(self, now: datetime | None = None) -> list[FeedStatus]:
-        """Every feed's conversation with its server, and how much it published lately."""
+    def feed_statuses(
+        self, now: datetime | None = None, *, with_counts: bool = True
+    ) -> list[FeedStatus]:
+        """Every feed's conversation with its server, and how much it published lately.
+
+        ``with_counts=False`` leaves out the entry counts (0 and None then), which take
+        three passes over all entries that a fetch cycle, asking only for validators and
+        back-off state, does not need.
+        """
         month_ago = (now or datetime.now(UTC)) - timedelta(days=30)
+        counts: dict[int, int] = {}
+        recent: dict[int, int] = {}
+        newest: dict[int, datetime] = {}
         with self.engine.connect() as conn:
-            counts: dict[int, int] = dict(
-                conn.execute(
-                    select(entries.c.feed_id, func.count()).group_by(entries.c.feed_id)
-                ).all()
-            )
-            recent: dict[int, int] = dict(
-                conn.execute(
-                    select(entries.c.feed_id, func.count())
-                    .where(entries.c.published_at >= month_ago)
-                    .group_by(entries.c.feed_id)
-                ).all()
-            )
-            newest: dict[int, datetime] = dict(
-                conn.execute(
-                    select(entries.c.feed_id, func.max(entries.c.published_at)).group_by(
-                        entries.c.feed_id
-                    )
-                ).all()
-            )
+            if with_counts:
+                counts, recent, newest = self._entry_counts(conn, month_ago)
             result = []
             for row in conn.execute(select(feeds).order_by(feeds.c.name)):
                 result.append(
@@ -913,6 +938,30 @@ class Store:
                     )
                 )
             return result
+
+    @staticmethod
+    def _entry_counts(
+        conn: Connection, month_ago: datetime
+    ) -> tuple[dict[int, int], dict[int, int], dict[int, datetime]]:
+        """Per feed id: entries, entries published since ``month_ago``, newest date."""
+        counts: dict[int, int] = dict(
+            conn.execute(select(entries.c.feed_id, func.count()).group_by(entries.c.feed_id)).all()
+        )
+        recent: dict[int, int] = dict(
+            conn.execute(
+                select(entries.c.feed_id, func.count())
+                .where(entries.c.published_at >= month_ago)
+                .group_by(entries.c.feed_id)
+            ).all()
+        )
+        newest: dict[int, datetime] = dict(
+            conn.execute(
+                select(entries.c.feed_id, func.max(entries.c.published_at)).group_by(
+                    entries.c.feed_id
+                )
+            ).all()
+        )
+        return counts, recent, newest
 
     # -- operator alerts ------------------------------------------------------------
 
@@ -1362,6 +1411,28 @@ class _Statements:
             update(stories)
             .where(stories.c.id == bindparam("b_id"))
             .values(updated_at=bindparam("updated_at"))
+        )
+        # What record_not_modified writes, with moved_to and discovered_url kept
+        # unless this answer learnt something (see _poll_values).
+        self.not_modified = (
+            update(feeds)
+            .where(feeds.c.name == bindparam("b_name"))
+            .values(
+                last_attempt_at=bindparam("b_now", type_=_UTCDateTime()),
+                last_success_at=bindparam("b_now", type_=_UTCDateTime()),
+                last_status=bindparam("b_status", type_=Integer()),
+                last_error=None,
+                consecutive_failures=0,
+                failing_since=None,
+                etag=bindparam("b_etag", type_=Text()),
+                last_modified=bindparam("b_last_modified", type_=Text()),
+                state=bindparam("b_state", type_=String()),
+                next_attempt_at=bindparam("b_next", type_=_UTCDateTime()),
+                moved_to=func.coalesce(bindparam("b_moved_to", type_=Text()), feeds.c.moved_to),
+                discovered_url=func.coalesce(
+                    bindparam("b_discovered_url", type_=Text()), feeds.c.discovered_url
+                ),
+            )
         )
 
 
