@@ -784,21 +784,59 @@ class Store:
                 key=lambda i: order[i],
             )
             decisions = join_batch(matcher, items, story_of, new_ids)
-            for entry_id, story_id, match in decisions:
-                old_story = int(next(r.story_id for r in new_rows if r.id == entry_id))
-                reason = f"score {match.score:.2f}: " + "; ".join(match.reasons)
-                conn.execute(
-                    update(entries)
-                    .where(entries.c.id == entry_id)
-                    .values(story_id=story_id, join_reason=reason)
-                )
-                self._touch_story(conn, story_id, since, items[entry_id].published)
-                still_used = conn.execute(
-                    select(sent_stories.c.story_id).where(sent_stories.c.story_id == old_story)
-                ).first()
-                if still_used is None:
-                    conn.execute(stories.delete().where(stories.c.id == old_story))
+            if decisions:
+                self._write_joins(conn, decisions, new_rows, items, since)
         return len(decisions)
+
+    @staticmethod
+    def _write_joins(
+        conn: Connection,
+        decisions: Sequence[tuple[int, int, Match]],
+        new_rows: Sequence[Any],
+        items: Mapping[int, StoryItem],
+        since: datetime,
+    ) -> None:
+        """Move the joined items to their stories and drop the stories they leave.
+
+        In a few statements for all of them: a first cycle of 15,000 items joins
+        thousands, and five statements each (and a scan of the new rows each, to find
+        the story an item left) took longer than deciding the joins.
+        """
+        left = {int(r.id): int(r.story_id) for r in new_rows}
+        conn.execute(
+            _STMT.join_entry,
+            [
+                {
+                    "b_id": entry_id,
+                    "story_id": story_id,
+                    "join_reason": f"score {match.score:.2f}: " + "; ".join(match.reasons),
+                }
+                for entry_id, story_id, match in decisions
+            ],
+        )
+        # A story changed (a new source): new ``updated``; and its date is that of its
+        # earliest version, which is also the one shown (as _touch_story does).
+        conn.execute(
+            _STMT.touch_story,
+            [{"b_id": story_id, "updated_at": since} for _, story_id, _ in decisions],
+        )
+        conn.execute(
+            _STMT.earlier_story,
+            [
+                {"b_id": story_id, "b_published": items[entry_id].published}
+                for entry_id, story_id, _ in decisions
+            ],
+        )
+        emptied = sorted({left[entry_id] for entry_id, _, _ in decisions})
+        for chunk in _chunks(emptied, 500):
+            kept = set(
+                conn.execute(
+                    select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
+                ).scalars()
+            )
+            gone = [story_id for story_id in chunk if story_id not in kept]
+            if gone:
+                conn.execute(stories.delete().where(stories.c.id.in_(gone)))
 
     @staticmethod
     def _near_story(
@@ -1411,6 +1449,19 @@ class _Statements:
             update(stories)
             .where(stories.c.id == bindparam("b_id"))
             .values(updated_at=bindparam("updated_at"))
+        )
+        self.earlier_story = (
+            update(stories)
+            .where(
+                stories.c.id == bindparam("b_id"),
+                stories.c.published_at > bindparam("b_published", type_=_UTCDateTime()),
+            )
+            .values(published_at=bindparam("b_published", type_=_UTCDateTime()))
+        )
+        self.join_entry = (
+            update(entries)
+            .where(entries.c.id == bindparam("b_id"))
+            .values(story_id=bindparam("story_id"), join_reason=bindparam("join_reason"))
         )
         # What record_not_modified writes, with moved_to and discovered_url kept
         # unless this answer learnt something (see _poll_values).
