@@ -771,8 +771,9 @@ def candidate_keys(f: Features) -> set[str]:
     trial or grant code, a link, a spelling skeleton, a date, a word. Indexing items by
     these keys lets a new item be scored only against the items it shares one with,
     instead of against every story in the window (``join_batch`` in the store and
-    ``Clusterer`` here both do so). Each key carries its kind as a prefix ("n:", "a:",
-    "c:", "l:", "k:", "d:", "w:"), so a word and a name spelt alike stay apart.
+    ``StoryMatcher.choose`` use these keys; ``Clusterer``'s index holds the same keys,
+    by kind). Each key carries its kind as a prefix ("n:", "a:", "c:", "l:", "k:",
+    "d:", "w:"), so a word and a name spelt alike stay apart.
     """
     keys = {f"n:{n}" for n in f.names}
     keys |= {f"a:{c}{v}" for c, v in f.amounts}
