@@ -948,24 +948,6 @@ class ThreadProfiler:
         return out.getvalue()
 
 
-def one_at_a_time(function: Callable[..., T]) -> Callable[..., T]:
-    """``function``, called by one thread at a time.
-
-    Slowed down by the profiler, clusterfeed's ingesting threads held SQLite's write
-    lock so long that one of them waited out the store's 30 s busy timeout ("database is
-    locked"); a Python lock queues them instead. The CPU each call costs is the same.
-    """
-    import threading
-
-    lock = threading.Lock()
-
-    def serialized(*args: Any, **kwargs: Any) -> T:
-        with lock:
-            return function(*args, **kwargs)
-
-    return serialized
-
-
 def run_clusterfeed(manifest: dict[str, Any]) -> ClientRun:
     import logging
 
@@ -999,11 +981,9 @@ def run_clusterfeed(manifest: dict[str, Any]) -> ClientRun:
             if not manifest.get("profile"):
                 return asyncio.run(service.fetch())
             profiler = ThreadProfiler()
-            service.ingest = one_at_a_time(service.ingest)  # type: ignore[method-assign]
             try:
                 return profiler.run(lambda: asyncio.run(service.fetch()))
             finally:
-                del service.ingest  # the class's method again
                 reports.append(profiler.report(manifest["profile_top"]))
 
         cycle1, outcomes1 = measure(manifest["control"], cycle)

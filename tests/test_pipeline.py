@@ -98,3 +98,49 @@ def test_parsing_in_worker_processes_stores_the_same_as_in_process(
             service.store.close()
     assert stored[0] == stored[2]
     assert len(stored[2]) == EXAMPLE_STORIES
+
+
+def test_a_refused_store_write_fails_that_feed_only_and_loses_nothing(
+    tmp_path: Path, feed_server: FeedServer
+) -> None:
+    """An error from the database (locked, full) is that feed's failure, not the cycle's.
+
+    A real SQLite trigger refuses one feed's entries, as a full disk would. Its
+    transaction rolls back with its validators, so the next cycle asks without them
+    and stores everything once the database accepts writes again.
+    """
+    from sqlalchemy import text
+
+    from tests.conftest import served_example_feeds, write_config
+
+    path = write_config(tmp_path, served_example_feeds(feed_server))
+    service = _service(path)
+    broken = "Helix Vektor"
+    with service.store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON entries WHEN NEW.feed_id = "
+                f"(SELECT id FROM feeds WHERE name = '{broken}') "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+        )
+    try:
+        outcomes = {o.name: o for o in asyncio.run(service.fetch())}
+        assert outcomes[broken].state == "failed"
+        assert "database or disk is full" in (outcomes[broken].message or "")
+        assert "next cycle fetches it again" in (outcomes[broken].message or "")
+        assert all(o.state == "new" for n, o in outcomes.items() if n != broken)
+        status = {s.name: s for s in service.store.feed_statuses()}[broken]
+        assert status.entries == 0 and status.etag is None and status.last_modified is None
+
+        with service.store.engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse"))
+        requests_before = len(feed_server.requests_for("/feeds/helix-vektor.rss"))
+        again = {o.name: o for o in asyncio.run(service.fetch())}
+        asked = feed_server.requests_for("/feeds/helix-vektor.rss")[requests_before:]
+        assert [r.headers.get("if-none-match") for r in asked] == [None]
+        assert again[broken].state == "new" and again[broken].new_entries > 0
+        assert all(o.state == "unchanged" for n, o in again.items() if n != broken)
+    finally:
+        service.close()
+        service.store.close()

@@ -17,7 +17,7 @@ from sqlalchemy import inspect, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.config import load_config
-from clusterfeed.model import Entry, Subscriber
+from clusterfeed.model import Entry, PollFacts, Subscriber
 from clusterfeed.service import Service
 from clusterfeed.store import (
     SCHEMA_VERSION,
@@ -529,3 +529,35 @@ def test_the_earliest_version_represents_a_story_whatever_the_fetch_order(store:
     assert [s.feed_name for s in story.sources] == ["Helix Vektor", "Hanse Innovationsfonds"]
     # The story is dated by its earliest version, so it sorts where the news happened.
     assert story.entry.published == NOW - timedelta(days=2)
+
+
+def test_many_304s_are_recorded_in_one_go_as_one_by_one(store: Store) -> None:
+    """The batched 304 path writes what record_not_modified writes, feed by feed."""
+    later = NOW + timedelta(hours=1)
+    store.record_failure("Helix Vektor", status=503, error="HTTP 503", now=NOW)
+    store.record_not_modified(
+        "Elbmed Pharma", status=304, etag='"a"', last_modified=None, now=NOW,
+        poll=PollFacts("ok", later, moved_to="https://www.elbmed.example/new.atom"),
+    )  # fmt: skip
+    store.record_not_modified_many(
+        [
+            ("Helix Vektor", 304, '"h2"', "Tue, 24 Nov 2026 10:00:00 GMT", PollFacts("ok", later)),
+            ("Elbmed Pharma", 304, '"a2"', None, PollFacts("ok", later)),
+            ("Kansai Bio Frontier", 304, None, None,
+             PollFacts("ok", later, discovered_url="https://kansai-bio.example/feed")),
+        ],
+        later,
+    )  # fmt: skip
+    status = {s.name: s for s in store.feed_statuses(later)}
+    helix, elbmed, kansai = (
+        status["Helix Vektor"],
+        status["Elbmed Pharma"],
+        status["Kansai Bio Frontier"],
+    )
+    assert (helix.etag, helix.last_modified) == ('"h2"', "Tue, 24 Nov 2026 10:00:00 GMT")
+    assert (helix.state, helix.consecutive_failures, helix.last_error) == ("ok", 0, None)
+    assert helix.failing_since is None and helix.last_success_at == later
+    assert helix.next_attempt_at == later and helix.last_status == 304
+    # An answer that learnt nothing new keeps what an earlier one learnt.
+    assert elbmed.etag == '"a2"' and elbmed.moved_to == "https://www.elbmed.example/new.atom"
+    assert kansai.discovered_url == "https://kansai-bio.example/feed"

@@ -10,6 +10,7 @@ reason instead of an exception, so one broken feed never stops the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
 import zlib
@@ -207,6 +208,10 @@ async def _read_response(
     now = datetime.now(UTC)
     max_age = parse_max_age(response.headers.get("cache-control"))
     if status == 304:
+        # A 304 has no body, but the connection goes back to the pool only once its
+        # end was read; unread, httpcore closes it and the next request connects anew.
+        async for _ in response.aiter_raw():
+            pass
         return FetchResult(
             request.feed_name,
             request.url,
@@ -332,8 +337,16 @@ class _Decoder:
             ) from None
 
 
-def make_client(limits: FetchLimits) -> httpx.AsyncClient:
-    """An HTTP client shared by one fetch cycle, so connections to a host are reused."""
+def make_client(
+    limits: FetchLimits, *, connections: int | None = None, verify: ssl.SSLContext | bool = True
+) -> httpx.AsyncClient:
+    """An HTTP client whose connections are reused within one fetch cycle.
+
+    ``fetch_all`` gives each host a client of its own, with as many connections as the
+    host may have requests in flight (``connections``), and one TLS context (``verify``)
+    shared by all, since loading the trusted certificates takes tens of milliseconds.
+    """
+    size = connections or limits.concurrency
     return httpx.AsyncClient(
         headers={
             "User-Agent": limits.user_agent,
@@ -345,10 +358,15 @@ def make_client(limits: FetchLimits) -> httpx.AsyncClient:
         },
         timeout=httpx.Timeout(limits.timeout_seconds, connect=limits.connect_timeout_seconds),
         follow_redirects=False,
-        limits=httpx.Limits(
-            max_connections=limits.concurrency, max_keepalive_connections=limits.concurrency
-        ),
+        verify=verify,
+        limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
     )
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The trusted certificates (httpx's defaults), loaded once per process: 40 ms each time."""
+    return httpx.create_ssl_context()
 
 
 async def fetch_all(
@@ -362,27 +380,43 @@ async def fetch_all(
     concurrency: many partners share one hosting provider, which must not see a burst.
     ``on_result`` sees each result as soon as it arrives (for progress and for storing
     early), so a slow feed does not hold back the others' processing.
+
+    Each host gets its own client, so its connections are kept for its next feeds. One
+    client for all hosts either closed a connection to open the next (when more hosts
+    than its pool took turns: every request a new connection) or, with a pool as large
+    as all hosts, searched every idle connection on every request (a system call
+    each: 2 ms of CPU per request at 50 hosts, more than the request itself).
     """
     semaphore = asyncio.Semaphore(limits.concurrency)
     per_host: dict[str, asyncio.Semaphore] = {}
+    clients: dict[str, httpx.AsyncClient] = {}
     results: list[FetchResult] = []
 
-    async with make_client(limits) as client:
+    def client_for(host: str) -> httpx.AsyncClient:
+        client = clients.get(host)
+        if client is None:
+            client = make_client(limits, connections=limits.per_host, verify=tls_context())
+            clients[host] = client
+        return client
 
-        async def one(request: FetchRequest) -> None:
-            if _is_remote(request.url):
-                host = (urlsplit(request.url).hostname or "").lower()
-                host_limit = per_host.setdefault(host, asyncio.Semaphore(limits.per_host))
-                async with host_limit, semaphore:
-                    result = await fetch_http(client, request, limits)
-            else:
-                async with semaphore:
-                    result = await asyncio.to_thread(fetch_local, request, limits)
-            results.append(result)
-            if on_result is not None:
-                outcome = on_result(result)
-                if outcome is not None:
-                    await outcome
+    async def one(request: FetchRequest) -> None:
+        if _is_remote(request.url):
+            host = (urlsplit(request.url).hostname or "").lower()
+            host_limit = per_host.setdefault(host, asyncio.Semaphore(limits.per_host))
+            async with host_limit, semaphore:
+                result = await fetch_http(client_for(host), request, limits)
+        else:
+            async with semaphore:
+                result = await asyncio.to_thread(fetch_local, request, limits)
+        results.append(result)
+        if on_result is not None:
+            outcome = on_result(result)
+            if outcome is not None:
+                await outcome
 
+    try:
         await asyncio.gather(*(one(r) for r in requests))
+    finally:
+        for client in clients.values():
+            await client.aclose()
     return results

@@ -14,7 +14,7 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 import jinja2
+from sqlalchemy.exc import SQLAlchemyError
 
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
@@ -60,13 +61,12 @@ from clusterfeed.mail import (
     make_transport,
     prepare,
 )
-from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
-from clusterfeed.normalize import normalize_entries
+from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
-from clusterfeed.parse import FeedParseError, parse_feed
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
-from clusterfeed.scrape import ListingSelectors, discover_feed_links, scrape_listing
+from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
+from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import (
     DigestPage,
     digest_page_url,
@@ -154,51 +154,32 @@ class CycleReport:
         return [f for f in self.feeds if f.state == "failed"]
 
 
-@dataclass(frozen=True)
-class ReadFeed:
-    """One fetched document, parsed and normalized: entries, or why there are none."""
+def _settle(
+    future: asyncio.Future[FeedOutcome], outcome: FeedOutcome | None, exc: BaseException | None
+) -> None:
+    """Answer a feed waiting for the writer thread (unless its task was cancelled)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert outcome is not None
+        future.set_result(outcome)
 
-    entries: list[Entry] = field(default_factory=list)
-    warning: str | None = None
-    error: str | None = None
-    announced_feeds: list[str] = field(default_factory=list)
 
-
-def read_feed(result: FetchResult, feed: FeedConfig, timezone: str, now: datetime) -> ReadFeed:
-    """Parse and normalize one fetched document; pure, so it can run in a worker process.
-
-    This is where a fetch cycle spends its CPU (feedparser, the sanitizer); keeping it
-    free of the store and the event loop lets it run on every core while the main
-    process goes on talking to the network.
-    """
-    body = result.body or b""
-    remote_base = result.final_url if feed.is_remote else None
-    try:
-        if feed.kind == "html" and feed.selectors is not None:
-            parsed = scrape_listing(
-                body,
-                result.headers,
-                remote_base or feed.site or feed.url,
-                ListingSelectors(**feed.selectors.model_dump()),
-                timezone=timezone,
-            )
-        else:
-            parsed = parse_feed(body, result.headers, remote_base or feed.site)
-    except FeedParseError as exc:
-        reason = str(exc)
-        links = []
-        if "HTML page" in reason:
-            links = discover_feed_links(body, result.final_url or result.url)
-        return ReadFeed(error=reason, announced_feeds=links)
-    entries = normalize_entries(
-        parsed.entries,
-        feed_name=result.feed_name,
-        feed_topics=feed.topics,
-        feed_language=feed.language,
-        base_url=remote_base or feed.site or parsed.link,
-        now=now,
+def read_spec(feed: FeedConfig) -> ReadSpec:
+    """The part of a feed's config that reading its document needs, as plain data."""
+    selectors = None
+    if feed.kind == "html" and feed.selectors is not None:
+        selectors = ListingSelectors(**feed.selectors.model_dump())
+    return ReadSpec(
+        url=feed.url,
+        site=feed.site,
+        is_remote=feed.is_remote,
+        topics=tuple(feed.topics),
+        language=feed.language,
+        selectors=selectors,
     )
-    return ReadFeed(entries=entries, warning=parsed.warning)
 
 
 class Service:
@@ -233,7 +214,7 @@ class Service:
 
         feedparser and the sanitizer are CPU-bound Python: in threads they would share
         one core. A pool is started once (with the forkserver method: a clean process
-        that imports clusterfeed once and forks cheap workers, never a fork of this
+        that imports the reading module once and forks cheap workers, never a fork of this
         threaded process) and kept for later cycles. Small cycles, like the bundled
         example's nine feeds, parse in a thread and start no processes at all.
         """
@@ -244,7 +225,7 @@ class Service:
             return None
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["clusterfeed.service"])
+            context.set_forkserver_preload(["clusterfeed.reading"])
             self._pool = ProcessPoolExecutor(max_workers=wanted, mp_context=context)
         return self._pool
 
@@ -302,7 +283,7 @@ class Service:
         """
         now = self.clock()
         cycle_started = now
-        statuses = {s.name: s for s in self.store.feed_statuses(now)}
+        statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
         requests = []
         for feed in self.config.feeds:
             status = statuses.get(feed.name)
@@ -320,7 +301,7 @@ class Service:
             FetchRequest(o.name, o.use_url, None, None) for o in outcomes if o.use_url is not None
         ]
         if retries:
-            statuses = {s.name: s for s in self.store.feed_statuses(now)}
+            statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
             retried = await self._fetch_and_ingest(retries, statuses, on_feed)
             done = {o.name for o in retried}
             outcomes = [o for o in outcomes if o.name not in done] + retried
@@ -344,30 +325,74 @@ class Service:
         pool = self._parse_pool(len(requests))
         loop = asyncio.get_running_loop()
         timezone = self.config.schedule.timezone
+        # One thread writes, in the order results are parsed. The database takes one
+        # writer at a time anyway: a thread per feed only queued for its lock (and under
+        # load waited out SQLite's busy timeout, "database is locked"), each holding the
+        # GIL the event loop needs in between. Parsing runs elsewhere (worker processes
+        # or other threads), so the network, the parsing and the store overlap.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterfeed-store")
+        # Unchanged feeds (304) wait here for the writer and are recorded together: a
+        # cycle of 304s arrives in waves of `concurrency` answers, and one transaction
+        # and one thread hand-off per wave instead of per feed keeps the GIL for the
+        # event loop, which is what an all-304 cycle waits on.
+        unchanged: list[tuple[FetchResult, FeedStatus | None, asyncio.Future[FeedOutcome]]] = []
+        unchanged_lock = threading.Lock()
+
+        def write_unchanged() -> None:
+            with unchanged_lock:
+                batch = unchanged[:]
+                unchanged.clear()
+            try:
+                results = self._ingest_unchanged([(r, p) for r, p, _ in batch])
+            except BaseException as exc:  # never leave a feed waiting for an answer
+                for _, _, future in batch:
+                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                raise
+            for (_, _, future), outcome in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_settle, future, outcome, None)
 
         async def handle(result: FetchResult) -> None:
             read = None
-            if pool is not None and result.error is None and result.body:
-                try:
-                    read = await loop.run_in_executor(
-                        pool, read_feed, result, self.config.feed(result.feed_name), timezone,
-                        self.clock(),
-                    )  # fmt: skip
-                except BrokenProcessPool as exc:
-                    # A worker died (out of memory, killed): parse here instead, and
-                    # start a fresh pool next cycle. The feed is not lost.
-                    log.warning("parsing process failed (%s); parsing in-process", exc)
-                    self._pool = None
-            # The store write (and, without a pool, the parsing) runs in a thread, so the
-            # event loop stays free for the fetches still in flight.
             previous = statuses.get(result.feed_name)
-            outcome = await asyncio.to_thread(self.ingest, result, previous, read)
+            if result.error is None and result.not_modified:
+                future: asyncio.Future[FeedOutcome] = loop.create_future()
+                with unchanged_lock:
+                    unchanged.append((result, previous, future))
+                    first = len(unchanged) == 1
+                if first:
+                    writer.submit(write_unchanged)
+                outcome = await future
+            else:
+                if result.error is None and result.body:
+                    read = await self._read(pool, result, timezone)
+                outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
                 on_feed(outcome)
 
-        await fetch_all(requests, self.fetch_limits(), handle)
+        try:
+            await fetch_all(requests, self.fetch_limits(), handle)
+        finally:
+            writer.shutdown(wait=True)
         return outcomes
+
+    async def _read(
+        self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
+    ) -> ReadFeed:
+        """Parse and normalize off the event loop: in a worker process, else a thread."""
+        spec = read_spec(self.config.feed(result.feed_name))
+        if pool is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(
+                    pool, read_feed, result, spec, timezone, self.clock()
+                )
+            except BrokenProcessPool as exc:
+                # A worker died (out of memory, killed): parse here instead, and start a
+                # fresh pool next cycle. The feed is not lost.
+                log.warning("parsing process failed (%s); parsing in-process", exc)
+                self._pool = None
+        return await asyncio.to_thread(read_feed, result, spec, timezone, self.clock())
 
     def _poll(self, result: FetchResult, previous: FeedStatus | None, *, ok: bool) -> PollFacts:
         failures = 0 if ok else (previous.consecutive_failures if previous else 0) + 1
@@ -393,6 +418,51 @@ class Service:
         ``read`` is the parsed and normalized content when it was prepared elsewhere
         (in a worker process); otherwise it is prepared here.
         """
+        try:
+            return self._ingest(result, previous, read)
+        except SQLAlchemyError as exc:
+            # The database refused (locked by another process past the busy timeout, gone,
+            # full): the transaction rolled back, validators included, so the next cycle
+            # fetches this feed in full and nothing is lost. The other feeds go on.
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            message = (
+                f"fetched, but the database refused the write ({reason}); nothing of this "
+                "feed was stored, the next cycle fetches it again"
+            )
+            log.error("feed %r: %s", result.feed_name, message)
+            return FeedOutcome(result.feed_name, "failed", message=message)
+
+    def _ingest_unchanged(
+        self, answers: list[tuple[FetchResult, FeedStatus | None]]
+    ) -> list[FeedOutcome]:
+        """Record many 304 answers in one transaction (``ingest`` does the same for one)."""
+        now = self.clock()
+        rows = []
+        for result, previous in answers:
+            if result.moved_to:
+                log.warning(
+                    "feed %r moved to %s: update the config (clusterfeed uses the new "
+                    "address meanwhile)",
+                    result.feed_name,
+                    result.moved_to,
+                )
+            poll = self._poll(result, previous, ok=True)
+            rows.append((result.feed_name, result.status, result.etag, result.last_modified, poll))
+        try:
+            self.store.record_not_modified_many(rows, now)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+            message = (
+                f"not modified, but the database refused to record it ({reason}); the next "
+                "cycle asks again"
+            )
+            log.error("%d unchanged feeds: %s", len(rows), message)
+            return [FeedOutcome(r.feed_name, "failed", message=message) for r, _ in answers]
+        return [FeedOutcome(r.feed_name, "unchanged") for r, _ in answers]
+
+    def _ingest(
+        self, result: FetchResult, previous: FeedStatus | None, read: ReadFeed | None
+    ) -> FeedOutcome:
         now = self.clock()
         name = result.feed_name
         if result.moved_to:
@@ -426,7 +496,7 @@ class Service:
             return FeedOutcome(name, "unchanged")
         feed_cfg = self.config.feed(name)
         if read is None:
-            read = read_feed(result, feed_cfg, self.config.schedule.timezone, now)
+            read = read_feed(result, read_spec(feed_cfg), self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)
         rules = [self.config.filters.rules(), feed_cfg.filters.rules()]

@@ -819,7 +819,17 @@ class Clustering:
         return list(by_story.values())
 
 
-def _candidate_keys(f: Features) -> set[str]:
+def candidate_keys(f: Features) -> set[str]:
+    """The keys under which an item is indexed to find the stories it may belong to.
+
+    Evidence that two items tell one event is shared evidence: a name, an amount, a
+    trial or grant code, a link, a spelling skeleton, a date, a word. Indexing items by
+    these keys lets a new item be scored only against the items it shares one with,
+    instead of against every story in the window (``join_batch`` in the store and
+    ``StoryMatcher.choose`` use these keys; ``Clusterer``'s index holds the same keys,
+    by kind). Each key carries its kind as a prefix ("n:", "a:", "c:", "l:", "k:",
+    "d:", "w:"), so a word and a name spelt alike stay apart.
+    """
     keys = {f"n:{n}" for n in f.names}
     keys |= {f"a:{c}{v}" for c, v in f.amounts}
     keys |= {f"c:{c}" for c in f.codes}
@@ -1300,7 +1310,7 @@ _NameToken = tuple[int, float, int, list[tuple["array[int]", int]]]
 class _Index:
     """The placed items by number (in the order they were placed) and the postings of
     their evidence: numbers, oldest first, so the part inside a time window is one
-    bisect away. ``_candidate_keys`` by kind: words (each item's count beside), names,
+    bisect away. ``candidate_keys`` by kind: words (each item's count beside), names,
     sound skeletons, and the rest (amounts, codes, dates, links) under their key; and,
     for bounding only, percentages and the katakana machinery."""
 
@@ -1374,7 +1384,7 @@ class _Index:
             _append(self.katakana, skeleton, seq)
 
     def postings_of_keys(self, f: Features) -> Iterator[array[int]]:
-        """The postings of each of ``_candidate_keys(f)``."""
+        """The postings of each of ``candidate_keys(f)``."""
         for word in f.words:
             entry = self.words.get(word)
             if entry is not None:
@@ -1390,7 +1400,7 @@ class _Index:
                     yield postings
 
     def share_a_key(self, f: Features, other: Features, max_postings: int) -> bool:
-        """Whether two items share one of ``_candidate_keys`` held by at most
+        """Whether two items share one of ``candidate_keys`` held by at most
         ``max_postings`` placed items."""
         if any(
             word in other.words and len(self.words[word][0]) <= max_postings
@@ -1497,14 +1507,14 @@ def _append(postings: dict[str, array[int]], key: str, seq: int) -> None:
 
 
 def _skeleton_keys(f: Features) -> set[str]:
-    """The "k:" keys of ``_candidate_keys``, without the prefix."""
+    """The "k:" keys of ``candidate_keys``, without the prefix."""
     keys = set(f.skeletons)
     keys |= {latin_skeleton(n) for n in f.names if len(n) >= 4 and n.isalpha()}
     return keys
 
 
 def _other_keys(f: Features) -> set[str]:
-    """The amount, code, link and date keys of ``_candidate_keys``."""
+    """The amount, code, link and date keys of ``candidate_keys``."""
     keys = {f"a:{c}{v}" for c, v in f.amounts}
     keys |= {f"c:{c}" for c in f.codes}
     keys |= {f"l:{link}" for link in f.links}
@@ -1692,7 +1702,7 @@ class StoryMatcher:
         self, item: StoryItem, candidates: Iterable[tuple[StoryItem, int]]
     ) -> tuple[int | None, Match]:
         f = features(item)
-        keys = _candidate_keys(f)
+        keys = candidate_keys(f)
         corpus = Corpus()
         corpus.add(f)
         pool = []
@@ -1702,6 +1712,6 @@ class StoryMatcher:
             pool.append(Candidate(other, other_features, story))
         # Only stories sharing some evidence with the item are worth scoring, but all of
         # such a story's members take part in the veto check.
-        related = {c.story for c in pool if keys & _candidate_keys(c.features)}
+        related = {c.story for c in pool if keys & candidate_keys(c.features)}
         chosen = [c for c in pool if c.story in related]
         return choose_story(item, f, chosen, corpus, self.rules, forced=self.forced)
