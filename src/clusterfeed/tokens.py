@@ -71,12 +71,7 @@ def read_timed_token(
     max_age: timedelta,
 ) -> int:
     """The subscriber id in a timed token; ``ExpiredToken`` when it is older than ``max_age``."""
-    head, sep, _ = token.partition(".")
-    if not sep or not head.isdigit():
-        raise InvalidToken("malformed token")
-    email = email_of(int(head))
-    if email is None:
-        raise InvalidToken("token signature does not match")
+    email = _claimed_email(token, email_of)
     signer = _ClockedSigner(secret, f"{purpose}\x1f{email.strip().lower()}", now)
     try:
         value = signer.unsign(token, max_age=int(max_age.total_seconds()))
@@ -107,6 +102,19 @@ def form_token_matches(
     return hmac.compare_digest(value, nonce.encode())
 
 
+def _claimed_email(token: str, email_of: Callable[[int], str | None]) -> str:
+    """The address of the id a token names, before its signature is checked against it.
+    An unknown id fails like a bad signature, so tokens reveal nothing about which ids
+    exist."""
+    head, sep, _ = token.partition(".")
+    if not sep or not head.isdigit():
+        raise InvalidToken("malformed token")
+    email = email_of(int(head))
+    if email is None:
+        raise InvalidToken("token signature does not match")
+    return email
+
+
 def _signer(secret: str, purpose: str, email: str) -> Signer:
     return Signer(secret, salt=f"{purpose}\x1f{email.strip().lower()}")
 
@@ -122,12 +130,7 @@ def read_token(secret: str, purpose: str, token: str, email_of: Callable[[int], 
     ``email_of`` looks the id up (in the store); an unknown id is refused like a bad
     signature, so a token reveals nothing about which ids exist.
     """
-    head, sep, _ = token.partition(".")
-    if not sep or not head.isdigit():
-        raise InvalidToken("malformed token")
-    email = email_of(int(head))
-    if email is None:
-        raise InvalidToken("token signature does not match")
+    email = _claimed_email(token, email_of)
     try:
         value = _signer(secret, purpose, email).unsign(token)
     except BadSignature as exc:
