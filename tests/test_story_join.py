@@ -63,7 +63,6 @@ def _run_cycles(
             new_ids,
             matcher.rules,
             forced=matcher.forced,
-            pinned=matcher.pinned,
             bounded=bounded,
         )
         for k, s, _ in decisions:
@@ -138,7 +137,6 @@ def test_bounded_joins_equal_plain_joins_with_forced_pairs(labelled: LabelledSet
     ][:6]
     assert len(together) >= 4
     matcher = StoryMatcher(together=together, apart=apart)
-    assert any(matcher.pinned(i) for i in items)
     plain, final, _ = _assert_same(_by_hash(labelled.items, 3), matcher)
     reasons = {m.reasons for cycle in plain for _, _, m in cycle}
     ids = {i.link: i.id for i in items}

@@ -948,7 +948,6 @@ class Store:
                 new_ids,
                 matcher.rules,
                 forced=matcher.forced,
-                pinned=matcher.pinned,
             )
             if decisions:
                 self._write_joins(conn, decisions, new_rows, items, since)
