@@ -947,7 +947,7 @@ class Store:
                 story_of,
                 new_ids,
                 matcher.rules,
-                forced=matcher.forced,
+                forced=matcher.forced if matcher.forces_pairs else None,
             )
             if decisions:
                 self._write_joins(conn, decisions, new_rows, items, since)

@@ -1757,6 +1757,8 @@ def _join_bounded(
     max_postings = max(50, len(items) // 20)
     window = timedelta(days=rules.window_days) // _MICROSECOND
     seconds = rules.window_days * 86400
+    # Then "within the window" by time stamp (bisect) and by score's test agree.
+    exact_window = timedelta(days=rules.window_days).total_seconds() == seconds
     limit = rules.threshold - 0.001  # a score is rounded to 3 decimals
     threshold = rules.threshold
     weights = {t: corpus.idf(t) for t in corpus.df}
@@ -1792,7 +1794,11 @@ def _join_bounded(
                     continue
                 if rule == "together":
                     bound = _FORCED_BOUND
-                elif abs((item.published - other.published).total_seconds()) > seconds:
+                elif (
+                    not first <= m < stop
+                    if exact_window
+                    else abs((item.published - other.published).total_seconds()) > seconds
+                ):
                     continue  # score's first veto
                 else:
                     bound = _pair_bound(
@@ -1999,6 +2005,11 @@ class StoryMatcher:
             self._cache.pop(next(iter(self._cache)))
         self._cache[item.id] = (fingerprint, result)
         return result
+
+    @property
+    def forces_pairs(self) -> bool:
+        """Whether the config forces any pair together or apart."""
+        return bool(self._together or self._apart)
 
     def forced(self, a: StoryItem, b: StoryItem) -> str | None:
         if not (self._together or self._apart) or not a.link or not b.link:
