@@ -76,7 +76,7 @@ class MatchRules:
 DEFAULT_RULES = MatchRules()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoryItem:
     """What matching needs to know of one partner's item."""
 
@@ -827,10 +827,11 @@ def candidate_keys(f: Features) -> set[str]:
     Evidence that two items tell one event is shared evidence: a name, an amount, a
     trial or grant code, a link, a spelling skeleton, a date, a word. Indexing items by
     these keys lets a new item be scored only against the items it shares one with,
-    instead of against every story in the window (``join_batch`` in the store and
-    ``StoryMatcher.choose`` use these keys; ``Clusterer``'s index holds the same keys,
-    by kind). Each key carries its kind as a prefix ("n:", "a:", "c:", "l:", "k:",
-    "d:", "w:"), so a word and a name spelt alike stay apart.
+    instead of against every story in the window (``join_batch``'s plain way and
+    ``StoryMatcher.choose`` use these keys; ``_Index``, which ``Clusterer`` and
+    ``join_batch``'s bounded way read, holds the same keys, by kind). Each key carries
+    its kind as a prefix ("n:", "a:", "c:", "l:", "k:", "d:", "w:"), so a word and a
+    name spelt alike stay apart.
     """
     keys = {f"n:{n}" for n in f.names}
     keys |= {f"a:{c}{v}" for c, v in f.amounts}
@@ -1316,7 +1317,10 @@ class _Index:
     sound skeletons, and the rest (amounts, codes, dates, links) under their key; and,
     for bounding only, percentages and the katakana machinery."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keys_only: bool = False) -> None:
+        # keys_only: the postings of candidate_keys and nothing for bounding (join_batch
+        # bounds pair by pair); a first cycle's 15,000 items need that much less memory.
+        self.keys_only = keys_only
         self.ids: list[str] = []
         self.micros: list[int] = []
         self.features: list[Features] = []
@@ -1357,15 +1361,18 @@ class _Index:
             if len(word) >= 2:
                 entry = words.get(word)
                 if entry is None:
-                    entry = words[word] = (array("I"), array("I"))
+                    entry = words[word] = (array("I"), _NO_COUNTS if self.keys_only else array("I"))
                 entry[0].append(seq)
-                entry[1].append(n)
+                if not self.keys_only:
+                    entry[1].append(n)
         for name in f.names:
             _append(self.names, name, seq)
         for skeleton in _skeleton_keys(f):
             _append(self.skeletons, skeleton, seq)
         for key in _other_keys(f):
             _append(self.others, key, seq)
+        if self.keys_only:
+            return
         for value in f.percents:
             _append(self.percents, value, seq)
         for name in f.names:
@@ -1498,6 +1505,9 @@ class _Index:
                 if _close(word, latin):
                     self.near_latin[word].add(latin)
                     self.near_katakana[latin].add(word)
+
+
+_NO_COUNTS: array[int] = array("I")  # shared, never appended to
 
 
 def _append(postings: dict[str, array[int]], key: str, seq: int) -> None:
@@ -1741,7 +1751,7 @@ def _join_bounded(
     ids = list(items)
     micros_of = {i: _micros(items[i].published) for i in ids}
     ids.sort(key=micros_of.__getitem__)
-    index = _Index()
+    index = _Index(keys_only=True)
     seq_of: dict[_K, int] = {}
     for seq, i in enumerate(ids):
         seq_of[i] = seq
@@ -1761,7 +1771,9 @@ def _join_bounded(
     exact_window = timedelta(days=rules.window_days).total_seconds() == seconds
     limit = rules.threshold - 0.001  # a score is rounded to 3 decimals
     threshold = rules.threshold
-    weights = {t: corpus.idf(t) for t in corpus.df}
+    for token in corpus.df:
+        corpus.idf(token)
+    weights = corpus._idf  # every token's, unchanged until the next add
     norms = [_vector_norm(f.words, weights) for f in index.features]
     decisions: list[tuple[_K, int, Match]] = []
     for new_id in new_ids:
