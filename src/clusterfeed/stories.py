@@ -552,6 +552,7 @@ def _frozen(values: Iterable[_T]) -> frozenset[_T]:
     return result if result else _EMPTY
 
 
+@lru_cache(maxsize=65_536)
 def _link_key(url: str | None) -> str | None:
     if not url:
         return None
@@ -1664,7 +1665,7 @@ def join_batch(
     earlier one joined is not moved: it anchors that story now.
 
     ``bounded`` (the default) scores only the members whose evidence can reach the
-    threshold (``_pair_bound``, under the conditions ``Clusterer``'s bounds need,
+    threshold (``_pair_bounder``, under the conditions ``Clusterer``'s bounds need,
     ``_Bounds.of``); the others cannot pass, so the decisions are those of scoring them
     all (``bounded=False``, kept as the reference the tests compare with). A first
     cycle of 15,000 items scored over a million pairs; most fall short of the
@@ -1741,7 +1742,7 @@ def _join_bounded(
     corpus: Corpus,
     forced: Callable[[StoryItem, StoryItem], str | None] | None,
 ) -> list[tuple[_K, int, Match]]:
-    """``join_batch`` scoring only the members whose ``_pair_bound`` reaches the
+    """``join_batch`` scoring only the members whose ``_pair_bounder`` reaches the
     threshold.
 
     The candidate stories are found as the plain way finds them, from an ``_Index`` of
@@ -1775,6 +1776,7 @@ def _join_bounded(
         corpus.idf(token)
     weights = corpus._idf  # every token's, unchanged until the next add
     norms = [_vector_norm(f.words, weights) for f in index.features]
+    pair_bound = _pair_bounder(rules, weights)
     decisions: list[tuple[_K, int, Match]] = []
     for new_id in new_ids:
         seq = seq_of[new_id]
@@ -1784,14 +1786,16 @@ def _join_bounded(
             continue  # an earlier new item joined it: it anchors a story now
         first = bisect_left(micros, micros[seq] - window)
         stop = bisect_right(micros, micros[seq] + window)
-        related: set[int] = set()
+        found: set[int] = set()
         for postings in index.postings_of_keys(f):
             if len(postings) <= max_postings and postings[-1] >= first and postings[0] < stop:
                 start = 0 if postings[0] >= first else bisect_left(postings, first)
                 end = len(postings) if postings[-1] < stop else bisect_left(postings, stop)
-                related.update(story[m] for m in postings[start:end])
+                found.update(postings[start:end])
+        related = set(map(story.__getitem__, found))
         related.discard(own_story)
         text_side = _text_side(f.words, weights)
+        language = item.language
         # Each member's bound; a story's best match is found by scoring its members in
         # the order of their bounds, down to the best score found; stories are taken
         # in the order of their best bound, until none can beat the story chosen.
@@ -1813,14 +1817,8 @@ def _join_bounded(
                 ):
                     continue  # score's first veto
                 else:
-                    bound = _pair_bound(
-                        f,
-                        index.features[m],
-                        item.language == other.language,
-                        text_side,
-                        norms[m],
-                        weights,
-                        rules,
+                    bound = pair_bound(
+                        f, index.features[m], language == other.language, text_side, norms[m]
                     )
                     if bound < limit:
                         continue  # cannot pass
@@ -1874,65 +1872,75 @@ _MARGIN = 0.001
 _FORCED_BOUND = 1e9
 
 
-def _pair_bound(
-    fa: Features,
-    fb: Features,
-    same_language: bool,
-    text_a: _TextSide,
-    norm_b: float,
-    idf: Mapping[str, float],
-    rules: MatchRules,
-) -> float:
-    """At least ``score``'s score for two items, for a fraction of its cost.
+def _pair_bounder(
+    rules: MatchRules, idf: Mapping[str, float]
+) -> Callable[[Features, Features, bool, _TextSide, float], float]:
+    """A function that gives at least ``score``'s score for two items, for a fraction
+    of its cost (it runs for every member of every candidate story).
 
     The same evidence without the vetoes (which only lower a score) and without the
     reasons' text: links and numbers exactly, names exactly unless either item has
     katakana (then counted as saturated), the cosine summed over the shared words only.
-    ``idf`` holds every token's ``Corpus.idf``, ``text_a`` is ``_text_side(fa.words)``
-    and ``norm_b`` the length of ``fb``'s TF-IDF vector. The small margins cover sums
+    ``idf`` holds every token's ``Corpus.idf``; the function takes the two items'
+    features, whether they are in one language, ``_text_side`` of the first item's
+    words and the length of the second's TF-IDF vector. The small margins cover sums
     taken in another order. Needs ``_Bounds.of(rules)`` (no negative weight).
     """
-    total = 0.0
-    if rules.use_links and (
-        (fa.own_link and (fa.own_link == fb.own_link or fa.own_link in fb.links))
-        or (fb.own_link and fb.own_link in fa.links)
-        or not fa.links.isdisjoint(fb.links)
-    ):
-        total += rules.link_weight
-    if rules.use_numbers:
-        if not fa.amounts.isdisjoint(fb.amounts):
-            total += rules.amount_weight
-        if not fa.codes.isdisjoint(fb.codes):
-            total += rules.code_weight
-        if not fa.dates.isdisjoint(fb.dates):
-            total += rules.date_weight
-        if not fa.percents.isdisjoint(fb.percents):
-            total += rules.percent_weight
-    if rules.use_names:
-        if rules.use_katakana and (fa.skeletons or fb.skeletons):
-            total += rules.name_weight
-        else:
-            shared = fa.names & fb.names
-            if shared:
-                weight = sum(map(idf.__getitem__, shared)) + 1e-9
-                total += rules.name_weight * min(1.0, weight / rules.name_saturation)
-    if same_language and rules.use_text:
-        weighted, norm_a = text_a
-        words_b = fb.words
-        shared_words = weighted.keys() & words_b.keys()
-        if shared_words:
-            # The same set iterated twice gives its elements in the same order.
-            dot = sum(
-                map(
-                    mul,
-                    map(weighted.__getitem__, shared_words),
-                    map(words_b.__getitem__, shared_words),
+    use_links, use_numbers = rules.use_links, rules.use_numbers
+    use_names, use_katakana, use_text = rules.use_names, rules.use_katakana, rules.use_text
+    link_weight, amount_weight = rules.link_weight, rules.amount_weight
+    code_weight, date_weight = rules.code_weight, rules.date_weight
+    percent_weight, name_weight = rules.percent_weight, rules.name_weight
+    saturation, text_weight = rules.name_saturation, rules.text_weight
+    least_similarity = rules.min_text_similarity
+    idf_of = idf.__getitem__
+
+    def bound(
+        fa: Features, fb: Features, same_language: bool, text_a: _TextSide, norm_b: float
+    ) -> float:
+        total = 1e-9
+        if use_links and (
+            (fa.own_link and (fa.own_link == fb.own_link or fa.own_link in fb.links))
+            or (fb.own_link and fb.own_link in fa.links)
+            or not fa.links.isdisjoint(fb.links)
+        ):
+            total += link_weight
+        if use_numbers:
+            if not fa.amounts.isdisjoint(fb.amounts):
+                total += amount_weight
+            if not fa.codes.isdisjoint(fb.codes):
+                total += code_weight
+            if not fa.dates.isdisjoint(fb.dates):
+                total += date_weight
+            if not fa.percents.isdisjoint(fb.percents):
+                total += percent_weight
+        if use_names:
+            if use_katakana and (fa.skeletons or fb.skeletons):
+                total += name_weight
+            else:
+                shared = fa.names & fb.names
+                if shared:
+                    weight = sum(map(idf_of, shared)) + 1e-9
+                    total += name_weight * (1.0 if weight >= saturation else weight / saturation)
+        if same_language and use_text:
+            weighted, norm_a = text_a
+            words_b = fb.words
+            shared_words = weighted.keys() & words_b.keys()
+            if shared_words:
+                # The same set iterated twice gives its elements in the same order.
+                dot = sum(
+                    map(
+                        mul,
+                        map(weighted.__getitem__, shared_words),
+                        map(words_b.__getitem__, shared_words),
+                    )
                 )
-            )
-            cosine = dot / (norm_a * norm_b) + 1e-9
-            if cosine >= rules.min_text_similarity:
-                total += rules.text_weight * cosine
-    return total + 1e-9
+                cosine = dot / (norm_a * norm_b) + 1e-9
+                if cosine >= least_similarity:
+                    total += text_weight * cosine
+        return total
+
+    return bound
 
 
 # An item's words weighted by count x idf x idf (so that a product with another
