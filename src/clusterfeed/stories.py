@@ -624,7 +624,9 @@ def _weighted_overlap(
     if not shared:
         return 0.0, []
 
-    ranked = sorted(shared, key=corpus.idf, reverse=True)
+    # Rarest first; equally rare names in alphabetical order, so that the reasons do
+    # not depend on the order a set happens to give (it changes from run to run).
+    ranked = sorted(shared, key=lambda t: (-corpus.idf(t), t))
     return sum(corpus.idf(t) for t in shared), ranked
 
 
