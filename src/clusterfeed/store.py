@@ -12,11 +12,12 @@ next, and ``Store.migrate`` applies the missing ones at start-up, in order.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
 import socket
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -63,14 +64,12 @@ from clusterfeed.model import (
     Subscriber,
 )
 from clusterfeed.stories import (
-    Candidate,
-    Corpus,
+    Features,
     Match,
     StoryItem,
     StoryMatcher,
-    candidate_keys,
-    choose_story,
 )
+from clusterfeed.stories import join_batch as join_stories
 
 
 class StoreError(Exception):
@@ -905,6 +904,8 @@ class Store:
             window = timedelta(days=matcher.rules.window_days)
             low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
             high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
+            # Read in batches and reduced to features as they come: the texts (and the
+            # HTML they are taken from) of every item in the window are never all held.
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.language, entries.c.title,
@@ -913,9 +914,14 @@ class Store:
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.published_at >= low, entries.c.published_at <= high)
-            ).all()  # fmt: skip
-            items = {
-                row.id: StoryItem(
+                .execution_options(yield_per=1000)
+            )  # fmt: skip
+            items: dict[int, StoryItem] = {}
+            feats: dict[int, Features] = {}
+            story_of: dict[int, int] = {}
+            order: dict[int, tuple[datetime, str, str]] = {}
+            for row in rows:
+                item = StoryItem(
                     id=f"entry:{row.id}",
                     feed=row.feed_name,
                     language=row.language,
@@ -925,16 +931,24 @@ class Store:
                     published=_utc(row.published_at) or row.published_at,
                     links=_hrefs(row.content_html),
                 )
-                for row in rows
-            }
-            story_of = {row.id: int(row.story_id) for row in rows}
-            order = {row.id: (items[row.id].published, row.feed_name, row.identity) for row in rows}
+                feats[row.id] = matcher.features_of(item)
+                # Deciding reads the features, never the text again.
+                items[row.id] = dataclasses.replace(item, title="", text="", links=())
+                story_of[row.id] = int(row.story_id)
+                order[row.id] = (item.published, row.feed_name, row.identity)
             sizes = Counter(story_of.values())
             new_ids = sorted(
                 (r.id for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in items),
                 key=lambda i: order[i],
             )
-            decisions = join_batch(matcher, items, story_of, new_ids)
+            decisions = join_stories(
+                items,
+                feats,
+                story_of,
+                new_ids,
+                matcher.rules,
+                forced=matcher.forced if matcher.forces_pairs else None,
+            )
             if decisions:
                 self._write_joins(conn, decisions, new_rows, items, since)
         return len(decisions)
@@ -2244,60 +2258,6 @@ def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
     if content_html and len(text) < limit:
         text = f"{text} {html_to_text(content_html[: limit * 4])}"
     return text[:limit]
-
-
-def join_batch(
-    matcher: StoryMatcher,
-    items: Mapping[int, StoryItem],
-    story_of: dict[int, int],
-    new_ids: Sequence[int],
-) -> list[tuple[int, int, Match]]:
-    """For each new item in order, the story it joins (pure apart from the feature cache).
-
-    ``story_of`` is updated as items join, so a later new item can join a story an
-    earlier one joined in the same cycle.
-    """
-    corpus = Corpus()
-    feats = {i: matcher.features_of(item) for i, item in items.items()}
-    for f in feats.values():
-        corpus.add(f)
-    keys = {i: candidate_keys(f) for i, f in feats.items()}
-    index: defaultdict[str, list[int]] = defaultdict(list)
-    for i, item_keys in keys.items():
-        for key in item_keys:
-            index[key].append(i)
-    members: defaultdict[int, list[int]] = defaultdict(list)
-    for i, story in story_of.items():
-        members[story].append(i)
-    max_postings = max(50, len(items) // 20)
-    window = timedelta(days=matcher.rules.window_days)
-    decisions: list[tuple[int, int, Match]] = []
-    for new_id in new_ids:
-        item = items[new_id]
-        own_story = story_of[new_id]
-        if len(members[own_story]) > 1:
-            continue  # an earlier new item of this cycle joined it: it anchors a story now
-        found: set[int] = set()
-        for key in keys[new_id]:
-            postings = index.get(key)
-            if postings and len(postings) <= max_postings:
-                found.update(postings)
-        related = {
-            story_of[o]
-            for o in found
-            if story_of[o] != own_story and abs(items[o].published - item.published) <= window
-        }
-        candidates = [Candidate(items[m], feats[m], s) for s in related for m in members[s]]
-        chosen, match = choose_story(
-            item, feats[new_id], candidates, corpus, matcher.rules, forced=matcher.forced
-        )
-        if chosen is None:
-            continue
-        decisions.append((new_id, chosen, match))
-        members[own_story].remove(new_id)
-        members[chosen].append(new_id)
-        story_of[new_id] = chosen
-    return decisions
 
 
 def _short_hash(text: str) -> str:

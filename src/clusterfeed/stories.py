@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import itertools
 import math
 import re
 import sys
 import unicodedata
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
+from operator import mul
 from typing import Any, TypeVar
 
 from clusterfeed.dates import MONTHS
@@ -74,7 +76,7 @@ class MatchRules:
 DEFAULT_RULES = MatchRules()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoryItem:
     """What matching needs to know of one partner's item."""
 
@@ -550,6 +552,7 @@ def _frozen(values: Iterable[_T]) -> frozenset[_T]:
     return result if result else _EMPTY
 
 
+@lru_cache(maxsize=65_536)
 def _link_key(url: str | None) -> str | None:
     if not url:
         return None
@@ -621,7 +624,9 @@ def _weighted_overlap(
     if not shared:
         return 0.0, []
 
-    ranked = sorted(shared, key=corpus.idf, reverse=True)
+    # Rarest first; equally rare names in alphabetical order, so that the reasons do
+    # not depend on the order a set happens to give (it changes from run to run).
+    ranked = sorted(shared, key=lambda t: (-corpus.idf(t), t))
     return sum(corpus.idf(t) for t in shared), ranked
 
 
@@ -825,10 +830,11 @@ def candidate_keys(f: Features) -> set[str]:
     Evidence that two items tell one event is shared evidence: a name, an amount, a
     trial or grant code, a link, a spelling skeleton, a date, a word. Indexing items by
     these keys lets a new item be scored only against the items it shares one with,
-    instead of against every story in the window (``join_batch`` in the store and
-    ``StoryMatcher.choose`` use these keys; ``Clusterer``'s index holds the same keys,
-    by kind). Each key carries its kind as a prefix ("n:", "a:", "c:", "l:", "k:",
-    "d:", "w:"), so a word and a name spelt alike stay apart.
+    instead of against every story in the window (``join_batch``'s plain way and
+    ``StoryMatcher.choose`` use these keys; ``_Index``, which ``Clusterer`` and
+    ``join_batch``'s bounded way read, holds the same keys, by kind). Each key carries
+    its kind as a prefix ("n:", "a:", "c:", "l:", "k:", "d:", "w:"), so a word and a
+    name spelt alike stay apart.
     """
     keys = {f"n:{n}" for n in f.names}
     keys |= {f"a:{c}{v}" for c, v in f.amounts}
@@ -1314,7 +1320,10 @@ class _Index:
     sound skeletons, and the rest (amounts, codes, dates, links) under their key; and,
     for bounding only, percentages and the katakana machinery."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keys_only: bool = False) -> None:
+        # keys_only: the postings of candidate_keys and nothing for bounding (join_batch
+        # bounds pair by pair); a first cycle's 15,000 items need that much less memory.
+        self.keys_only = keys_only
         self.ids: list[str] = []
         self.micros: list[int] = []
         self.features: list[Features] = []
@@ -1355,15 +1364,18 @@ class _Index:
             if len(word) >= 2:
                 entry = words.get(word)
                 if entry is None:
-                    entry = words[word] = (array("I"), array("I"))
+                    entry = words[word] = (array("I"), _NO_COUNTS if self.keys_only else array("I"))
                 entry[0].append(seq)
-                entry[1].append(n)
+                if not self.keys_only:
+                    entry[1].append(n)
         for name in f.names:
             _append(self.names, name, seq)
         for skeleton in _skeleton_keys(f):
             _append(self.skeletons, skeleton, seq)
         for key in _other_keys(f):
             _append(self.others, key, seq)
+        if self.keys_only:
+            return
         for value in f.percents:
             _append(self.percents, value, seq)
         for name in f.names:
@@ -1498,6 +1510,9 @@ class _Index:
                     self.near_katakana[latin].add(word)
 
 
+_NO_COUNTS: array[int] = array("I")  # shared, never appended to
+
+
 def _append(postings: dict[str, array[int]], key: str, seq: int) -> None:
     found = postings.get(key)
     if found is None:
@@ -1524,10 +1539,10 @@ def _other_keys(f: Features) -> set[str]:
     return keys
 
 
-import os  # noqa: E402
-
-_NB = float(os.environ.get("NB", "0.25"))
-_TB = float(os.environ.get("TB", "0.5"))
+# The shares of the threshold that common names and common words may give unlooked-up
+# (together below 1, so an item sharing no rare token can never pass).
+_NAME_BUDGET = 0.25
+_TEXT_BUDGET = 0.5
 
 
 @dataclass(frozen=True)
@@ -1552,10 +1567,10 @@ class _Bounds:
         # names, and no text score at all (below min_text_similarity).
         name_budget = 0.0
         if rules.use_names and rules.name_weight > 0:
-            name_budget = _NB * rules.threshold * rules.name_saturation / rules.name_weight
+            name_budget = _NAME_BUDGET * rules.threshold * rules.name_saturation / rules.name_weight
         text_budget = 0.0
         if rules.use_text and rules.text_weight > 0:
-            text_budget = _TB * rules.threshold / rules.text_weight
+            text_budget = _TEXT_BUDGET * rules.threshold / rules.text_weight
         return cls(
             window=timedelta(days=rules.window_days) // _MICROSECOND,
             name_budget=name_budget,
@@ -1627,6 +1642,324 @@ def cluster(
     return clusterer.result()
 
 
+_K = TypeVar("_K", bound=Hashable)
+_TOGETHER = Match(99.0, ("forced together by the config",))
+
+
+def join_batch(
+    items: Mapping[_K, StoryItem],
+    feats: Mapping[_K, Features],
+    story_of: dict[_K, int],
+    new_ids: Sequence[_K],
+    rules: MatchRules = DEFAULT_RULES,
+    *,
+    forced: Callable[[StoryItem, StoryItem], str | None] | None = None,
+    bounded: bool = True,
+) -> list[tuple[_K, int, Match]]:
+    """For each new item in order, the story of another item it joins, and why.
+
+    ``items`` are every item around the new ones (the time window on either side), each
+    in the story ``story_of`` names; the new ones are in stories of their own. Each new
+    item is decided by ``choose_story`` over the stories that hold an item in its window
+    sharing an index key (``candidate_keys``) held by at most 1 in 20 items, every
+    member of such a story taking part; ``story_of`` is updated as items join, so a
+    later new item can join a story an earlier one joined. A new item whose story an
+    earlier one joined is not moved: it anchors that story now.
+
+    ``bounded`` (the default) scores only the members whose evidence can reach the
+    threshold (``_pair_bounder``, under the conditions ``Clusterer``'s bounds need,
+    ``_Bounds.of``); the others cannot pass, so the decisions are those of scoring them
+    all (``bounded=False``, kept as the reference the tests compare with). A first
+    cycle of 15,000 items scored over a million pairs; most fall short of the
+    threshold by their shared evidence alone. ``forced`` is ``StoryMatcher.forced``.
+    """
+    corpus = Corpus()
+    for f in feats.values():
+        corpus.add(f)
+    bounds = _Bounds.of(rules) if bounded else None
+    collecting = gc.isenabled()
+    gc.disable()  # millions of small acyclic containers; see Clusterer.add
+    try:
+        if bounds is None:
+            return _join_plain(items, feats, story_of, new_ids, rules, corpus, forced)
+        return _join_bounded(items, feats, story_of, new_ids, rules, corpus, forced)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _join_plain(
+    items: Mapping[_K, StoryItem],
+    feats: Mapping[_K, Features],
+    story_of: dict[_K, int],
+    new_ids: Sequence[_K],
+    rules: MatchRules,
+    corpus: Corpus,
+    forced: Callable[[StoryItem, StoryItem], str | None] | None,
+) -> list[tuple[_K, int, Match]]:
+    """``join_batch`` scoring every member of every candidate story."""
+    keys = {i: candidate_keys(f) for i, f in feats.items()}
+    index: defaultdict[str, list[_K]] = defaultdict(list)
+    for i, item_keys in keys.items():
+        for key in item_keys:
+            index[key].append(i)
+    members: defaultdict[int, list[_K]] = defaultdict(list)
+    for i, story in story_of.items():
+        members[story].append(i)
+    max_postings = max(50, len(items) // 20)
+    window = timedelta(days=rules.window_days)
+    decisions: list[tuple[_K, int, Match]] = []
+    for new_id in new_ids:
+        item = items[new_id]
+        own_story = story_of[new_id]
+        if len(members[own_story]) > 1:
+            continue
+        found: set[_K] = set()
+        for key in keys[new_id]:
+            postings = index.get(key)
+            if postings and len(postings) <= max_postings:
+                found.update(postings)
+        related = {
+            story_of[o]
+            for o in found
+            if story_of[o] != own_story and abs(items[o].published - item.published) <= window
+        }
+        candidates = [Candidate(items[m], feats[m], s) for s in related for m in members[s]]
+        chosen, match = choose_story(item, feats[new_id], candidates, corpus, rules, forced=forced)
+        if chosen is None:
+            continue
+        decisions.append((new_id, chosen, match))
+        members[own_story].remove(new_id)
+        members[chosen].append(new_id)
+        story_of[new_id] = chosen
+    return decisions
+
+
+def _join_bounded(
+    items: Mapping[_K, StoryItem],
+    feats: Mapping[_K, Features],
+    story_of: dict[_K, int],
+    new_ids: Sequence[_K],
+    rules: MatchRules,
+    corpus: Corpus,
+    forced: Callable[[StoryItem, StoryItem], str | None] | None,
+) -> list[tuple[_K, int, Match]]:
+    """``join_batch`` scoring only the members whose ``_pair_bounder`` reaches the
+    threshold.
+
+    The candidate stories are found as the plain way finds them, from an ``_Index`` of
+    all the items in time order (a window is one bisect on either side, and a key's
+    postings are arrays of numbers rather than lists of ids).
+    """
+    ids = list(items)
+    micros_of = {i: _micros(items[i].published) for i in ids}
+    ids.sort(key=micros_of.__getitem__)
+    index = _Index(keys_only=True)
+    seq_of: dict[_K, int] = {}
+    for seq, i in enumerate(ids):
+        seq_of[i] = seq
+        index.add(items[i], feats[i], story_of[i])
+    by_seq = [items[i] for i in ids]
+    story = index.story  # kept current as items join
+    micros = index.micros
+    # Members in the order the plain way sees them: on equal scores the first one's
+    # reasons are kept.
+    members: defaultdict[int, list[int]] = defaultdict(list)
+    for i, s in story_of.items():
+        members[s].append(seq_of[i])
+    max_postings = max(50, len(items) // 20)
+    window = timedelta(days=rules.window_days) // _MICROSECOND
+    seconds = rules.window_days * 86400
+    # Then "within the window" by time stamp (bisect) and by score's test agree.
+    exact_window = timedelta(days=rules.window_days).total_seconds() == seconds
+    limit = rules.threshold - 0.001  # a score is rounded to 3 decimals
+    threshold = rules.threshold
+    for token in corpus.df:
+        corpus.idf(token)
+    weights = corpus._idf  # every token's, unchanged until the next add
+    norms = [_vector_norm(f.words, weights) for f in index.features]
+    pair_bound = _pair_bounder(rules, weights)
+    decisions: list[tuple[_K, int, Match]] = []
+    for new_id in new_ids:
+        seq = seq_of[new_id]
+        item, f = by_seq[seq], index.features[seq]
+        own_story = story[seq]
+        if len(members[own_story]) > 1:
+            continue  # an earlier new item joined it: it anchors a story now
+        first = bisect_left(micros, micros[seq] - window)
+        stop = bisect_right(micros, micros[seq] + window)
+        found: set[int] = set()
+        for postings in index.postings_of_keys(f):
+            if len(postings) <= max_postings and postings[-1] >= first and postings[0] < stop:
+                start = 0 if postings[0] >= first else bisect_left(postings, first)
+                end = len(postings) if postings[-1] < stop else bisect_left(postings, stop)
+                found.update(postings[start:end])
+        related = set(map(story.__getitem__, found))
+        related.discard(own_story)
+        text_side = _text_side(f.words, weights)
+        language = item.language
+        # Each member's bound; a story's best match is found by scoring its members in
+        # the order of their bounds, down to the best score found; stories are taken
+        # in the order of their best bound, until none can beat the story chosen.
+        plans: list[tuple[float, int, list[tuple[float, int, int]]]] = []
+        for s in related:
+            plan: list[tuple[float, int, int]] = []  # (-bound, position, member)
+            top = 0.0
+            for position, m in enumerate(members[s]):
+                other = by_seq[m]
+                rule = forced(item, other) if forced is not None else None
+                if rule == "apart":
+                    continue
+                if rule == "together":
+                    bound = _FORCED_BOUND
+                elif (
+                    not first <= m < stop
+                    if exact_window
+                    else abs((item.published - other.published).total_seconds()) > seconds
+                ):
+                    continue  # score's first veto
+                else:
+                    bound = pair_bound(
+                        f, index.features[m], language == other.language, text_side, norms[m]
+                    )
+                    if bound < limit:
+                        continue  # cannot pass
+                plan.append((-bound, position, m))
+                top = max(top, bound)
+            if plan:
+                plan.sort()
+                plans.append((-top, s, plan))
+        plans.sort()
+        chosen: tuple[int, Match] | None = None
+        for negative_top, s, plan in plans:
+            if chosen is not None and -negative_top < chosen[1].score - _MARGIN:
+                break  # no story left can reach the chosen one's score
+            best: tuple[float, int, Match] | None = None  # (score, -position, match)
+            for negative_bound, position, m in plan:
+                if best is not None and -negative_bound < best[0] - _MARGIN:
+                    break
+                other = by_seq[m]
+                if negative_bound == -_FORCED_BOUND:
+                    match = _TOGETHER
+                else:
+                    match = score(item, f, other, index.features[m], corpus, rules)
+                if (
+                    match.score >= threshold
+                    and match.veto is None
+                    and (best is None or (match.score, -position) > best[:2])
+                ):
+                    best = (match.score, -position, match)
+            if best is None:
+                continue
+            match = best[2]
+            if chosen is not None and (match.score, -s) <= (chosen[1].score, -chosen[0]):
+                continue
+            if match.score >= 99.0 or all(
+                _compatible(item, f, Candidate(by_seq[m], index.features[m], s), forced, rules)
+                for m in members[s]
+            ):
+                chosen = (s, match)
+        if chosen is not None:
+            s, match = chosen
+            decisions.append((new_id, s, match))
+            members[own_story].remove(seq)
+            members[s].append(seq)
+            story[seq] = s
+            story_of[new_id] = s
+    return decisions
+
+
+# Scores are rounded to 3 decimals: a bound this far below a score cannot reach it.
+_MARGIN = 0.001
+_FORCED_BOUND = 1e9
+
+
+def _pair_bounder(
+    rules: MatchRules, idf: Mapping[str, float]
+) -> Callable[[Features, Features, bool, _TextSide, float], float]:
+    """A function that gives at least ``score``'s score for two items, for a fraction
+    of its cost (it runs for every member of every candidate story).
+
+    The same evidence without the vetoes (which only lower a score) and without the
+    reasons' text: links and numbers exactly, names exactly unless either item has
+    katakana (then counted as saturated), the cosine summed over the shared words only.
+    ``idf`` holds every token's ``Corpus.idf``; the function takes the two items'
+    features, whether they are in one language, ``_text_side`` of the first item's
+    words and the length of the second's TF-IDF vector. The small margins cover sums
+    taken in another order. Needs ``_Bounds.of(rules)`` (no negative weight).
+    """
+    use_links, use_numbers = rules.use_links, rules.use_numbers
+    use_names, use_katakana, use_text = rules.use_names, rules.use_katakana, rules.use_text
+    link_weight, amount_weight = rules.link_weight, rules.amount_weight
+    code_weight, date_weight = rules.code_weight, rules.date_weight
+    percent_weight, name_weight = rules.percent_weight, rules.name_weight
+    saturation, text_weight = rules.name_saturation, rules.text_weight
+    least_similarity = rules.min_text_similarity
+    idf_of = idf.__getitem__
+
+    def bound(
+        fa: Features, fb: Features, same_language: bool, text_a: _TextSide, norm_b: float
+    ) -> float:
+        total = 1e-9
+        if use_links and (
+            (fa.own_link and (fa.own_link == fb.own_link or fa.own_link in fb.links))
+            or (fb.own_link and fb.own_link in fa.links)
+            or not fa.links.isdisjoint(fb.links)
+        ):
+            total += link_weight
+        if use_numbers:
+            if not fa.amounts.isdisjoint(fb.amounts):
+                total += amount_weight
+            if not fa.codes.isdisjoint(fb.codes):
+                total += code_weight
+            if not fa.dates.isdisjoint(fb.dates):
+                total += date_weight
+            if not fa.percents.isdisjoint(fb.percents):
+                total += percent_weight
+        if use_names:
+            if use_katakana and (fa.skeletons or fb.skeletons):
+                total += name_weight
+            else:
+                shared = fa.names & fb.names
+                if shared:
+                    weight = sum(map(idf_of, shared)) + 1e-9
+                    total += name_weight * (1.0 if weight >= saturation else weight / saturation)
+        if same_language and use_text:
+            weighted, norm_a = text_a
+            words_b = fb.words
+            shared_words = weighted.keys() & words_b.keys()
+            if shared_words:
+                # The same set iterated twice gives its elements in the same order.
+                dot = sum(
+                    map(
+                        mul,
+                        map(weighted.__getitem__, shared_words),
+                        map(words_b.__getitem__, shared_words),
+                    )
+                )
+                cosine = dot / (norm_a * norm_b) + 1e-9
+                if cosine >= least_similarity:
+                    total += text_weight * cosine
+        return total
+
+    return bound
+
+
+# An item's words weighted by count x idf x idf (so that a product with another
+# item's counts is a TF-IDF dot product), and the length of its TF-IDF vector.
+_TextSide = tuple[dict[str, float], float]
+
+
+def _text_side(words: Mapping[str, int], idf: Mapping[str, float]) -> _TextSide:
+    weighted = {t: n * idf[t] * idf[t] for t, n in words.items()}
+    return weighted, _vector_norm(words, idf)
+
+
+def _vector_norm(words: Mapping[str, int], idf: Mapping[str, float]) -> float:
+    """The length of a TF-IDF vector."""
+    return math.sqrt(sum([(n * idf[t]) ** 2 for t, n in words.items()]))
+
+
 # -- evaluation ---------------------------------------------------------------------------
 
 
@@ -1674,11 +2007,18 @@ class StoryMatcher:
         self._together = {frozenset((key(a), key(b))) for a, b in together}
         self._apart = {frozenset((key(a), key(b))) for a, b in apart}
         self._key = key
-        self._cache: dict[str, tuple[str, Features]] = {}
+        # Entry id -> (a digest of the text features were computed from, the features):
+        # the digest, not the text, so the cache does not hold every item's text.
+        self._cache: dict[str, tuple[bytes, Features]] = {}
         self._cache_size = cache_size
 
     def features_of(self, item: StoryItem) -> Features:
-        fingerprint = f"{item.title}\x1f{item.text}\x1f{item.link}"
+        fingerprint = hashlib.blake2b(
+            f"{item.title}\x1f{item.text}\x1f{item.link}\x1f{item.links}".encode(
+                errors="surrogatepass"
+            ),
+            digest_size=16,
+        ).digest()
         cached = self._cache.get(item.id)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
@@ -1687,6 +2027,11 @@ class StoryMatcher:
             self._cache.pop(next(iter(self._cache)))
         self._cache[item.id] = (fingerprint, result)
         return result
+
+    @property
+    def forces_pairs(self) -> bool:
+        """Whether the config forces any pair together or apart."""
+        return bool(self._together or self._apart)
 
     def forced(self, a: StoryItem, b: StoryItem) -> str | None:
         if not (self._together or self._apart) or not a.link or not b.link:
