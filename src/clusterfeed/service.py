@@ -26,6 +26,7 @@ import jinja2
 
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
+    DigestComposer,
     DigestLinks,
     build_message,
     default_template_dir,
@@ -58,7 +59,6 @@ from clusterfeed.mail import (
     Transport,
     deliver_pending,
     make_transport,
-    prepare,
 )
 from clusterfeed.model import Entry, FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.normalize import normalize_entries
@@ -214,6 +214,8 @@ class Service:
         self._story_cache: dict[int, Story] = {}
         self.render_threshold = PARALLEL_RENDER_THRESHOLD
         self._story_lock = threading.Lock()
+        self._composer: DigestComposer | None = None  # one per sending run
+        self._run_secret: str | None = None
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
@@ -633,10 +635,12 @@ class Service:
     def secret(self) -> str:
         return os.environ.get(self.config.web.secret_env) or self.store.secret()
 
-    def links_for(self, subscriber: Subscriber, page: DigestPage | None = None) -> DigestLinks:
+    def links_for(
+        self, subscriber: Subscriber, page: DigestPage | None = None, *, secret: str | None = None
+    ) -> DigestLinks:
         base = self.config.web.base_url.rstrip("/")
         assert subscriber.id is not None
-        token = make_token(self.secret(), UNSUBSCRIBE, subscriber.id, subscriber.email)
+        token = make_token(secret or self.secret(), UNSUBSCRIBE, subscriber.id, subscriber.email)
         return DigestLinks(
             unsubscribe_url=f"{base}/unsubscribe/{token}",
             preferences_url=f"{base}/preferences/{token}",
@@ -716,6 +720,25 @@ class Service:
             links=links,
         )
 
+    def compose_prepared(self, delivery: Delivery) -> Prepared:
+        """The same message as ``compose``, as wire bytes, rendering each story list of
+        a sending run once (see ``DigestComposer``) and building no EmailMessage."""
+        if self._composer is None:
+            self._composer = DigestComposer(self.digest_environment(), self.config)
+        if self._run_secret is None:
+            self._run_secret = self.secret()  # one read per run, not one per message
+        links = self.links_for(
+            delivery.subscriber, self.digest_page(delivery.digest_id), secret=self._run_secret
+        )
+        sender, recipient, data = self._composer.compose(
+            delivery.subscriber,
+            self._stories(delivery.story_ids),
+            slot=delivery.digest_slot,
+            links=links,
+            message_id=delivery.message_id,
+        )
+        return Prepared(sender, (recipient,), data)
+
     def _stories(self, ids: Sequence[int]) -> list[Story]:
         """The stories of one message, in its order; loaded once per sending run, since
         thousands of digests share the same few dozen stories."""
@@ -759,6 +782,7 @@ class Service:
         with it on one core."""
         with self._story_lock:
             self._story_cache.clear()  # stories may have changed since the last run
+        self._composer, self._run_secret = None, None  # and templates and the secret
         transport = transport or self.transport()
         workers = self._render_processes(self.store.count_due(self.clock()))
         pool = None
@@ -781,7 +805,7 @@ class Service:
             return await deliver_pending(
                 self.store,
                 transport,
-                self.compose,
+                self.compose_prepared,
                 clock=self.clock,
                 render=render,
                 ahead=4 * workers if workers else 2,
@@ -899,4 +923,4 @@ def _start_renderer(config: Config) -> None:
 
 def _render_in_worker(delivery: Delivery) -> Prepared:
     assert _RENDERER is not None
-    return prepare(_RENDERER.compose(delivery))
+    return _RENDERER.compose_prepared(delivery)
