@@ -310,6 +310,19 @@ def address(value: str) -> Address:
     return Address(display_name=one_line(name, 100), username=local, domain=domain)
 
 
+def recipient(subscriber: Subscriber) -> Address:
+    """The To address. The name is taken as it is, not parsed out of "name <address>":
+    a name such as ``Söhne <GmbH>`` would otherwise hide the address and stop the mail."""
+    mailbox = address(subscriber.email)
+    if not subscriber.name:
+        return mailbox
+    return Address(
+        display_name=one_line(subscriber.name, 100),
+        username=mailbox.username,
+        domain=mailbox.domain,
+    )
+
+
 def build_message(
     config: Config,
     rendered: RenderedDigest,
@@ -322,7 +335,7 @@ def build_message(
     """The complete multipart/alternative message, text first as RFC 2046 asks."""
     msg = EmailMessage()
     msg["From"] = address(config.digest.from_address)
-    msg["To"] = address(f"{to.name or ''} <{to.email}>" if to.name else to.email)
+    msg["To"] = recipient(to)
     if config.digest.reply_to:
         msg["Reply-To"] = [address(a) for _n, a in getaddresses([config.digest.reply_to]) if a]
     msg["Subject"] = rendered.subject
@@ -484,20 +497,22 @@ def render_shared(
     *,
     slot: datetime,
     links: DigestLinks,
-    name: str | None,
+    named: bool,
     marker: str,
+    empty_name: str | None = None,
 ) -> SharedDigest | None:
     """Render a story list once, personal values left blank; None if that cannot be
     done faithfully (then every subscriber's digest is rendered in full).
 
     Each personal value is rendered as a probe: ``marker`` and the field's number
     around every special character, so the output shows how each spot escaped each
-    of them. ``name`` is a subscriber's empty name (rendered as it is), or None for
-    "has a name". ``marker`` must not occur in any story (random letters do not).
+    of them. ``named`` says whether the subscribers have a name; if not, their
+    ``empty_name`` (None or "") is rendered as it is. ``marker`` must not occur in any
+    story (random letters do not; the composer checks its first filling anyway).
     """
     tokens = {f: f"{marker}{i}q" for i, f in enumerate(PERSONAL_FIELDS)}
     probes = {f: t + t.join(_SPECIALS) + t for f, t in tokens.items()}
-    subscriber = Subscriber(email=probes["email"], name=probes["name"] if name is None else name)
+    subscriber = Subscriber(email=probes["email"], name=probes["name"] if named else empty_name)
     probe_links = DigestLinks(
         unsubscribe_url=probes["unsubscribe_url"],
         preferences_url=probes["preferences_url"],
@@ -752,9 +767,7 @@ class DigestComposer:
         message_id: str,
     ) -> tuple[str, str, bytes]:
         """(sender, recipient, message bytes) for one subscriber."""
-        to = address(
-            f"{subscriber.name or ''} <{subscriber.email}>" if subscriber.name else subscriber.email
-        )
+        to = recipient(subscriber)
         values = personal_values(self.config, subscriber, links)
         shared = None
         if self.sharing and all(
@@ -794,7 +807,7 @@ class DigestComposer:
             slot,
             links.web_url,
             tuple(s.id for s in stories),
-            None if subscriber.name else subscriber.name,
+            (True, None) if subscriber.name else (False, subscriber.name),
         )
         if key in self._shared:
             self._shared.move_to_end(key)
@@ -805,7 +818,8 @@ class DigestComposer:
             stories,
             slot=slot,
             links=links,
-            name=None if subscriber.name else subscriber.name,
+            named=bool(subscriber.name),
+            empty_name=None if subscriber.name else subscriber.name,
             marker=self._marker,
         )
         if shared is not None:
