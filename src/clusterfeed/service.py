@@ -786,7 +786,12 @@ class Service:
         transport = transport or self.transport()
         workers = self._render_processes(self.store.count_due(self.clock()))
         pool = None
-        render = None
+
+        async def render(delivery: Delivery) -> Outgoing:
+            # In the event loop: composing costs a fraction of a millisecond now, less
+            # than handing each message to a thread and back.
+            return self.compose_prepared(delivery)
+
         if workers:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["clusterfeed.service"])
@@ -798,7 +803,7 @@ class Service:
             )
             loop = asyncio.get_running_loop()
 
-            def render(delivery: Delivery) -> asyncio.Future[Outgoing]:
+            def render(delivery: Delivery) -> asyncio.Future[Outgoing]:  # type: ignore[misc]
                 return loop.run_in_executor(pool, _render_in_worker, delivery)
 
         try:
