@@ -29,6 +29,7 @@ from clusterfeed.digest import (
     DigestComposer,
     DigestLinks,
     build_message,
+    can_share_renderings,
     default_template_dir,
     is_due,
     make_environment,
@@ -87,8 +88,10 @@ Clock = Callable[[], datetime]
 # Feeds in one cycle from which parsing moves to worker processes (fetch.parse_processes
 # unset): below it, starting the processes costs more than it saves.
 PARALLEL_PARSE_THRESHOLD = 40
-# From this many due deliveries on, messages are rendered in worker processes: below
-# it, starting the processes costs more than rendering in a thread.
+# From this many due deliveries on, messages whose templates must be rendered in full
+# for every subscriber are rendered in worker processes: below it, starting the
+# processes costs more than they save. Templates that allow one rendering per story
+# list never need them (composing then costs less than handing a message over).
 PARALLEL_RENDER_THRESHOLD = 300
 # Stories kept between messages of one sending run (they are shared by many digests).
 STORY_CACHE_SIZE = 2000
@@ -824,6 +827,11 @@ class Service:
 
     def _render_processes(self, due: int) -> int:
         if due < self.render_threshold:
+            return 0
+        if can_share_renderings(self.digest_environment(), self.config):
+            # Measured on 10,000 digests: about 0.3 ms a message in the sending process
+            # against 0.9 ms in workers (pickling, a rendering per story list in each
+            # worker, start-up) plus more hand-over work in the sender.
             return 0
         return max(1, os.cpu_count() or 1)
 
