@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import secrets
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -780,9 +780,10 @@ class Service:
         transport: Transport | None = None,
         on_progress: Callable[[Delivery, str], None] | None = None,
     ) -> SendReport:
-        """Send every due delivery. A large outbox is rendered in worker processes, so
-        rendering (CPU-bound Python) runs beside the sending instead of taking turns
-        with it on one core."""
+        """Send every due delivery. Messages are composed in this process, each story
+        list rendered once; only templates that need a full rendering per message are
+        rendered in worker processes for a large outbox, so that CPU-bound rendering
+        runs beside the sending instead of taking turns with it on one core."""
         with self._story_lock:
             self._story_cache.clear()  # stories may have changed since the last run
         self._composer, self._run_secret = None, None  # and templates and the secret
@@ -790,10 +791,12 @@ class Service:
         workers = self._render_processes(self.store.count_due(self.clock()))
         pool = None
 
-        async def render(delivery: Delivery) -> Outgoing:
+        async def compose_here(delivery: Delivery) -> Outgoing:
             # In the event loop: composing costs a fraction of a millisecond now, less
             # than handing each message to a thread and back.
             return self.compose_prepared(delivery)
+
+        render: Callable[[Delivery], Awaitable[Outgoing]] = compose_here
 
         if workers:
             context = multiprocessing.get_context("forkserver")
@@ -806,8 +809,10 @@ class Service:
             )
             loop = asyncio.get_running_loop()
 
-            def render(delivery: Delivery) -> asyncio.Future[Outgoing]:  # type: ignore[misc]
+            def in_worker(delivery: Delivery) -> Awaitable[Outgoing]:
                 return loop.run_in_executor(pool, _render_in_worker, delivery)
+
+            render = in_worker
 
         try:
             return await deliver_pending(
