@@ -12,6 +12,7 @@ import base64
 import email
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from clusterfeed.mail import RateLimiter, RetryPolicy, next_attempt
 from clusterfeed.service import Service
 from clusterfeed.store import Store, deliveries, subscribers
 from tests.conftest import (
+    TEMPLATES,
     Clock,
     FeedServer,
     RecordingHandler,
@@ -449,9 +451,12 @@ def test_a_refused_sender_stops_the_run_and_fails_no_delivery(
     assert _per_recipient(smtp) == {f"reader{i:03d}@example.org": 1 for i in range(3)}
 
 
-def test_a_large_outbox_rendered_in_worker_processes_sends_the_same_messages(
-    tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-rendering", "worker-processes"])
+def test_a_large_outbox_sends_the_same_messages(
+    tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, shared: bool
 ) -> None:
+    """Templates that only print a subscriber's values are rendered once per story list
+    in the sending process; others in full, in worker processes. Same bytes either way."""
     path = write_config(
         tmp_path,
         served_example_feeds(feed_server),
@@ -465,12 +470,20 @@ def test_a_large_outbox_rendered_in_worker_processes_sends_the_same_messages(
             {"email": "ole@example.org"},
         ],
     )
+    if not shared:
+        templates = tmp_path / "templates"
+        shutil.copytree(TEMPLATES, templates)
+        with (templates / "digest.txt").open("a", encoding="utf-8") as handle:
+            handle.write("{{ subscriber.name | upper }}\n")  # a filter: no sharing
+        text = path.read_text(encoding="utf-8").replace(str(TEMPLATES), str(templates))
+        path.write_text(text, encoding="utf-8")
     clock = Clock(T0)
     service = _service(path, clock)
     asyncio.run(service.fetch())
     service.create_digest("test:pool", clock())
     expected = {d.subscriber.email: service.compose(d) for d in service.store.pending_deliveries()}
-    service.render_threshold = 1  # what a large outbox does: render in worker processes
+    service.render_threshold = 1  # what a large outbox does
+    assert (service._render_processes(5) == 0) is shared
 
     report = asyncio.run(service.send_pending())
 
@@ -478,6 +491,8 @@ def test_a_large_outbox_rendered_in_worker_processes_sends_the_same_messages(
     received = {e.rcpt_tos[0]: _parse(e.content) for e in smtp.handler.messages}
     assert set(received) == set(expected) and len(smtp.handler.messages) == 5
     for address, message in received.items():
+        sent = next(e.content for e in smtp.handler.messages if e.rcpt_tos[0] == address)
+        assert sent == message_bytes(expected[address])
         mine = _parse(message_bytes(expected[address]))  # the same CRLF wire form
         assert message["Message-ID"] == mine["Message-ID"]
         assert message["Subject"] == mine["Subject"]

@@ -11,11 +11,18 @@ again after a crash is byte-for-byte the one that was meant, Message-ID included
 from __future__ import annotations
 
 import contextlib
+import email.policy
 import hashlib
+import logging
 import re
+import secrets
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from email import quoprimime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -36,6 +43,8 @@ from clusterfeed.normalize import single_line, truncate
 # RFC 5322 allows 998 characters a line; 78 is only a recommendation. Python folds a
 # long header without spaces (a List-Unsubscribe URL) by turning it into RFC 2047
 # encoded words, which mail clients then cannot use as a URL. So fold at 998.
+log = logging.getLogger(__name__)
+
 MAIL_POLICY = SMTP.clone(max_line_length=998)
 WEEKLY_GAP = timedelta(days=6, hours=12)
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -226,8 +235,12 @@ def render_digest(
     *,
     slot: datetime,
     links: DigestLinks,
+    reason: str | None = None,
 ) -> RenderedDigest:
-    """Render subject, HTML (CSS inlined) and plain text for one subscriber's digest."""
+    """Render subject, HTML (CSS inlined) and plain text for one subscriber's digest.
+
+    ``reason`` replaces the line saying why the subscriber gets the mail (only
+    ``render_shared`` passes it, for its probe)."""
     tz = config.schedule.timezone
     views = [story_view(s, summary_chars=config.digest.summary_chars, tz=tz) for s in stories]
     topic_order = [t for f in config.feeds for t in f.topics]
@@ -246,10 +259,7 @@ def render_digest(
         "preheader": preheader,
         "links": links,
         "feed_title": config.feed_title,
-        "reason": (
-            f"You receive this e-mail because {subscriber.email} is subscribed to the "
-            f"{config.cluster.name} news digest."
-        ),
+        "reason": reason_line(config, subscriber.email) if reason is None else reason,
     }
     subject = one_line(env.get_template(config.digest.subject_template).render(context))
     html_raw = env.get_template(config.digest.html_template).render(context)
@@ -300,6 +310,19 @@ def address(value: str) -> Address:
     return Address(display_name=one_line(name, 100), username=local, domain=domain)
 
 
+def recipient(subscriber: Subscriber) -> Address:
+    """The To address. The name is taken as it is, not parsed out of "name <address>":
+    a name such as ``Söhne <GmbH>`` would otherwise hide the address and stop the mail."""
+    mailbox = address(subscriber.email)
+    if not subscriber.name:
+        return mailbox
+    return Address(
+        display_name=one_line(subscriber.name, 100),
+        username=mailbox.username,
+        domain=mailbox.domain,
+    )
+
+
 def build_message(
     config: Config,
     rendered: RenderedDigest,
@@ -312,7 +335,7 @@ def build_message(
     """The complete multipart/alternative message, text first as RFC 2046 asks."""
     msg = EmailMessage()
     msg["From"] = address(config.digest.from_address)
-    msg["To"] = address(f"{to.name or ''} <{to.email}>" if to.name else to.email)
+    msg["To"] = recipient(to)
     if config.digest.reply_to:
         msg["Reply-To"] = [address(a) for _n, a in getaddresses([config.digest.reply_to]) if a]
     msg["Subject"] = rendered.subject
@@ -325,9 +348,492 @@ def build_message(
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(rendered.text, subtype="plain", charset="utf-8", cte="quoted-printable")
     msg.add_alternative(rendered.html, subtype="html", charset="utf-8", cte="quoted-printable")
+    msg.set_boundary(boundary_for(message_id))
     return msg
 
 
 def message_bytes(message: EmailMessage) -> bytes:
     """The message as it goes on the wire (CRLF line ends, headers never mangled)."""
     return message.as_bytes(policy=MAIL_POLICY)
+
+
+# -- rendering once for many subscribers ---------------------------------------------
+#
+# Most subscribers of a digest share its stories with many others (the same topics and
+# languages); only their name, address and links differ. Rendering the templates and
+# inlining the CSS once per shared story list, then filling in each subscriber's values,
+# gives the very bytes a full rendering gives, as long as the templates only *print*
+# those values. ``SharedDigest`` records where each value goes and how that spot escapes
+# it; templates that do more with them (filter, compare, include other templates) are
+# rendered in full for every subscriber, as before.
+
+# The values that differ between subscribers sharing a story list, by template name.
+_PERSONAL_NAMES = frozenset({"subscriber", "links", "reason"})
+# (variable, attribute) pairs a template may print; ``None`` is the variable itself.
+_PRINTABLE = {
+    ("subscriber", "name"): "name",
+    ("subscriber", "email"): "email",
+    ("links", "unsubscribe_url"): "unsubscribe_url",
+    ("links", "preferences_url"): "preferences_url",
+    ("reason", None): "reason",
+}
+_SHARED_LINKS = frozenset({"feed_url", "site_url", "web_url"})
+# Nodes that could pass a printed value through something other than the output's own
+# escaping (a filter block, a macro, another template); any of them ends sharing.
+_OPAQUE_NODES = (
+    jinja2.nodes.Extends,
+    jinja2.nodes.Include,
+    jinja2.nodes.Import,
+    jinja2.nodes.FromImport,
+    jinja2.nodes.FilterBlock,
+    jinja2.nodes.AssignBlock,
+    jinja2.nodes.Macro,
+    jinja2.nodes.CallBlock,
+)
+# The characters an HTML template or the CSS inliner's serializer may escape; every
+# other character passes through both unchanged.
+_SPECIALS = "<&>\"'\xa0"
+PERSONAL_FIELDS = ("name", "email", "reason", "unsubscribe_url", "preferences_url")
+
+
+def _prints_personal_values_only(tree: jinja2.nodes.Node, *, may_print: bool) -> bool:
+    """Whether a template uses the personal values only as ``{{ value }}`` (and a name
+    only also as ``{% if subscriber.name %}``), which filling in afterwards reproduces."""
+
+    def visit(node: jinja2.nodes.Node, where: str) -> bool:
+        if isinstance(node, _OPAQUE_NODES):
+            return False
+        if isinstance(node, jinja2.nodes.Getattr) and isinstance(node.node, jinja2.nodes.Name):
+            variable, attr = node.node.name, node.attr
+            if variable == "links" and attr in _SHARED_LINKS:
+                return True
+            if variable in _PERSONAL_NAMES:
+                if (variable, attr) == ("subscriber", "name") and where == "test":
+                    return True
+                return may_print and where == "output" and (variable, attr) in _PRINTABLE
+        if isinstance(node, jinja2.nodes.Name) and node.name in _PERSONAL_NAMES:
+            return may_print and where == "output" and (node.name, None) in _PRINTABLE
+        for name, value in node.iter_fields():
+            children = value if isinstance(value, list) else [value]
+            for child in children:
+                if not isinstance(child, jinja2.nodes.Node):
+                    continue
+                if isinstance(node, jinja2.nodes.Output) and name == "nodes":
+                    inner = "output"
+                elif isinstance(node, jinja2.nodes.If) and name == "test":
+                    inner = "test"
+                else:
+                    inner = ""
+                if not visit(child, inner):
+                    return False
+        return True
+
+    return visit(tree, "")
+
+
+def can_share_renderings(env: jinja2.Environment, config: Config) -> bool:
+    """Whether the configured digest templates allow rendering once per story list."""
+    assert env.loader is not None
+    names = (config.digest.html_template, config.digest.text_template)
+    for name, may_print in [(config.digest.subject_template, False)] + [(n, True) for n in names]:
+        source = env.loader.get_source(env, name)[0]
+        if not _prints_personal_values_only(env.parse(source), may_print=may_print):
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Blank:
+    """Where one personal value goes, and how that spot escapes it."""
+
+    field: str
+    table: dict[int, str]
+
+
+Shape = tuple[str | Blank, ...]
+
+
+@dataclass(frozen=True)
+class SharedDigest:
+    """One story list's digest with the personal values left blank."""
+
+    subject: str
+    html: Shape
+    text: Shape
+    preheader: str
+    # The same, quoted-printable: lines without a blank encoded once (None: a part
+    # that cannot be encoded line by line, encoded whole for each subscriber).
+    html_encoded: EncodedShape | None = None
+    text_encoded: EncodedShape | None = None
+
+
+def personal_values(config: Config, subscriber: Subscriber, links: DigestLinks) -> dict[str, str]:
+    return {
+        "name": subscriber.name or "",
+        "email": subscriber.email,
+        "reason": reason_line(config, subscriber.email),
+        "unsubscribe_url": links.unsubscribe_url,
+        "preferences_url": links.preferences_url,
+    }
+
+
+def fits_a_blank(value: str) -> bool:
+    """Whether a value can be filled in after rendering: on one line, nothing the text
+    tidying (trailing blanks, blank lines) or the HTML parser would treat specially."""
+    return bool(value) and value == value.strip() and value.isprintable()
+
+
+def reason_line(config: Config, email: str) -> str:
+    return (
+        f"You receive this e-mail because {email} is subscribed to the "
+        f"{config.cluster.name} news digest."
+    )
+
+
+def render_shared(
+    env: jinja2.Environment,
+    config: Config,
+    stories: Sequence[Story],
+    *,
+    slot: datetime,
+    links: DigestLinks,
+    named: bool,
+    marker: str,
+    empty_name: str | None = None,
+) -> SharedDigest | None:
+    """Render a story list once, personal values left blank; None if that cannot be
+    done faithfully (then every subscriber's digest is rendered in full).
+
+    Each personal value is rendered as a probe: ``marker`` and the field's number
+    around every special character, so the output shows how each spot escaped each
+    of them. ``named`` says whether the subscribers have a name; if not, their
+    ``empty_name`` (None or "") is rendered as it is. ``marker`` must not occur in any
+    story (random letters do not; the composer checks its first filling anyway).
+    """
+    tokens = {f: f"{marker}{i}q" for i, f in enumerate(PERSONAL_FIELDS)}
+    probes = {f: t + t.join(_SPECIALS) + t for f, t in tokens.items()}
+    subscriber = Subscriber(email=probes["email"], name=probes["name"] if named else empty_name)
+    probe_links = DigestLinks(
+        unsubscribe_url=probes["unsubscribe_url"],
+        preferences_url=probes["preferences_url"],
+        feed_url=links.feed_url,
+        site_url=links.site_url,
+        web_url=links.web_url,
+    )
+    rendered = render_digest(
+        env, config, subscriber, stories, slot=slot, links=probe_links, reason=probes["reason"]
+    )
+    if marker in rendered.subject or marker in rendered.preheader:
+        return None
+    html = _shape(rendered.html, tokens, marker)
+    text = _shape(rendered.text, tokens, marker)
+    if html is None or text is None:
+        return None
+    return SharedDigest(
+        rendered.subject,
+        html,
+        text,
+        rendered.preheader,
+        html_encoded=encode_shape(html),
+        text_encoded=encode_shape(text),
+    )
+
+
+def _shape(rendered: str, tokens: dict[str, str], marker: str) -> Shape | None:
+    by_token = {t: f for f, t in tokens.items()}
+    pieces: list[str | Blank] = []
+    pattern = re.compile(
+        "(" + "|".join(map(re.escape, tokens.values())) + ")"
+        + "(.*?)\\1" * len(_SPECIALS),
+        re.S,
+    )  # fmt: skip
+    start = 0
+    for match in pattern.finditer(rendered):
+        escaped = match.groups()[1:]
+        pieces.append(rendered[start : match.start()])
+        table = {ord(c): e for c, e in zip(_SPECIALS, escaped, strict=True) if e != c}
+        pieces.append(Blank(by_token[match[1]], table))
+        start = match.end()
+    pieces.append(rendered[start:])
+    if any(marker in p for p in pieces if isinstance(p, str)):
+        return None  # a probe was cut or changed: not a plain print
+    return tuple(p for p in pieces if p != "")
+
+
+def fill(shape: Shape, values: dict[str, str]) -> str:
+    return "".join(p if isinstance(p, str) else values[p.field].translate(p.table) for p in shape)
+
+
+# Quoted-printable encodes each line on its own (RFC 2045 6.7), so the lines of a shape
+# that hold no blank are encoded once per story list, and only the few lines with a
+# name or a link in them once per subscriber.
+EncodedShape = tuple[bytes | Shape, ...]
+
+
+def encode_shape(shape: Shape) -> EncodedShape | None:
+    lines: list[Shape] = []
+    current: list[str | Blank] = []
+    for piece in shape:
+        if isinstance(piece, Blank):
+            current.append(piece)
+            continue
+        if "\r" in piece:
+            return None  # split differently by the encoder; encode whole instead
+        *ends, rest = piece.split("\n")
+        for end in ends:
+            lines.append((*current, end))
+            current = []
+        current.append(rest)
+    if any(p != "" for p in current):
+        lines.append(tuple(current))  # a last line without a line break gets one
+    encoded: list[bytes | Shape] = []
+    static: list[str] = []
+    for line in lines:
+        if all(isinstance(p, str) for p in line):
+            static.append("".join(p for p in line if isinstance(p, str)))
+            continue
+        if static:
+            encoded.append(quoted_printable("\n".join(static) + "\n"))
+            static = []
+        encoded.append(line)
+    if static:
+        encoded.append(quoted_printable("\n".join(static) + "\n"))
+    return tuple(encoded)
+
+
+def _fill_part(shape: Shape, encoded: EncodedShape | None, values: dict[str, str]) -> bytes:
+    if encoded is None:
+        return quoted_printable(fill(shape, values))
+    return fill_encoded(encoded, values)
+
+
+def fill_encoded(encoded: EncodedShape, values: dict[str, str]) -> bytes:
+    return b"".join(
+        p if isinstance(p, bytes) else quoted_printable(fill(p, values) + "\n") for p in encoded
+    )
+
+
+# -- the wire form without EmailMessage objects ---------------------------------------
+#
+# ``build_message`` + ``message_bytes`` spend most of a message's time building and
+# folding header objects that are the same in every message of a digest. ``MessageWriter``
+# folds each header with the same email package functions, but the shared ones once, and
+# encodes the bodies with the same quoted-printable encoder, so its bytes equal
+# ``message_bytes(build_message(...))`` (tests compare the two for every subscriber).
+
+_HEADER_POLICY = email.policy.default  # what EmailMessage() stores headers with
+# The HTML part repeats MIME-Version: ``add_alternative`` makes it an EmailMessage of its
+# own, which adds one. Harmless, and kept so the bytes stay the same.
+_PART_HEAD = {
+    subtype: b"".join(
+        MAIL_POLICY.fold_binary(n, _HEADER_POLICY.header_store_parse(n, v)[1])
+        for n, v in (
+            ("Content-Type", f'text/{subtype}; charset="utf-8"'),
+            ("Content-Transfer-Encoding", "quoted-printable"),
+            *([("MIME-Version", "1.0")] if subtype == "html" else []),
+        )
+    )
+    + b"\r\n"
+    for subtype in ("plain", "html")
+}
+_BODY_LINE = _HEADER_POLICY.max_line_length or 78  # where set_content breaks body lines
+_TRAILER = (
+    ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
+    ("Precedence", "bulk"),
+    ("Auto-Submitted", "auto-generated"),
+    ("MIME-Version", "1.0"),
+)
+
+
+def boundary_for(message_id: str) -> str:
+    """A multipart boundary fixed by the Message-ID (the email package would draw a
+    random one), so a message sent again is byte-for-byte the same. Both parts are
+    quoted-printable, where a line can never begin with ``--=``."""
+    number = int(hashlib.sha256(message_id.encode()).hexdigest()[:16], 16) % sys.maxsize
+    return f"==============={number:019d}=="
+
+
+def fold(name: str, value: Any) -> bytes:
+    """One header as ``message_bytes`` writes it (a value with a line break is refused,
+    as ``EmailMessage`` refuses it)."""
+    return MAIL_POLICY.fold_binary(name, _HEADER_POLICY.header_store_parse(name, value)[1])
+
+
+def quoted_printable(text: str) -> bytes:
+    """A text part's body as ``set_content(..., cte="quoted-printable")`` encodes it."""
+    lines = text.encode("utf-8").splitlines()
+    encoded = quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("latin-1"), _BODY_LINE)
+    return encoded.replace("\n", "\r\n").encode("ascii")
+
+
+class MessageWriter:
+    """Writes digest messages' wire bytes; folds the headers a digest shares once."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        cfg = config.digest
+        head = fold("From", address(cfg.from_address))
+        self._from = head
+        self._reply_to = (
+            fold("Reply-To", [address(a) for _n, a in getaddresses([cfg.reply_to]) if a])
+            if cfg.reply_to
+            else b""
+        )
+        self._list_id = fold("List-Id", list_id(config))
+        self._trailer = b"".join(fold(n, v) for n, v in _TRAILER)
+        self._subjects: dict[str, bytes] = {}
+        self._dates: dict[datetime, bytes] = {}
+
+    def _subject(self, subject: str) -> bytes:
+        folded = self._subjects.get(subject)
+        if folded is None:
+            if len(self._subjects) > 1000:
+                self._subjects.clear()
+            folded = self._subjects[subject] = fold("Subject", subject)
+        return folded
+
+    def _date(self, slot: datetime) -> bytes:
+        folded = self._dates.get(slot)
+        if folded is None:
+            local = slot.astimezone(ZoneInfo(self.config.schedule.timezone))
+            folded = self._dates[slot] = fold("Date", format_datetime(local))
+        return folded
+
+    def write(
+        self,
+        subject: str,
+        text: bytes,
+        html: bytes,
+        *,
+        to: Address,
+        message_id: str,
+        slot: datetime,
+        links: DigestLinks,
+    ) -> bytes:
+        """The message; ``text`` and ``html`` are already quoted-printable."""
+        boundary = boundary_for(message_id).encode("ascii")
+        return b"".join(
+            (
+                self._from,
+                fold("To", to),
+                self._reply_to,
+                self._subject(subject),
+                self._date(slot),
+                fold("Message-ID", message_id),
+                self._list_id,
+                fold("List-Unsubscribe", f"<{links.unsubscribe_url}>"),
+                self._trailer,
+                fold("Content-Type", f'multipart/alternative; boundary="{boundary.decode()}"'),
+                b"\r\n--", boundary, b"\r\n",
+                _PART_HEAD["plain"], text,
+                b"\r\n--", boundary, b"\r\n",
+                _PART_HEAD["html"], html,
+                b"\r\n--", boundary, b"--\r\n",
+            )
+        )  # fmt: skip
+
+
+SHARED_CACHE_SIZE = 512  # story lists kept rendered; a digest has a few hundred at most
+
+
+class DigestComposer:
+    """Composes many subscribers' digests, rendering each distinct story list once.
+
+    The first subscriber of each story list is also rendered in full and compared with
+    the filled-in rendering; if they differ (a template does something this module did
+    not foresee), that story list is rendered in full for everyone, and a warning says
+    so. Memory holds at most ``SHARED_CACHE_SIZE`` story lists, however many
+    subscribers there are.
+    """
+
+    def __init__(self, env: jinja2.Environment, config: Config) -> None:
+        self.env = env
+        self.config = config
+        self.writer = MessageWriter(config)
+        self.sender = address(config.digest.from_address).addr_spec
+        self.sharing = can_share_renderings(env, config)
+        self._marker = "cf" + secrets.token_hex(8)
+        self._shared: OrderedDict[tuple[Any, ...], SharedDigest | None] = OrderedDict()
+        self.shared_hits = 0
+        self._lock = threading.Lock()  # compose may run in several threads
+
+    def compose(
+        self,
+        subscriber: Subscriber,
+        stories: Sequence[Story],
+        *,
+        slot: datetime,
+        links: DigestLinks,
+        message_id: str,
+    ) -> tuple[str, str, bytes]:
+        """(sender, recipient, message bytes) for one subscriber."""
+        to = recipient(subscriber)
+        values = personal_values(self.config, subscriber, links)
+        shared = None
+        if self.sharing and all(
+            fits_a_blank(v) for f, v in values.items() if f != "name" or subscriber.name
+        ):
+            with self._lock:
+                shared = self._shared_for(subscriber, stories, slot, links, values)
+        if shared is None:
+            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            subject = full.subject
+            text_qp, html_qp = quoted_printable(full.text), quoted_printable(full.html)
+        else:
+            self.shared_hits += 1
+            subject = shared.subject
+            text_qp = _fill_part(shared.text, shared.text_encoded, values)
+            html_qp = _fill_part(shared.html, shared.html_encoded, values)
+        data = self.writer.write(
+            subject,
+            text_qp,
+            html_qp,
+            to=to,
+            message_id=message_id,
+            slot=slot,
+            links=links,
+        )
+        return self.sender, to.addr_spec, data
+
+    def _shared_for(
+        self,
+        subscriber: Subscriber,
+        stories: Sequence[Story],
+        slot: datetime,
+        links: DigestLinks,
+        values: dict[str, str],
+    ) -> SharedDigest | None:
+        key = (
+            slot,
+            links.web_url,
+            tuple(s.id for s in stories),
+            (True, None) if subscriber.name else (False, subscriber.name),
+        )
+        if key in self._shared:
+            self._shared.move_to_end(key)
+            return self._shared[key]
+        shared = render_shared(
+            self.env,
+            self.config,
+            stories,
+            slot=slot,
+            links=links,
+            named=bool(subscriber.name),
+            empty_name=None if subscriber.name else subscriber.name,
+            marker=self._marker,
+        )
+        if shared is not None:
+            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            filled = (shared.subject, fill(shared.text, values), fill(shared.html, values))
+            if filled != (full.subject, full.text, full.html):
+                log.warning(
+                    "the digest templates in %s print a subscriber's values in a way that "
+                    "cannot be rendered once for many subscribers; rendering each message "
+                    "in full (slower, same result)",
+                    template_dir(self.config),
+                )
+                shared = None
+        self._shared[key] = shared
+        if len(self._shared) > SHARED_CACHE_SIZE:
+            self._shared.popitem(last=False)
+        return shared

@@ -49,6 +49,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -390,11 +391,12 @@ class _SentStatements:
             .where(mine, deliveries.c.claimed_by == bindparam("by"))
             .values(**values)
         )
-        self.have = select(sent_stories.c.story_id).where(
-            sent_stories.c.subscriber_id == bindparam("sid"),
-            sent_stories.c.story_id.in_(bindparam("ids", expanding=True)),
-        )
-        self.insert = insert(sent_stories)
+        # A story the subscriber already had (sent again by an earlier digest) is
+        # skipped by the database, which saves a query per message.
+        self.insert = {
+            "sqlite": sqlite.insert(sent_stories).on_conflict_do_nothing(),
+            "postgresql": postgresql.insert(sent_stories).on_conflict_do_nothing(),
+        }
         self.reset_bounces = (
             update(subscribers)
             .where(subscribers.c.id == bindparam("sid"), subscribers.c.hard_bounces > 0)
@@ -1973,18 +1975,14 @@ class Store:
                 return
             subscriber_id = delivery.subscriber.id
             if delivery.story_ids:
-                have = set(
-                    conn.execute(
-                        _SENT.have, {"sid": subscriber_id, "ids": list(delivery.story_ids)}
-                    ).scalars()
+                did = delivery.id
+                conn.execute(
+                    _SENT.insert[conn.dialect.name],
+                    [
+                        {"subscriber_id": subscriber_id, "story_id": sid, "delivery_id": did}
+                        for sid in dict.fromkeys(delivery.story_ids)
+                    ],
                 )
-                new = [
-                    {"subscriber_id": subscriber_id, "story_id": sid, "delivery_id": delivery.id}
-                    for sid in dict.fromkeys(delivery.story_ids)
-                    if sid not in have
-                ]
-                if new:
-                    conn.execute(_SENT.insert, new)
             # A delivered message ends a run of permanent refusals.
             conn.execute(_SENT.reset_bounces, {"sid": subscriber_id})
 
