@@ -165,3 +165,28 @@ def test_bounded_joins_equal_plain_joins_on_a_generated_stream() -> None:
     cycles = [first, items[1200:1600], items[1600:2000], items[2000:2600], items[2600:] + late]
     _, _, calls = _assert_same(cycles, StoryMatcher())
     assert calls["bounded"] * 4 < calls["plain"]
+
+
+def test_joins_in_cycles_reach_the_quality_of_clustering_from_scratch(
+    labelled: LabelledSet,
+) -> None:
+    """The store's path (items joined cycle by cycle) must keep the labelled set's
+    quality: all at once as from scratch, and in time-ordered cycles nearly so. Before a
+    new item stopped meeting the new items after it, one batch reached recall 0.72."""
+    from clusterfeed.storyeval import measure
+
+    matcher = StoryMatcher()
+    _, at_once = _run_cycles([labelled.items], matcher, bounded=True)
+    quality = measure("one batch", at_once, labelled)
+    assert quality.merged_hard_negatives == 0
+    assert quality.precision >= 0.98
+    assert quality.recall >= 0.90
+
+    ordered = sorted(labelled.items, key=lambda i: (i.published, i.id))
+    size = len(ordered) // 7 + 1
+    cycles = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    _, in_cycles = _run_cycles(cycles, matcher, bounded=True)
+    quality = measure("seven cycles", in_cycles, labelled)
+    assert quality.merged_hard_negatives == 0
+    assert quality.precision >= 0.98
+    assert quality.recall >= 0.88
