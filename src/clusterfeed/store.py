@@ -923,16 +923,7 @@ class Store:
             story_of: dict[int, int] = {}
             order: dict[int, tuple[datetime, str, str]] = {}
             for row in rows:
-                item = StoryItem(
-                    id=f"entry:{row.id}",
-                    feed=row.feed_name,
-                    language=row.language,
-                    title=row.title,
-                    text=_matching_text(row.summary_text, row.content_html),
-                    link=row.link,
-                    published=_utc(row.published_at) or row.published_at,
-                    links=_hrefs(row.content_html),
-                )
+                item = _story_item(row)
                 feats[row.id] = matcher.features_of(item)
                 # Deciding reads the features, never the text again.
                 items[row.id] = dataclasses.replace(item, title="", text="", links=())
@@ -1004,55 +995,6 @@ class Store:
             gone = [story_id for story_id in chunk if story_id not in kept]
             if gone:
                 conn.execute(stories.delete().where(stories.c.id.in_(gone)))
-
-    @staticmethod
-    def _near_story(
-        conn: Connection, feed_name: str, entry: Entry, matcher: StoryMatcher
-    ) -> tuple[int | None, Match]:
-        """The story of another partner's item that tells the same event in other words."""
-        window = timedelta(days=matcher.rules.window_days)
-        rows = conn.execute(
-            select(
-                entries.c.id, entries.c.story_id, entries.c.language, entries.c.title,
-                entries.c.summary_text, entries.c.content_html, entries.c.link,
-                entries.c.published_at, feeds.c.name.label("feed_name"),
-            )
-            .join(feeds, feeds.c.id == entries.c.feed_id)
-            .where(
-                entries.c.published_at >= entry.published - window,
-                entries.c.published_at <= entry.published + window,
-                feeds.c.name != feed_name,
-            )
-        ).all()  # fmt: skip
-        if not rows:
-            return None, Match(0.0, ("new story",))
-        candidates = [
-            (
-                StoryItem(
-                    id=f"entry:{row.id}",
-                    feed=row.feed_name,
-                    language=row.language,
-                    title=row.title,
-                    text=_matching_text(row.summary_text, row.content_html),
-                    link=row.link,
-                    published=_utc(row.published_at) or row.published_at,
-                    links=_hrefs(row.content_html),
-                ),
-                int(row.story_id),
-            )
-            for row in rows
-        ]
-        item = StoryItem(
-            id=f"new:{feed_name}:{entry.identity}",
-            feed=feed_name,
-            language=entry.language,
-            title=entry.title,
-            text=_matching_text(entry.summary_text, entry.content_html),
-            link=entry.link,
-            published=entry.published,
-            links=_hrefs(entry.summary_html + entry.content_html),
-        )
-        return matcher.choose(item, candidates)
 
     @staticmethod
     def _touch_story(
@@ -2245,6 +2187,20 @@ _HREF = re.compile(r"href=[\"']([^\"']+)")
 
 def _hrefs(html: str) -> tuple[str, ...]:
     return tuple(_HREF.findall(html or ""))
+
+
+def _story_item(row: Any) -> StoryItem:
+    """What story matching needs of a stored entry (joined with its feed's name)."""
+    return StoryItem(
+        id=f"entry:{row.id}",
+        feed=row.feed_name,
+        language=row.language,
+        title=row.title,
+        text=_matching_text(row.summary_text, row.content_html),
+        link=row.link,
+        published=_utc(row.published_at) or row.published_at,
+        links=_hrefs(row.content_html),
+    )
 
 
 def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
