@@ -53,15 +53,21 @@ from pathlib import Path
 from typing import Any
 
 from clusterfeed.dates import MONTHS
-from clusterfeed.normalize import html_to_text, link_key, normalize_url
+from clusterfeed.normalize import html_to_text
 from clusterfeed.stories import (
     STOPWORDS,
     StoryItem,
     katakana_skeletons,
     latin_skeleton,
 )
-from clusterfeed.storyeval import _title_words as title_words  # naive_labels' own rule
-from clusterfeed.storyeval import clusterfeed_labels, load_labelled, measure, naive_labels
+from clusterfeed.storyeval import (
+    clusterfeed_labels,
+    load_labelled,
+    measure,
+    naive_labels,
+    same_link_groups,
+    title_words,  # naive_labels' own rule
+)
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -730,22 +736,6 @@ def generate(items: int, seed: int = SEED) -> tuple[list[StoryItem], dict[str, s
 # -- the naive baseline with an index -------------------------------------------------------
 
 
-class _UnionFind:
-    def __init__(self, ids: Iterable[str]) -> None:
-        self.parent = {i: i for i in ids}
-
-    def find(self, i: str) -> str:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[str, object]:
     """``storyeval.naive_labels`` (the same links, the same title words, the same
     Jaccard test), without comparing every pair of titles: prefix filtering.
@@ -756,14 +746,7 @@ def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[
     and probed; every pair found is tested exactly as ``naive_labels`` tests it. Pairs
     are never limited by time, as in ``naive_labels``.
     """
-    uf = _UnionFind(i.id for i in items)
-    by_link: dict[str, str] = {}
-    for item in items:
-        key = link_key(normalize_url(item.link)) if item.link else None
-        if key:
-            if key in by_link:
-                uf.union(by_link[key], item.id)
-            by_link.setdefault(key, item.id)
+    uf = same_link_groups(items)
     words = {i.id: title_words(i.title) for i in items}
     frequency = Counter(w for ws in words.values() for w in ws)
     index: defaultdict[str, list[str]] = defaultdict(list)

@@ -92,7 +92,9 @@ def clusterfeed_labels(
 # -- baselines ------------------------------------------------------------------------
 
 
-class _UnionFind:
+class UnionFind:
+    """Groups of ids, joined pair by pair (the baselines' transitive grouping)."""
+
     def __init__(self, ids: Iterable[str]) -> None:
         self.parent = {i: i for i in ids}
         self.size = dict.fromkeys(self.parent, 1)
@@ -119,13 +121,14 @@ _COMMON_TEXT = (
 _COMMON = frozenset(_COMMON_TEXT.split())
 
 
-def _title_words(title: str) -> set[str]:
+def title_words(title: str) -> set[str]:
+    """The significant words of a title, as the naive and NewsBlur baselines compare them."""
     return {w for w in _WORD.findall(title.lower()) if w not in _COMMON and len(w) > 2}
 
 
-def naive_labels(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[str, object]:
-    """Exact URL match, plus title word overlap (Jaccard) of at least ``min_overlap``."""
-    uf = _UnionFind(i.id for i in items)
+def same_link_groups(items: Sequence[StoryItem]) -> UnionFind:
+    """The naive baseline's first rule: items whose links are one page are one story."""
+    uf = UnionFind(i.id for i in items)
     by_link: dict[str, str] = {}
     for item in items:
         key = link_key(normalize_url(item.link)) if item.link else None
@@ -133,7 +136,13 @@ def naive_labels(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[s
             if key in by_link:
                 uf.union(by_link[key], item.id)
             by_link.setdefault(key, item.id)
-    words = {i.id: _title_words(i.title) for i in items}
+    return uf
+
+
+def naive_labels(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[str, object]:
+    """Exact URL match, plus title word overlap (Jaccard) of at least ``min_overlap``."""
+    uf = same_link_groups(items)
+    words = {i.id: title_words(i.title) for i in items}
     for x, a in enumerate(items):
         for b in items[x + 1 :]:
             wa, wb = words[a.id], words[b.id]
@@ -150,10 +159,10 @@ def newsblur_labels(items: Sequence[StoryItem]) -> dict[str, object]:
     10 items per cluster.
     """
     window = timedelta(hours=120)
-    uf = _UnionFind(i.id for i in items)
+    uf = UnionFind(i.id for i in items)
     ordered = sorted(items, key=lambda i: i.published)
     normalized = {i.id: " ".join(_WORD.findall(i.title.lower())) for i in ordered}
-    significant = {i.id: _title_words(i.title) for i in ordered}
+    significant = {i.id: title_words(i.title) for i in ordered}
     for x, a in enumerate(ordered):
         for b in ordered[x + 1 :]:
             if b.published - a.published > window:
