@@ -165,6 +165,14 @@ class News:
         self.server.routes["/helix.rss"] = Route(self.rss_feed("Helix Vektor", self.items))
 
 
+def _helix_config(tmp_path: Path, news: News, database_url: str, **settings: Any) -> Path:
+    """A config with one partner feed (Helix Vektor, served by ``news``) and ``settings``
+    (mail, subscribers, extra) for ``write_config``."""
+    return write_config(
+        tmp_path, [{"name": "Helix Vektor", "url": news.url}], database_url=database_url, **settings
+    )
+
+
 def _service(path: Path, clock: Clock) -> Service:
     config = load_config(path)
     service = Service(config, Store(config.database_url), clock=clock)
@@ -248,10 +256,10 @@ def test_a_4xx_answer_is_delivered_on_a_later_run_after_the_delay_exactly_once(
     tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed
 ) -> None:
     news = News(feed_server, rss_feed)
-    path = write_config(
+    path = _helix_config(
         tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
+        news,
+        database_url,
         mail=_mail(smtp, retry_first_minutes=5, retry_jitter=0.1),
         subscribers=_readers(3),
     )
@@ -291,10 +299,10 @@ def test_the_schedulers_fetch_cycle_sends_deferred_deliveries_once_they_are_due(
     from clusterfeed.schedule import _fetch_and_publish
 
     news = News(feed_server, rss_feed)
-    path = write_config(
+    path = _helix_config(
         tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
+        news,
+        database_url,
         mail=_mail(smtp, retry_first_minutes=10, retry_jitter=0),
         subscribers=_readers(2),
     )
@@ -320,10 +328,10 @@ def test_repeated_4xx_answers_wait_longer_each_time_then_fail_with_the_last_answ
     tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed
 ) -> None:
     news = News(feed_server, rss_feed)
-    path = write_config(
+    path = _helix_config(
         tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
+        news,
+        database_url,
         mail=_mail(smtp, retry_first_minutes=5, retry_factor=3, retry_jitter=0, retry_attempts=4),
         subscribers=_readers(2),
     )
@@ -361,12 +369,8 @@ def test_a_5xx_answer_fails_at_once_and_repeated_ones_mark_the_address_bouncing(
     run_cli,
 ) -> None:
     news = News(feed_server, rss_feed)
-    path = write_config(
-        tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
-        mail=_mail(smtp, bounce_after=3),
-        subscribers=_readers(3),
+    path = _helix_config(
+        tmp_path, news, database_url, mail=_mail(smtp, bounce_after=3), subscribers=_readers(3)
     )
     clock = Clock(T0)
     service = _service(path, clock)
@@ -423,13 +427,7 @@ def test_a_refused_sender_stops_the_run_and_fails_no_delivery(
     tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed, run_cli
 ) -> None:
     news = News(feed_server, rss_feed)
-    path = write_config(
-        tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
-        mail=_mail(smtp),
-        subscribers=_readers(3),
-    )
+    path = _helix_config(tmp_path, news, database_url, mail=_mail(smtp), subscribers=_readers(3))
     assert run_cli("fetch", "--config", path).exit_code == 0
     smtp.handler.mail_reply = "553 5.7.1 Sender address not allowed for this login"
 
@@ -548,10 +546,10 @@ def test_the_configured_rate_holds_across_connections_at_the_server(
 ) -> None:
     news = News(feed_server, rss_feed)
     n, per_minute = 8, 1200  # 20 a second: one every 50 ms
-    path = write_config(
+    path = _helix_config(
         tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
+        news,
+        database_url,
         mail=_mail(smtp, connections=3, rate_per_minute=per_minute),
         subscribers=_readers(n),
     )
@@ -611,10 +609,10 @@ def test_digests_are_dkim_signed_and_the_signature_verifies(
 ) -> None:
     news = News(feed_server, rss_feed)
     _pem, txt = _key_pair(tmp_path)
-    path = write_config(
+    path = _helix_config(
         tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
+        news,
+        database_url,
         mail=_mail(smtp),
         subscribers=_readers(2),
         extra=DKIM_TABLE + 'private_key_file = "dkim.pem"\n',
@@ -646,11 +644,8 @@ def test_other_mail_the_transport_sends_is_signed_too(
     news = News(feed_server, rss_feed)
     pem, txt = _key_pair(tmp_path)
     monkeypatch.setenv("TEST_DKIM_KEY", pem.read_text())
-    path = write_config(
-        tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
-        extra=DKIM_TABLE + 'private_key_env = "TEST_DKIM_KEY"\n',
+    path = _helix_config(
+        tmp_path, news, database_url, extra=DKIM_TABLE + 'private_key_env = "TEST_DKIM_KEY"\n'
     )
     service = _service(path, Clock(T0))
     alert = EmailMessage()
@@ -691,12 +686,8 @@ def test_a_missing_or_unreadable_dkim_key_is_named_before_anything_is_sent(
 ) -> None:
     news = News(feed_server, rss_feed)
     (tmp_path / "broken.pem").write_text("-----BEGIN RSA PRIVATE KEY-----\nnot a key\n")
-    path = write_config(
-        tmp_path,
-        [{"name": "Helix Vektor", "url": news.url}],
-        database_url=database_url,
-        mail=_mail(smtp),
-        extra=DKIM_TABLE + key_line + "\n",
+    path = _helix_config(
+        tmp_path, news, database_url, mail=_mail(smtp), extra=DKIM_TABLE + key_line + "\n"
     )
 
     check = run_cli("check", "--config", path)
