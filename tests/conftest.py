@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import socket
 import threading
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -432,3 +434,24 @@ def rss_feed() -> Any:
         return "\n".join(parts).encode("utf-8")
 
     return build
+
+
+# -- reading a received digest ------------------------------------------------------------
+
+
+def mail_text(msg: EmailMessage) -> str:
+    """A mail's plain-text part; stored as on the wire (CRLF), shown as plain lines."""
+    part = msg.get_body(("plain",))
+    assert part is not None
+    return part.get_content().replace("\r\n", "\n")
+
+
+def mail_html(msg: EmailMessage) -> str:
+    part = msg.get_body(("html",))
+    assert part is not None
+    return part.get_content()
+
+
+def digest_titles(msg: EmailMessage) -> set[str]:
+    """The story titles of a digest, read from its plain-text part ("* Title" lines)."""
+    return set(re.findall(r"^\* (.+)$", mail_text(msg), flags=re.M))

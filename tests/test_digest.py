@@ -21,7 +21,7 @@ import pytest
 from clusterfeed.config import load_config
 from clusterfeed.store import Store
 from clusterfeed.tokens import UNSUBSCRIBE, InvalidToken, make_token, read_token
-from tests.conftest import FeedServer, Route, write_config
+from tests.conftest import FeedServer, Route, digest_titles, mail_html, mail_text, write_config
 
 HELIX = [
     {
@@ -101,24 +101,6 @@ def _by_recipient(config_path: Path) -> dict[str, list[EmailMessage]]:
     for _raw, msg in _mails(config_path):
         found.setdefault(msg["To"].addresses[0].addr_spec, []).append(msg)
     return found
-
-
-def _text(msg: EmailMessage) -> str:
-    part = msg.get_body(("plain",))
-    assert part is not None
-    # The message is stored as on the wire (CRLF); a mail client shows plain lines.
-    return part.get_content().replace("\r\n", "\n")
-
-
-def _html(msg: EmailMessage) -> str:
-    part = msg.get_body(("html",))
-    assert part is not None
-    return part.get_content()
-
-
-def _titles(msg: EmailMessage) -> set[str]:
-    """The story titles of a digest, read from its plain-text part ("* Title" lines)."""
-    return set(re.findall(r"^\* (.+)$", _text(msg), flags=re.M))
 
 
 def _header_block(raw: bytes) -> list[bytes]:
@@ -239,14 +221,14 @@ def test_unsubscribe_link_carries_a_token_for_that_subscriber(digest_config: Pat
         subscriber_id = read_token(secret, UNSUBSCRIBE, token, emails.get)
         assert emails[subscriber_id] == msg["To"].addresses[0].addr_spec
         # The same link is in the footer of the HTML and of the text part.
-        assert ("Unsubscribe", url) in [(t, h) for h, t in _Html(_html(msg)).links]
-        assert f"Unsubscribe: {url}" in _text(msg)
+        assert ("Unsubscribe", url) in [(t, h) for h, t in _Html(mail_html(msg)).links]
+        assert f"Unsubscribe: {url}" in mail_text(msg)
 
 
 def test_html_part_shows_every_story_with_inlined_css(digest_config: Path, run_cli) -> None:
     _send_digest(run_cli, digest_config)
     msg = _by_recipient(digest_config)["rita@example.org"][0]
-    page = _Html(_html(msg))
+    page = _Html(mail_html(msg))
 
     # CSS inlined by css-inline: the rules became style attributes, only @media stays.
     (headline, *_) = page.find("p", class_="headline")
@@ -284,7 +266,7 @@ def test_html_part_shows_every_story_with_inlined_css(digest_config: Path, run_c
 
 def test_text_part_is_readable_plain_text(digest_config: Path, run_cli) -> None:
     _send_digest(run_cli, digest_config)
-    text = _text(_by_recipient(digest_config)["rita@example.org"][0])
+    text = mail_text(_by_recipient(digest_config)["rita@example.org"][0])
 
     assert text.startswith("NordBio Cluster – news from our partners\n")
     assert "* R&D alliance with KristallWerk" in text  # not &amp;
@@ -306,7 +288,7 @@ def test_grouping_by_source(digest_config: Path, run_cli) -> None:
     )
     _send_digest(run_cli, digest_config)
 
-    text = _text(_by_recipient(digest_config)["rita@example.org"][0])
+    text = mail_text(_by_recipient(digest_config)["rita@example.org"][0])
 
     headings = re.findall(r"^== (.+) ==$", text, flags=re.M)
     assert headings == ["Hanse Innovationsfonds", "Helix Vektor", "Kansai Bio Frontier"]
@@ -348,7 +330,9 @@ def test_a_title_with_line_breaks_never_creates_a_header(
     rita = _by_recipient(digest_config)["rita@example.org"][0]
     assert "Bcc: victim@example.com" in rita["Subject"]
     assert "\n" not in rita["Subject"] and "\r" not in rita["Subject"]
-    assert any(t.startswith("Quarterly results Bcc: victim@example.com") for t in _titles(rita))
+    assert any(
+        t.startswith("Quarterly results Bcc: victim@example.com") for t in digest_titles(rita)
+    )
 
 
 # -- who gets what ------------------------------------------------------------------------
@@ -367,10 +351,10 @@ def test_each_subscriber_gets_the_topics_and_languages_they_chose(
         "deutsch@example.org": 1,
         "kansai@example.org": 1,
     }
-    assert _titles(got["rita@example.org"][0]) == ALL_TITLES
-    assert _titles(got["gene@example.org"][0]) == {i["title"] for i in HELIX}
-    assert _titles(got["deutsch@example.org"][0]) == {HANSE[0]["title"]}
-    assert _titles(got["kansai@example.org"][0]) == {KANSAI[0]["title"]}
+    assert digest_titles(got["rita@example.org"][0]) == ALL_TITLES
+    assert digest_titles(got["gene@example.org"][0]) == {i["title"] for i in HELIX}
+    assert digest_titles(got["deutsch@example.org"][0]) == {HANSE[0]["title"]}
+    assert digest_titles(got["kansai@example.org"][0]) == {KANSAI[0]["title"]}
     # Nothing matches medtech@, who therefore gets no mail at all.
 
 
@@ -403,8 +387,8 @@ def test_only_new_stories_and_nothing_when_nothing_is_new(
         "kansai@example.org": 1,
     }
     for address in ("rita@example.org", "gene@example.org"):
-        newest = [m for m in got[address] if news["title"] in _titles(m)]
-        assert len(newest) == 1 and _titles(newest[0]) == {news["title"]}
+        newest = [m for m in got[address] if news["title"] in digest_titles(m)]
+        assert len(newest) == 1 and digest_titles(newest[0]) == {news["title"]}
 
 
 def test_send_when_empty_mails_everyone(digest_config: Path, run_cli) -> None:
@@ -419,8 +403,8 @@ def test_send_when_empty_mails_everyone(digest_config: Path, run_cli) -> None:
     got = _by_recipient(digest_config)
     assert len(got) == len(SUBSCRIBERS)
     empty = got["medtech@example.org"][0]
-    assert _titles(empty) == set()
-    assert "There is nothing new from our partners" in _text(empty)
+    assert digest_titles(empty) == set()
+    assert "There is nothing new from our partners" in mail_text(empty)
     assert empty["Subject"].endswith(": no new stories")
 
 
@@ -445,7 +429,7 @@ def test_preview_writes_html_and_sends_nothing(digest_config: Path, run_cli) -> 
 
     # The preview took nothing away: the real digest still has every story.
     run_cli("digest", "--config", digest_config)
-    assert _titles(_by_recipient(digest_config)["rita@example.org"][0]) == ALL_TITLES
+    assert digest_titles(_by_recipient(digest_config)["rita@example.org"][0]) == ALL_TITLES
 
 
 def test_dry_run_lists_who_would_get_what_and_sends_nothing(digest_config: Path, run_cli) -> None:

@@ -26,7 +26,16 @@ from clusterfeed.config import load_config
 from clusterfeed.service import Service
 from clusterfeed.site import digest_pages
 from clusterfeed.store import Store
-from tests.conftest import FeedServer, Route, SmtpServer, served_example_feeds, write_config
+from tests.conftest import (
+    FeedServer,
+    Route,
+    SmtpServer,
+    digest_titles,
+    mail_html,
+    mail_text,
+    served_example_feeds,
+    write_config,
+)
 from tests.test_web import RunningServer
 
 SUBSCRIBERS = [
@@ -105,22 +114,6 @@ def _mails(server: SmtpServer) -> dict[str, EmailMessage]:
     return found  # type: ignore[return-value]
 
 
-def _text(msg: EmailMessage) -> str:
-    part = msg.get_body(("plain",))
-    assert part is not None
-    return part.get_content().replace("\r\n", "\n")
-
-
-def _html(msg: EmailMessage) -> str:
-    part = msg.get_body(("html",))
-    assert part is not None
-    return part.get_content()
-
-
-def _titles(msg: EmailMessage) -> set[str]:
-    return set(re.findall(r"^\* (.+)$", _text(msg), flags=re.M))
-
-
 def _send(run_cli: Any, config_path: Path) -> None:
     fetched = run_cli("fetch", "--config", config_path)
     assert fetched.exit_code == 0, fetched.output
@@ -143,9 +136,9 @@ def test_a_sent_digest_has_a_web_version_with_all_its_stories_and_no_subscriber_
     # Every mail links the same page, in the text and in the HTML part, near the top.
     url = f"{BASE}/digests/{_today()}.html"
     for msg in mails.values():
-        text = _text(msg)
+        text = mail_text(msg)
         assert f"View in browser: {url}" in text.split("\n\n")[0] + "\n" + text[:400]
-        html = _page_links(_html(msg))
+        html = _page_links(mail_html(msg))
         assert (url, "View in browser") in html
         assert html.index((url, "View in browser")) == 0  # the first link of the mail
 
@@ -153,8 +146,8 @@ def test_a_sent_digest_has_a_web_version_with_all_its_stories_and_no_subscriber_
     html = page_file.read_text(encoding="utf-8")
     page = _Page(html)
     # The general digest: every story any subscriber got, each once.
-    everyone = set().union(*(_titles(m) for m in mails.values()))
-    assert len(everyone) > max(len(_titles(m)) for m in mails.values())
+    everyone = set().union(*(digest_titles(m) for m in mails.values()))
+    assert len(everyone) > max(len(digest_titles(m)) for m in mails.values())
     assert sorted(page.headlines) == sorted(everyone)
     # Nothing about any subscriber: no address, name, or link with their token.
     for subscriber in SUBSCRIBERS:
@@ -193,7 +186,7 @@ def test_the_web_version_is_served_with_etag_and_304_at_the_mails_link(
 ) -> None:
     _send(run_cli, config_path)
     msg = next(iter(_mails(smtp_server).values()))
-    url = re.search(r"View in browser: (\S+)", _text(msg))
+    url = re.search(r"View in browser: (\S+)", mail_text(msg))
     assert url is not None
     path = urlsplit(url.group(1)).path
     assert url.group(1) == BASE + path  # web.base_url, then the published path
@@ -287,8 +280,8 @@ def test_without_a_configured_base_url_the_mail_has_no_browser_link(
     assert load_config(config_path).web.base_url == "http://127.0.0.1:8080"  # the default
     _send(run_cli, config_path)
     for msg in _mails(smtp_server).values():
-        assert "View in browser" not in _text(msg)
-        assert "View in browser" not in _html(msg)
+        assert "View in browser" not in mail_text(msg)
+        assert "View in browser" not in mail_html(msg)
     # The page is still published, for the news page's list of past digests.
     assert (config_path.parent / "public" / "digests" / f"{_today()}.html").exists()
 
