@@ -455,3 +455,26 @@ def mail_html(msg: EmailMessage) -> str:
 def digest_titles(msg: EmailMessage) -> set[str]:
     """The story titles of a digest, read from its plain-text part ("* Title" lines)."""
     return set(re.findall(r"^\* (.+)$", mail_text(msg), flags=re.M))
+
+
+@pytest.fixture
+def open_service(clock: Clock) -> Iterator[Any]:
+    """``open_service(config_path)``: a prepared Service on that config, with the test's
+    clock; every store it opened is closed after the test."""
+    from clusterfeed.config import load_config
+    from clusterfeed.service import Service
+    from clusterfeed.store import Store
+
+    stores: list[Store] = []
+
+    def open_(config_path: Path) -> Service:
+        config = load_config(config_path)
+        store = Store(config.database_url)
+        stores.append(store)
+        service = Service(config, store, clock=clock)
+        service.prepare()
+        return service
+
+    yield open_
+    for store in stores:
+        store.close()

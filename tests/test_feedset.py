@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -21,13 +20,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from clusterfeed.config import ConfigError, load_config
+from clusterfeed.config import ConfigError
 from clusterfeed.feedset import archive_pages, file_slug
 from clusterfeed.model import Entry, Source, Story
 from clusterfeed.opml import parse_opml
 from clusterfeed.publish import image_type
 from clusterfeed.service import Service
-from clusterfeed.store import Store
 from tests.conftest import (
     EXAMPLE_FEED_META,
     Clock,
@@ -41,24 +39,6 @@ NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 ATOM = "http://www.w3.org/2005/Atom"
 NS = {"a": ATOM}
 SAFE_FILE = re.compile(r"^[a-z0-9][a-z0-9_-]*\.(atom|rss|json|html)$")
-
-
-@pytest.fixture
-def open_service(clock: Clock) -> Iterator[Any]:
-    """Open a prepared Service on a config file; its store is closed after the test."""
-    stores: list[Store] = []
-
-    def open_(config_path: Path) -> Service:
-        config = load_config(config_path)
-        store = Store(config.database_url)
-        stores.append(store)
-        service = Service(config, store, clock=clock)
-        service.prepare()
-        return service
-
-    yield open_
-    for store in stores:
-        store.close()
 
 
 def with_publish(path: Path, settings: str) -> Path:

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -25,10 +24,8 @@ import feedparser
 import pytest
 from lxml import etree
 
-from clusterfeed.config import load_config
 from clusterfeed.publish import write_atomic
 from clusterfeed.service import Service
-from clusterfeed.store import Store
 from tests.conftest import (
     DATA,
     EXAMPLE_FEED_META,
@@ -45,24 +42,6 @@ NS = {"a": ATOM}
 FEED_URL = "https://news.nordbio.example/feed.atom"
 REALCLIENTS = Path(__file__).resolve().parents[2] / "shared" / "realclients"
 PARTNER_NAMES = {name for name, *_ in EXAMPLE_FEED_META}
-
-
-@pytest.fixture
-def open_service(clock: Clock) -> Iterator[Any]:
-    """Open a prepared Service on a config file; its store is closed after the test."""
-    stores: list[Store] = []
-
-    def open_(config_path: Path) -> Service:
-        config = load_config(config_path)
-        store = Store(config.database_url)
-        stores.append(store)
-        service = Service(config, store, clock=clock)
-        service.prepare()
-        return service
-
-    yield open_
-    for store in stores:
-        store.close()
 
 
 @pytest.fixture
