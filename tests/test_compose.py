@@ -13,12 +13,23 @@ from __future__ import annotations
 import asyncio
 import shutil
 from email import message_from_bytes, policy
+from email.headerregistry import Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clusterfeed.config import load_config
-from clusterfeed.digest import boundary_for, message_bytes
+from clusterfeed.digest import (
+    boundary_for,
+    fold,
+    fold_message_id,
+    fold_to,
+    fold_unsubscribe,
+    message_bytes,
+    message_id,
+)
 from clusterfeed.mail import prepare
 from clusterfeed.service import Service
 from clusterfeed.store import Store
@@ -188,3 +199,66 @@ def test_a_resent_message_is_the_same_bytes(
     assert again.compose_prepared(delivery).data == service.compose_prepared(delivery).data
     service.close()
     service.store.close()
+
+
+# The headers that differ per subscriber are written without the email package's parser
+# when their values are plain; the bytes must be what ``fold`` writes, whatever comes.
+ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+NAME_CHARS = ATEXT + ' .,;:<>@()[]\\"äü田🧬\u00a0\t'
+URL_CHARS = ATEXT + ":/.?&;=%[]@()' <>\"äé"
+atoms = st.text(ATEXT, min_size=1, max_size=12)
+domains = st.lists(st.text("abcz09-", min_size=1, max_size=10), min_size=1, max_size=4).map(
+    ".".join
+)
+
+
+@given(
+    name=st.one_of(
+        st.just(""),
+        st.lists(atoms, min_size=1, max_size=4).map(" ".join),
+        st.text(NAME_CHARS, max_size=40),
+        st.text(ATEXT + " ", min_size=300, max_size=1100),
+    ),
+    local=st.lists(atoms, min_size=1, max_size=3).map(".".join),
+    domain=domains,
+)
+def test_the_to_header_is_what_the_email_package_writes(name: str, local: str, domain: str) -> None:
+    to = Address(display_name=name, username=local, domain=domain)
+    assert fold_to(to) == fold("To", to)
+
+
+@given(
+    value=st.one_of(
+        st.builds(lambda a, n, d: f"<{a}.{n}@{d}>", atoms, st.integers(0, 10**9), domains),
+        st.builds(
+            lambda key, n, d: message_id(key, n, f"Nachrichten <news@{d}>"),
+            st.text(max_size=20),
+            st.integers(0, 10**9),
+            st.text("abz09.-_äü田", min_size=1, max_size=20),
+        ),
+        st.text(ATEXT, min_size=990, max_size=1010).map(lambda v: f"<{v}@x.example>"),
+    )
+)
+def test_the_message_id_header_is_what_the_email_package_writes(value: str) -> None:
+    assert fold_message_id(value) == fold("Message-ID", value)
+
+
+@given(
+    url=st.one_of(
+        st.builds(
+            lambda d, t: f"https://{d}/unsubscribe/{t}",
+            domains,
+            st.text(ATEXT + "._~", min_size=1, max_size=200),
+        ),
+        st.text(URL_CHARS, min_size=1, max_size=100).map(lambda v: f"https://x.example/{v}"),
+        st.text(ATEXT, min_size=960, max_size=1010).map(lambda v: f"https://x.example/{v}"),
+    )
+)
+def test_the_unsubscribe_header_is_what_the_email_package_writes(url: str) -> None:
+    assert fold_unsubscribe(url) == fold("List-Unsubscribe", f"<{url}>")
+
+
+def test_an_internationalized_sender_domain_gives_an_ascii_message_id() -> None:
+    made = message_id("scheduled:2026-11-26", 7, "Nachrichten <news@bücher.example>")
+    assert made.endswith(".7@xn--bcher-kva.example>")
+    assert fold_message_id(made) == f"Message-ID: {made}\r\n".encode("ascii")

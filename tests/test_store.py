@@ -4,6 +4,7 @@ real PostgreSQL database (every test here runs on both through ``database_url``)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -26,6 +27,7 @@ from clusterfeed.store import (
     StoreError,
     deliveries,
     schema_info,
+    sent_stories,
     subscribers,
 )
 from tests.conftest import FeedServer, Route, write_config
@@ -436,6 +438,75 @@ def test_a_stale_worker_cannot_mark_a_delivery_sent(store: Store) -> None:
     store.mark_sent(delivery, NOW, claimed_by="worker-b:2")
 
     assert store.delivery_counts() == {"sending": 1}
+
+
+def _refuse_inserts(store: Store, table: str, message: str) -> None:
+    """A real database error on every insert into ``table`` (a full disk, say)."""
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS "
+                f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+
+
+def _allow_inserts(store: Store, table: str) -> None:
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER refuse")
+        else:
+            conn.exec_driver_sql(f"DROP TRIGGER refuse ON {table}")
+            conn.exec_driver_sql("DROP FUNCTION refuse()")
+
+
+def _sent_story_rows(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return len(conn.execute(select(sent_stories.c.story_id)).all())
+
+
+def test_a_recorded_acceptance_is_read_back_as_written(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "worker-a:1", NOW)
+    later = NOW + timedelta(minutes=7, microseconds=123456)
+    with store.sent_recorder() as recorder:
+        assert recorder.record(delivery, later, claimed_by="worker-a:1") is True
+        # Recorded once: the row is no longer this worker's claim.
+        assert recorder.record(delivery, later, claimed_by="worker-a:1") is False
+    assert store.last_sent_at(delivery.subscriber.id) == later
+    assert store.delivery_counts() == {"sent": 1}
+    assert _sent_story_rows(store) == len(set(delivery.story_ids)) > 0
+
+
+def test_a_failed_record_of_acceptance_writes_nothing_and_says_so(store: Store) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "worker-a:1", NOW)
+    _refuse_inserts(store, "sent_stories", "database or disk is full")
+    try:
+        with store.sent_recorder() as recorder:
+            with pytest.raises(StoreError) as caught:
+                recorder.record(delivery, NOW, claimed_by="worker-a:1")
+            message = str(caught.value)
+            assert "rita@example.org" in message and "database or disk is full" in message
+            assert "sent again after a restart" in message
+            # Nothing of that transaction stayed: still claimed, no stories had.
+            assert store.delivery_counts() == {"sending": 1}
+            assert _sent_story_rows(store) == 0
+            _allow_inserts(store, "sent_stories")
+            # The recorder's connection works again once the database does.
+            assert recorder.record(delivery, NOW, claimed_by="worker-a:1") is True
+    finally:
+        with contextlib.suppress(Exception):
+            _allow_inserts(store, "sent_stories")
+    assert store.delivery_counts() == {"sent": 1}
 
 
 def test_recover_claims_releases_the_claim_of_a_dead_process(store: Store) -> None:

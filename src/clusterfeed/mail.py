@@ -579,15 +579,17 @@ async def deliver_pending(
                 continue
             else:
                 # Before this worker takes its next message: the duplicate window.
-                store.mark_sent(delivery, clock(), claimed_by=me)
+                recorder.record(delivery, clock(), claimed_by=me)
                 report.sent += 1
                 outcome = "sent"
             if on_progress is not None:
                 on_progress(delivery, outcome)
 
+    recorder = store.sent_recorder()
     try:
         await asyncio.gather(produce(), *(send(i) for i in range(connections)))
     finally:
+        recorder.close()
         await transport.close()
         # Rows claimed but never handed over (the run stopped early) wait again.
         store.release_claims(me)
