@@ -122,6 +122,21 @@ def test_every_subscriber_gets_the_same_bytes_both_ways(
     service.store.close()
 
 
+def test_the_outbox_is_written_grouped_by_story_list(
+    tmp_path: Path, feed_server: FeedServer, database_url: str
+) -> None:
+    """So a sending run renders each story list once and keeps only a few rendered."""
+    service = _service(tmp_path, feed_server, database_url, TEMPLATES)
+    order = [
+        (tuple(d.story_ids), bool(d.subscriber.name)) for d in service.store.pending_deliveries()
+    ]
+    groups = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
+    assert len(set(order)) > 3  # the subscribers' choices give several story lists
+    assert len(groups) == len(set(order))  # each one comes in one run of rows
+    service.close()
+    service.store.close()
+
+
 def test_hostile_names_stay_escaped_in_the_html_and_headers(
     tmp_path: Path, feed_server: FeedServer, database_url: str
 ) -> None:

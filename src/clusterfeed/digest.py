@@ -799,7 +799,9 @@ class MessageWriter:
         )  # fmt: skip
 
 
-SHARED_CACHE_SIZE = 512  # story lists kept rendered; a digest has a few hundred at most
+# Story lists kept rendered. The outbox is written grouped by story list, so a run
+# needs one or two at a time; the rest serve retries and several digests at once.
+SHARED_CACHE_SIZE = 64
 
 
 class DigestComposer:

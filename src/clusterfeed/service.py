@@ -756,6 +756,10 @@ class Service:
                     message_id(key, subscriber.id, self.config.digest.from_address),
                 )
             )
+        # Outbox rows are claimed in the order they are written: subscribers who get the
+        # same stories follow each other, so a sending run renders each story list once
+        # and keeps only the last few rendered (see ``DigestComposer``).
+        rows.sort(key=lambda row: (row[1], bool(row[0].name)))
         created = self.store.create_digest(key, slot, rows, self.clock())
         if created and rows:
             try:

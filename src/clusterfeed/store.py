@@ -1782,16 +1782,20 @@ class Store:
                     .values(key=key, created_at=now, slot_at=slot)
                     .returning(digests.c.id)
                 ).scalar_one()
-                for subscriber, story_ids, message_id in plan:
+                if plan:  # one statement for all rows, in the plan's order
                     conn.execute(
-                        insert(deliveries).values(
-                            digest_id=digest_id,
-                            subscriber_id=subscriber.id,
-                            state="pending",
-                            story_ids=list(story_ids),
-                            message_id=message_id,
-                            attempts=0,
-                        )
+                        insert(deliveries),
+                        [
+                            {
+                                "digest_id": digest_id,
+                                "subscriber_id": subscriber.id,
+                                "state": "pending",
+                                "story_ids": list(story_ids),
+                                "message_id": message_id,
+                                "attempts": 0,
+                            }
+                            for subscriber, story_ids, message_id in plan
+                        ],
                     )
         except IntegrityError:
             return False
