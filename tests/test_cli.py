@@ -184,3 +184,36 @@ def test_an_unusable_database_is_a_sentence_not_a_traceback(tmp_path: Path, run_
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: cannot open database sqlite:///{tmp_path}/data/")
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+# A worker process (parsing, rendering) starts by importing the script that started its
+# parent; the generated ``clusterfeed`` script imports the entry point's module. This
+# runs the same steps: load the installed entry point, start a worker the way the
+# service does, and ask the worker what it imported.
+WORKER_PROBE = """
+import sys
+from importlib.metadata import entry_points
+
+(command,) = [e for e in entry_points(group="console_scripts") if e.name == "clusterfeed"]
+command.load()
+if __name__ == "__main__":
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["clusterfeed.reading"])
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
+        print(pool.submit(eval, "sorted(m for m in __import__('sys').modules)").result())
+"""
+
+
+def test_workers_started_by_the_command_import_only_what_they_need(tmp_path: Path) -> None:
+    script = tmp_path / "clusterfeed-script.py"
+    script.write_text(WORKER_PROBE, encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    imported = set(eval(out.stdout.strip().splitlines()[-1]))
+    assert "clusterfeed.reading" in imported  # the worker is really one of ours
+    heavy = {"clusterfeed.cli", "clusterfeed.service", "clusterfeed.store", "sqlalchemy"}
+    assert not heavy & imported, sorted(heavy & imported)
