@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterfeed.config import ConfigError, Problem, all_subscribers, load_config
+from clusterfeed.config import ConfigError, Problem, advice, all_subscribers, load_config
 from tests.conftest import REPO, write_config
 
 EXAMPLE = REPO / "config" / "example.toml"
@@ -79,6 +79,73 @@ def test_check_accepts_the_bundled_example(run_cli) -> None:
     assert "9 feeds, 5 subscribers" in result.stdout
     assert "mail via maildir" in result.stdout
     assert result.stderr == ""
+
+
+# -- valid, but wrong for the mail's readers: warnings ----------------------------------------
+
+SMTP = {"transport": "smtp", "host": "127.0.0.1", "port": 2525, "security": "none"}
+
+
+@pytest.fixture
+def dkim_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real key in the environment, for the configs below that sign."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    monkeypatch.setenv("CLUSTERFEED_DKIM_KEY", pem.decode("ascii"))
+
+
+def _config_with(tmp_path: Path, base_url: str, dkim_domain: str | None = None) -> Path:
+    extra = ""
+    if dkim_domain is not None:
+        extra = (
+            f'[mail.dkim]\nselector = "news2026"\ndomain = "{dkim_domain}"\n'
+            'private_key_env = "CLUSTERFEED_DKIM_KEY"\n'
+        )
+    feed = {"name": "Helix Vektor", "url": str(REPO / "config/example-feeds/helix-vektor.rss")}
+    path = write_config(tmp_path, [feed], mail=SMTP, extra=extra)
+    text = path.read_text(encoding="utf-8")
+    path.write_text(
+        text.replace('base_url = "https://news.nordbio.example"', f'base_url = "{base_url}"'),
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.usefixtures("dkim_key")
+def test_the_example_and_a_sound_smtp_setup_get_no_warnings(tmp_path: Path, run_cli) -> None:
+    assert advice(load_config(EXAMPLE)) == []
+    sound = _config_with(tmp_path, "https://news.nordbio.example", "nordbio.example")
+    assert advice(load_config(sound)) == []
+    # A signing domain in the same organizational domain aligns (DMARC relaxed mode).
+    for domain in ("mail.nordbio.example", "NordBio.example"):
+        assert advice(load_config(_config_with(tmp_path, "https://x.example", domain))) == []
+    assert "warning" not in run_cli("check", "--config", sound).output
+
+
+def test_links_to_this_machine_or_without_https_are_warned_about(tmp_path: Path, run_cli) -> None:
+    (local,) = advice(load_config(_config_with(tmp_path, "http://127.0.0.1:8080")))
+    assert "web.base_url 'http://127.0.0.1:8080' is this machine" in local
+    assert "lead nowhere" in local
+    (plain,) = advice(load_config(_config_with(tmp_path, "http://news.nordbio.example")))
+    assert "is not https" in plain and "RFC 8058" in plain
+
+    result = run_cli("check", "--config", _config_with(tmp_path, "http://news.nordbio.example"))
+    assert result.exit_code == 0  # a warning, not an error
+    assert "warning: web.base_url 'http://news.nordbio.example' is not https" in result.stdout
+
+
+@pytest.mark.usefixtures("dkim_key")
+def test_a_dkim_domain_that_cannot_align_with_the_sender_is_warned_about(tmp_path: Path) -> None:
+    (warning,) = advice(load_config(_config_with(tmp_path, "https://x.example", "mailer.example")))
+    assert "mail.dkim.domain 'mailer.example'" in warning
+    assert "'nordbio.example'" in warning and "DMARC" in warning
 
 
 # -- many problems, all at once ------------------------------------------------------------

@@ -24,7 +24,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from clusterfeed import __version__
-from clusterfeed.config import CONFIG_ENV, ConfigError, all_subscribers, load_config
+from clusterfeed.config import (
+    CONFIG_ENV,
+    Config,
+    ConfigError,
+    advice,
+    all_subscribers,
+    load_config,
+)
 from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
@@ -99,6 +106,12 @@ def _service(config_path: Path | None) -> Iterator[Service]:
         store.close()
 
 
+def _warn_about_mail_settings(config: Config) -> None:
+    """What ``check`` warns about, said again where digests go out."""
+    for warning in advice(config):
+        logging.getLogger("clusterfeed").warning("%s (%s)", warning, config.source)
+
+
 def _handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -137,6 +150,8 @@ def check(config_path: Path | None) -> None:
         )
     subs = all_subscribers(config)
     out.print(f"{config.source}: OK", markup=False)
+    for warning in advice(config):
+        out.print(f"warning: {warning}", markup=False)
     out.print(
         f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
         f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
@@ -260,6 +275,7 @@ def _send_with_progress(service: Service) -> Any:
 def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> None:
     """Send the digest now to every subscriber who has something new."""
     with _service(config_path) as service:
+        _warn_about_mail_settings(service.config)
         if preview is not None:
             preview.write_text(service.preview(), encoding="utf-8")
             out.print(f"wrote preview: {preview}", markup=False)
@@ -342,6 +358,7 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
 def run(config_path: Path | None, once: bool, with_web: bool) -> None:
     """Start the scheduler (or run one cycle with --once)."""
     with _service(config_path) as service:
+        _warn_about_mail_settings(service.config)
         if not once:
             asyncio.run(_run_service(service, with_web))
             return

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -826,6 +827,51 @@ def read_subscribers_csv(
     if problems:
         raise ConfigError(problems)
     return result
+
+
+def advice(config: Config) -> list[str]:
+    """Settings that are valid but make digests fail their readers or receivers'
+    checks; ``check`` prints them as warnings and sending logs them.
+
+    Only what is certain from the config is said: no DNS lookups, no guesses.
+    """
+    found: list[str] = []
+    sender_domain = _domain_of(config.digest.from_address)
+    dkim = config.mail.dkim
+    if dkim is not None and sender_domain and not _may_align(dkim.domain, sender_domain):
+        found.append(
+            f"mail.dkim.domain '{dkim.domain}' and the domain of digest.from "
+            f"'{sender_domain}' have different organizational domains, so receivers "
+            "that check DMARC ignore this signature (and may file digests as spam): sign "
+            f"for '{sender_domain}' or a domain it belongs to"
+        )
+    if config.mail.transport == "smtp":
+        base = config.web.base_url
+        host = (urlsplit(base).hostname or "").lower()
+        if host in ("localhost", "127.0.0.1", "::1") or host.endswith(".localhost"):
+            found.append(
+                f"web.base_url '{base}' is this machine: the unsubscribe, preferences and "
+                "web-version links in every digest lead nowhere for subscribers; set it "
+                "to the public address of `clusterfeed serve`"
+            )
+        elif not base.lower().startswith("https://"):
+            found.append(
+                f"web.base_url '{base}' is not https: one-click unsubscribe (RFC 8058) "
+                "needs an https link, and large mailbox providers filter bulk mail "
+                "without it; serve the pages over https and set web.base_url to that"
+            )
+    return found
+
+
+def _domain_of(address: str) -> str:
+    return address.rpartition("<")[2].rstrip(">").rpartition("@")[2].strip().lower()
+
+
+def _may_align(signing: str, sender: str) -> bool:
+    """DMARC's relaxed alignment: both in one organizational domain. That needs the
+    public suffix list to decide exactly; without it, domains whose last two labels
+    differ are certainly apart, and anything else may align."""
+    return signing.lower().split(".")[-2:] == sender.split(".")[-2:]
 
 
 def all_subscribers(config: Config) -> list[SubscriberConfig]:
