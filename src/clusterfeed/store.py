@@ -815,9 +815,12 @@ class Store:
         warning: str | None,
         now: datetime,
         poll: PollFacts | None = None,
-        matcher: StoryMatcher | None = None,
     ) -> FeedUpdateSummary:
         """Store one successful fetch: entries, story links and caching headers, atomically.
+
+        A new entry joins the story of another feed's entry with the same GUID or page,
+        else gets a story of its own; joining near-duplicates (other words, other
+        links) is ``join_new_stories``, once per cycle.
 
         The validators are saved in the same transaction as the entries: if the process
         dies before the commit, the next fetch is unconditional and nothing is lost.
