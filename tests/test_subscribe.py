@@ -6,6 +6,8 @@ configured Maildir transport wrote; the store is a real SQLite file or PostgreSQ
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import email
 import email.policy
 import re
@@ -20,7 +22,7 @@ import pytest
 
 from clusterfeed.config import load_config
 from clusterfeed.service import Service
-from clusterfeed.store import Store
+from clusterfeed.store import _LOCK_KEY, Store
 from clusterfeed.subscribe import (
     Choices,
     FormError,
@@ -324,6 +326,46 @@ def test_the_rate_limits_hold_across_processes(
         second.stop()
         other.store.close()
     assert len(_mails_to(service, "twice@example.org")) == 3
+
+
+@contextlib.contextmanager
+def _writers_lock_held(service: Service) -> Iterator[None]:
+    """Another process's write transaction, as a fetch cycle holds one: store writes
+    wait for it (SQLite's write lock; on PostgreSQL the writers' advisory lock)."""
+    raw = service.store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        if service.store.engine.dialect.name == "sqlite":
+            cursor.execute("BEGIN IMMEDIATE")
+        else:
+            cursor.execute("SELECT pg_advisory_lock(%(key)s)", {"key": _LOCK_KEY})
+        yield
+    finally:
+        if service.store.engine.dialect.name == "sqlite":
+            raw.rollback()
+        else:
+            cursor.execute("SELECT pg_advisory_unlock(%(key)s)", {"key": _LOCK_KEY})
+            raw.commit()
+        raw.close()
+
+
+def test_a_sign_up_waiting_for_the_database_does_not_hold_up_other_visitors(
+    service: Service, web: RunningServer
+) -> None:
+    browser = Browser(web.base)
+    browser.client.get("/subscribe")  # the page works before the database is busy
+    with _writers_lock_held(service):
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            browser.sign_up, "patient@example.org"
+        )
+        # The sign-up's write waits for the lock; meanwhile others are served.
+        other = httpx.get(web.base + "/subscribe", timeout=10)
+        assert other.status_code == 200 and "form_token" in other.text
+        assert httpx.get(web.base + "/healthz", timeout=10).status_code in (200, 503)
+        assert not waiting.done()
+    answer = waiting.result(timeout=60)
+    assert answer.status_code == 200 and "check your inbox" in answer.text
+    assert len(_mails_to(service, "patient@example.org")) == 1
 
 
 def test_a_form_without_its_token_or_with_the_honeypot_filled_is_refused(

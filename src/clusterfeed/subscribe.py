@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -261,22 +262,44 @@ class Subscriptions:
         """Record a sign-up and send the mail it leads to; the outcome (see signup_outcome).
 
         ``confirmed`` is for the operator's imports of lists whose consent they hold.
+        The store's part runs in a worker thread: a database waiting for its lock must
+        not hold up the web server's other requests.
         """
+        outcome, mail = await run_in_threadpool(
+            self.record_signup,
+            email,
+            prefs,
+            ip_hash=ip_hash,
+            action=action,
+            confirmed=confirmed,
+            name=name,
+        )
+        if mail is not None:
+            await self.send(mail)
+        return outcome
+
+    def record_signup(
+        self,
+        email: str,
+        prefs: Preferences,
+        *,
+        ip_hash: str | None,
+        action: str = "signup",
+        confirmed: bool = False,
+        name: str | None = None,
+    ) -> tuple[str, EmailMessage | None]:
+        """``sign_up``'s decision and record: (outcome, the mail to send or None)."""
         now = self.service.clock()
         self.store.forget_unconfirmed(now - self.keep_unconfirmed())
         existing = self.store.membership(email=email)
         outcome = signup_outcome(existing, self.is_suppressed(email))
         if outcome == "erased":
-            if action == "signup":
-                await self.send(self._erased_mail(email))
-            return outcome
+            return outcome, self._erased_mail(email) if action == "signup" else None
         if outcome == "already":
             # Nothing changes: the confirmed subscriber's choices are theirs to change on
             # their preferences page, which the mail links to.
             assert existing is not None
-            if action == "signup":
-                await self.send(self._already_mail(existing))
-            return outcome
+            return outcome, self._already_mail(existing) if action == "signup" else None
         membership = self.store.record_signup(
             Subscriber(
                 email=email,
@@ -293,9 +316,7 @@ class Subscriptions:
             form_version=self.config.signup.form_version if action == "signup" else None,
             ip_hash=ip_hash,
         )
-        if not confirmed:
-            await self.send(self._confirm_mail(membership))
-        return outcome
+        return outcome, None if confirmed else self._confirm_mail(membership)
 
     def confirm(self, token: str, *, ip_hash: str | None) -> Membership:
         """Confirm the sign-up behind a confirmation token (InvalidToken/ExpiredToken)."""
@@ -553,7 +574,7 @@ def routes(service: Service) -> list[Route]:
                 email="" if exc.field == "email" and "\n" in shown else shown,
             )
         ip_hash = client(request)
-        client_ok, address_ok = subs.allowed(email, ip_hash)
+        client_ok, address_ok = await run_in_threadpool(subs.allowed, email, ip_hash)
         if not client_ok:
             return _message_page(
                 subs,
@@ -579,7 +600,8 @@ def routes(service: Service) -> list[Route]:
         try:
             if request.method == "GET":
                 # Only check the link; the button confirms (link scanners press nothing).
-                read_timed_token(
+                await run_in_threadpool(
+                    read_timed_token,
                     subs.secret,
                     CONFIRM,
                     token,
@@ -588,7 +610,7 @@ def routes(service: Service) -> list[Route]:
                     timedelta(hours=service.config.signup.confirm_hours),
                 )
                 return _page(subs, "confirm.html", action=f"/confirm/{token}")
-            membership = subs.confirm(token, ip_hash=client(request))
+            membership = await run_in_threadpool(subs.confirm, token, ip_hash=client(request))
         except InvalidToken as exc:
             return _bad_link(subs, exc)
         if membership.status != "confirmed":
@@ -613,7 +635,7 @@ def routes(service: Service) -> list[Route]:
     async def preferences(request: Request) -> Response:
         token = request.path_params["token"]
         try:
-            membership = subs.member_for(token)
+            membership = await run_in_threadpool(subs.member_for, token)
         except InvalidToken as exc:
             return _bad_link(subs, exc)
         if membership.status != "confirmed":
@@ -632,7 +654,8 @@ def routes(service: Service) -> list[Route]:
             except FormError as exc:
                 error = exc
             else:
-                service.store.set_preferences(
+                await run_in_threadpool(
+                    service.store.set_preferences,
                     membership.subscriber.id or 0,
                     service.clock(),
                     topics=prefs.topics,
@@ -661,7 +684,7 @@ def routes(service: Service) -> list[Route]:
     async def unsubscribe(request: Request) -> Response:
         token = request.path_params["token"]
         try:
-            membership = subs.member_for(token)
+            membership = await run_in_threadpool(subs.member_for, token)
         except InvalidToken as exc:
             return _bad_link(subs, exc)
         if request.method == "GET":
@@ -674,8 +697,11 @@ def routes(service: Service) -> list[Route]:
         # RFC 8058: a POST unsubscribes at once. Mail providers post
         # "List-Unsubscribe=One-Click" without cookies or a form token; the token in
         # the URL is the proof, so nothing else is asked for.
-        service.store.unsubscribe(
-            membership.subscriber.id or 0, service.clock(), ip_hash=client(request)
+        await run_in_threadpool(
+            service.store.unsubscribe,
+            membership.subscriber.id or 0,
+            service.clock(),
+            ip_hash=client(request),
         )
         return _message_page(
             subs,

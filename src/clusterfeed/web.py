@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -347,13 +348,13 @@ def create_app(service: Service) -> Starlette:
     registry.register(StoreCollector(service))
 
     async def healthz(request: Request) -> Response:
-        ok, detail = health(service)
+        ok, detail = await run_in_threadpool(health, service)  # reads the store
         return JSONResponse(detail, status_code=200 if ok else 503,
                             headers={"Cache-Control": "no-store"})  # fmt: skip
 
     async def metrics(request: Request) -> Response:
         return Response(
-            generate_latest(registry),
+            await run_in_threadpool(generate_latest, registry),  # reads the store
             media_type="text/plain; version=0.0.4; charset=utf-8",
             headers={"Cache-Control": "no-store"},
         )
