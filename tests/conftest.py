@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FEEDS = REPO / "config" / "example-feeds"
 TEMPLATES = REPO / "templates"
 DATA = Path(__file__).resolve().parent / "data"
+# Real third-party clients (feed validator, SpamAssassin, ...) that this machine's kind
+# provides beside the project; tests that use them skip where it is absent.
+REALCLIENTS = REPO.parent / "shared" / "realclients"
 
 
 # -- time -------------------------------------------------------------------------------

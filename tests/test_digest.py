@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import re
+import subprocess
 from datetime import UTC, datetime, timedelta
 from email import policy
 from email.message import EmailMessage
@@ -21,7 +22,15 @@ import pytest
 from clusterfeed.config import load_config
 from clusterfeed.store import Store
 from clusterfeed.tokens import UNSUBSCRIBE, InvalidToken, make_token, read_token
-from tests.conftest import FeedServer, Route, digest_titles, mail_html, mail_text, write_config
+from tests.conftest import (
+    REALCLIENTS,
+    FeedServer,
+    Route,
+    digest_titles,
+    mail_html,
+    mail_text,
+    write_config,
+)
 
 HELIX = [
     {
@@ -206,6 +215,24 @@ def test_digest_message_has_both_parts_and_every_header(digest_config: Path, run
     unsubscribe = _raw_header(raw, "List-Unsubscribe")
     assert "=?" not in unsubscribe
     assert re.fullmatch(r"<https://news\.nordbio\.example/unsubscribe/[\w.-]+>", unsubscribe)
+
+
+def test_spamassassin_finds_nothing_against_the_digests(digest_config: Path, run_cli) -> None:
+    """SpamAssassin's local rules (no network tests) on the English, German and Japanese
+    digests: not a single rule may add points."""
+    script = REALCLIENTS / "spamscore.sh"
+    if not script.is_file():
+        pytest.skip(f"SpamAssassin check not available here ({script} is absent)")
+    _send_digest(run_cli, digest_config)
+    files = sorted((digest_config.parent / "mail" / "new").iterdir())
+    assert len(files) >= 3  # medtech@ has nothing in these feeds
+    for file in files:
+        result = subprocess.run(
+            ["bash", str(script), str(file), "0.0"], capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, f"{file.name}: {result.stdout}{result.stderr}"
+        score = re.search(r"score=(-?[\d.]+)", result.stdout)
+        assert score is not None and float(score.group(1)) <= 0.0, result.stdout
 
 
 def test_unsubscribe_link_carries_a_token_for_that_subscriber(digest_config: Path, run_cli) -> None:

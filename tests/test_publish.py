@@ -30,6 +30,7 @@ from tests.conftest import (
     DATA,
     EXAMPLE_FEED_META,
     EXAMPLE_STORIES,
+    REALCLIENTS,
     Clock,
     FeedServer,
     served_example_feeds,
@@ -40,7 +41,6 @@ NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
 ATOM = "http://www.w3.org/2005/Atom"
 NS = {"a": ATOM}
 FEED_URL = "https://news.nordbio.example/feed.atom"
-REALCLIENTS = Path(__file__).resolve().parents[2] / "shared" / "realclients"
 PARTNER_NAMES = {name for name, *_ in EXAMPLE_FEED_META}
 
 
