@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from clusterfeed.mail import RateLimiter, RetryPolicy, next_attempt
 from clusterfeed.service import Service
 from clusterfeed.store import Store, deliveries, subscribers
 from tests.conftest import (
+    REALCLIENTS,
     TEMPLATES,
     Clock,
     FeedServer,
@@ -209,6 +211,73 @@ def _utc(value: datetime) -> datetime:
 
 
 # -- the retry decision (pure) ---------------------------------------------------------
+
+
+# -- a real mail server ----------------------------------------------------------------
+
+
+def test_a_real_mail_server_delivers_every_digest_byte_for_byte(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any, clock: Clock
+) -> None:
+    """Postfix (a private instance on 127.0.0.1, delivering into its own Maildir) takes
+    the digests over SMTP and delivers each exactly as composed, an IDN address too."""
+    script = REALCLIENTS / "postfix_relay.sh"
+    if not script.is_file():
+        pytest.skip(f"the Postfix relay is not available here ({script} is absent)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Postfix's own users must reach its folder: not under pytest's private tmp_path.
+    folder = Path(tempfile.mkdtemp(prefix="clusterfeed-postfix-"))
+    folder.chmod(0o755)
+    env = {**os.environ, "RELAY_DIR": str(folder), "RELAY_PORT": str(port)}
+
+    def relay(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=600
+        )
+
+    started = relay("start")
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        readers = [
+            {"email": "lena.vogt@example.org", "name": "Lena Vogt"},
+            {"email": "jürgen@bücher.example", "name": "Jürgen Müller", "languages": ["de"]},
+            {"email": "kenji@example.jp", "name": "田中 健二", "languages": ["ja", "en"]},
+        ]
+        mail = {"transport": "smtp", "host": "127.0.0.1", "port": port, "security": "none"}
+        config = write_config(
+            tmp_path,
+            served_example_feeds(feed_server),
+            database_url=database_url,
+            mail=mail,
+            subscribers=readers,
+        )
+        service = open_service(config)
+        asyncio.run(service.fetch())
+        service.create_digest("test:postfix", clock())
+        expected = [service.compose_prepared(d) for d in service.store.pending_deliveries()]
+        assert len(expected) == len(readers)
+
+        report = asyncio.run(service.send_pending())
+
+        assert (report.sent, report.failed, report.retry) == (len(readers), 0, 0)
+        for n, prepared in enumerate(expected):
+            sent = tmp_path / f"sent-{n}.eml"
+            sent.write_bytes(prepared.data)
+            (recipient,) = prepared.recipients
+            checked = relay("check", str(sent), recipient)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            delivered = Path(checked.stdout.split("delivered: ", 1)[1].split("\n", 1)[0])
+            # Postfix puts its trace headers on top and stores lines with LF endings;
+            # everything else is what clusterfeed composed.
+            body = delivered.read_bytes()
+            assert body.endswith(prepared.data.replace(b"\r\n", b"\n")), recipient
+            assert b"Received: from " in body.split(b"\nFrom: ", 1)[0]
+        assert {p.recipients[0] for p in expected} >= {"jürgen@xn--bcher-kva.example"}
+    finally:
+        relay("stop")
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_delays_grow_by_the_factor_up_to_the_cap_within_the_jitter() -> None:
@@ -420,6 +489,70 @@ def test_a_5xx_answer_fails_at_once_and_repeated_ones_mark_the_address_bouncing(
     news.add()
     assert _round(service, clock, "cleared").sent == 3
     assert _per_recipient(smtp)[gone] == 2
+    service.store.close()
+
+
+INTERNATIONAL = "jürgen@bücher.example"  # a non-ASCII mailbox, not only the domain
+
+
+def test_an_internationalized_mailbox_goes_out_with_smtputf8_and_utf8_headers(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, rss_feed: Any
+) -> None:
+    handler = ScriptedHandler()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        server = SmtpServer("127.0.0.1", port, handler)
+        readers = [{"email": INTERNATIONAL, "name": "Jürgen Müller"}, *_readers(1)]
+        news = News(feed_server, rss_feed)
+        path = _helix_config(tmp_path, news, database_url, mail=_mail(server), subscribers=readers)
+        service = _service(path, Clock(T0))
+        report = _round(service, service.clock, "utf8")
+    finally:
+        controller.stop()
+    assert (report.sent, report.failed) == (2, 0)
+    by_rcpt = {tuple(m.rcpt_tos): m for m in handler.messages}
+    utf8 = by_rcpt[("jürgen@xn--bcher-kva.example",)]
+    assert "SMTPUTF8" in utf8.mail_options
+    assert "SMTPUTF8" not in by_rcpt[("reader000@example.org",)].mail_options
+    head = utf8.original_content.split(b"\r\n\r\n", 1)[0].decode("utf-8")
+    assert "\r\nTo: Jürgen Müller <jürgen@xn--bcher-kva.example>\r\n" in head
+    parsed = email.message_from_string(utf8.original_content.decode("utf-8"), policy=policy.default)
+    assert parsed["To"].addresses[0].username == "jürgen"
+    service.store.close()
+
+
+def test_a_server_without_smtputf8_fails_only_that_delivery_and_says_why(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, rss_feed: Any
+) -> None:
+    handler = ScriptedHandler()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        server = SmtpServer("127.0.0.1", port, handler)
+        readers = [{"email": INTERNATIONAL}, *_readers(2)]
+        news = News(feed_server, rss_feed)
+        path = _helix_config(tmp_path, news, database_url, mail=_mail(server), subscribers=readers)
+        service = _service(path, Clock(T0))
+        report = _round(service, service.clock, "ascii-only")
+    finally:
+        controller.stop()
+
+    assert (report.sent, report.failed, report.retry) == (2, 1, 0)
+    assert {r for m in handler.messages for r in m.rcpt_tos} == {
+        "reader000@example.org",
+        "reader001@example.org",
+    }
+    ((state, error, _when, _attempts),) = _state(service, INTERNATIONAL)
+    assert state == "failed"
+    assert "does not offer SMTPUTF8" in error and "jürgen@xn--bcher-kva.example" in error
+    assert service.store.bouncing() == []  # the server's limit, not the address's fault
     service.store.close()
 
 

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from email import quoprimime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.policy import SMTP
+from email.policy import SMTP, SMTPUTF8
 from email.utils import format_datetime, getaddresses, parseaddr
 from importlib import resources
 from pathlib import Path
@@ -46,6 +46,7 @@ from clusterfeed.normalize import single_line, truncate
 log = logging.getLogger(__name__)
 
 MAIL_POLICY = SMTP.clone(max_line_length=998)
+MAIL_POLICY_UTF8 = SMTPUTF8.clone(max_line_length=998)
 WEEKLY_GAP = timedelta(days=6, hours=12)
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -357,9 +358,22 @@ def build_message(
     return msg
 
 
+def needs_utf8(message: EmailMessage) -> bool:
+    """True for mail to or from an internationalized mailbox (``jürgen@…``): its
+    headers must carry the address in UTF-8 (RFC 6532) and the server must offer
+    SMTPUTF8 (RFC 6531). An encoded word is no way out: it is not allowed in an
+    address, and no server routes it."""
+    return any(
+        not a.username.isascii()
+        for name in ("From", "To")
+        if (header := message[name]) is not None
+        for a in header.addresses
+    )
+
+
 def message_bytes(message: EmailMessage) -> bytes:
     """The message as it goes on the wire (CRLF line ends, headers never mangled)."""
-    return message.as_bytes(policy=MAIL_POLICY)
+    return message.as_bytes(policy=MAIL_POLICY_UTF8 if needs_utf8(message) else MAIL_POLICY)
 
 
 # -- rendering once for many subscribers ---------------------------------------------
@@ -836,6 +850,14 @@ class DigestComposer:
     ) -> tuple[str, str, bytes]:
         """(sender, recipient, message bytes) for one subscriber."""
         to = recipient(subscriber)
+        if not to.username.isascii():
+            # An internationalized mailbox: its headers are UTF-8 (see needs_utf8).
+            # Rare enough to compose the long way.
+            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            message = build_message(
+                self.config, full, to=subscriber, message_id=message_id, slot=slot, links=links
+            )
+            return self.sender, to.addr_spec, message_bytes(message)
         values = personal_values(self.config, subscriber, links)
         shared = None
         if self.sharing and all(

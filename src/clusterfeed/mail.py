@@ -24,7 +24,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
@@ -371,7 +371,8 @@ class SmtpTransport:
         if self.limiter is not None:
             await self.limiter.acquire()
         try:
-            await client.sendmail(sender, recipients, data)
+            options = await self._options(client, sender, recipients)
+            await client.sendmail(sender, recipients, data, mail_options=options)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
@@ -396,6 +397,25 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError) as exc:
             self._clients.pop(slot, None)
             raise TemporaryFailure(f"connection lost: {exc}") from exc
+
+    async def _options(
+        self, client: aiosmtplib.SMTP, sender: str, recipients: Sequence[str]
+    ) -> list[str]:
+        """SMTPUTF8 for a mailbox with non-ASCII characters (RFC 6531); a server that
+        does not offer it cannot take such a message at all, now or later."""
+        if sender.isascii() and all(r.isascii() for r in recipients):
+            return []
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()  # what the server offers is known only after EHLO
+        if not client.supports_extension("smtputf8"):
+            raise PermanentFailure(
+                f"{', '.join(recipients)} has non-ASCII characters before the @, and the "
+                f"SMTP server {self.config.host} does not offer SMTPUTF8 (RFC 6531), which "
+                "such an address needs; a server that offers it (Postfix does by default) "
+                "can deliver it",
+                address=False,
+            )
+        return ["SMTPUTF8"]
 
     def is_delivered(self, key: str) -> bool:
         return False
