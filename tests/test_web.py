@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,13 @@ from clusterfeed.config import load_config
 from clusterfeed.service import Service
 from clusterfeed.store import Store
 from clusterfeed.web import make_server
-from tests.conftest import FeedServer, served_example_feeds, write_config
+from tests.conftest import (
+    EXAMPLE_STORIES,
+    REALCLIENTS,
+    FeedServer,
+    served_example_feeds,
+    write_config,
+)
 
 
 class RunningServer:
@@ -86,6 +93,28 @@ def test_the_feed_is_served_with_validators_and_answers_304(
     assert since.status_code == 304
     stale = web.get("/feed.atom", headers={"If-None-Match": '"something-else"'})
     assert stale.status_code == 200 and stale.content == first.content
+
+
+@pytest.mark.parametrize("name", ["feed.atom", "feed.rss"])
+def test_a_real_feed_reader_polls_the_served_feed_and_sees_every_story(
+    service: Service, web: RunningServer, name: str
+) -> None:
+    """newsboat (a terminal feed reader) fetches the feed over HTTP and keeps one
+    article per story, titles in German, English and Japanese intact."""
+    script = REALCLIENTS / "newsboat_count.sh"
+    if not script.is_file():
+        pytest.skip(f"newsboat check not available here ({script} is absent)")
+    _publish(service)
+    result = subprocess.run(
+        ["bash", str(script), f"{web.base}/{name}", str(EXAMPLE_STORIES)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"newsboat: articles={EXAMPLE_STORIES}" in result.stdout
+    assert "国際シンポジウム「再生医療の社会実装」を12月に神戸で開催" in result.stdout
+    assert "Forschungspreis für Kieler Herzchirurgie" in result.stdout
 
 
 def test_a_304_costs_no_read_of_the_file(service: Service, web: RunningServer) -> None:
