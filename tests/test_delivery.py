@@ -105,11 +105,11 @@ class ScriptedHandler(RecordingHandler):
         return "250 Message accepted for delivery"
 
 
-def _start_smtp(handler: ScriptedHandler) -> tuple[Controller, SmtpServer]:
+def _start_smtp(handler: ScriptedHandler, **options: Any) -> tuple[Controller, SmtpServer]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller = Controller(handler, hostname="127.0.0.1", port=port, **options)
     controller.start()
     return controller, SmtpServer("127.0.0.1", port, handler)
 
@@ -495,24 +495,29 @@ def test_a_5xx_answer_fails_at_once_and_repeated_ones_mark_the_address_bouncing(
 INTERNATIONAL = "jürgen@bücher.example"  # a non-ASCII mailbox, not only the domain
 
 
+def _digest_to(
+    readers: list[dict[str, Any]], folder: Path, feeds: FeedServer, url: str, rss: Any, **smtp: Any
+) -> tuple[Service, ScriptedHandler, Any]:
+    """One digest of one partner feed to ``readers``, through an aiosmtpd server started
+    with ``smtp`` options; (service, what the server received, the send report)."""
+    handler = ScriptedHandler()
+    controller, server = _start_smtp(handler, **smtp)
+    try:
+        news = News(feeds, rss)
+        path = _helix_config(folder, news, url, mail=_mail(server), subscribers=readers)
+        service = _service(path, Clock(T0))
+        return service, handler, _round(service, service.clock, "once")
+    finally:
+        controller.stop()
+
+
 def test_an_internationalized_mailbox_goes_out_with_smtputf8_and_utf8_headers(
     tmp_path: Path, feed_server: FeedServer, database_url: str, rss_feed: Any
 ) -> None:
-    handler = ScriptedHandler()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)
-    controller.start()
-    try:
-        server = SmtpServer("127.0.0.1", port, handler)
-        readers = [{"email": INTERNATIONAL, "name": "Jürgen Müller"}, *_readers(1)]
-        news = News(feed_server, rss_feed)
-        path = _helix_config(tmp_path, news, database_url, mail=_mail(server), subscribers=readers)
-        service = _service(path, Clock(T0))
-        report = _round(service, service.clock, "utf8")
-    finally:
-        controller.stop()
+    readers = [{"email": INTERNATIONAL, "name": "Jürgen Müller"}, *_readers(1)]
+    service, handler, report = _digest_to(
+        readers, tmp_path, feed_server, database_url, rss_feed, enable_SMTPUTF8=True
+    )
     assert (report.sent, report.failed) == (2, 0)
     by_rcpt = {tuple(m.rcpt_tos): m for m in handler.messages}
     utf8 = by_rcpt[("jürgen@xn--bcher-kva.example",)]
@@ -528,22 +533,10 @@ def test_an_internationalized_mailbox_goes_out_with_smtputf8_and_utf8_headers(
 def test_a_server_without_smtputf8_fails_only_that_delivery_and_says_why(
     tmp_path: Path, feed_server: FeedServer, database_url: str, rss_feed: Any
 ) -> None:
-    handler = ScriptedHandler()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
-    controller.start()
-    try:
-        server = SmtpServer("127.0.0.1", port, handler)
-        readers = [{"email": INTERNATIONAL}, *_readers(2)]
-        news = News(feed_server, rss_feed)
-        path = _helix_config(tmp_path, news, database_url, mail=_mail(server), subscribers=readers)
-        service = _service(path, Clock(T0))
-        report = _round(service, service.clock, "ascii-only")
-    finally:
-        controller.stop()
-
+    readers = [{"email": INTERNATIONAL}, *_readers(2)]
+    service, handler, report = _digest_to(
+        readers, tmp_path, feed_server, database_url, rss_feed, enable_SMTPUTF8=False
+    )
     assert (report.sent, report.failed, report.retry) == (2, 1, 0)
     assert {r for m in handler.messages for r in m.rcpt_tos} == {
         "reader000@example.org",
