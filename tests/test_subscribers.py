@@ -210,6 +210,28 @@ def _everything_stored(store: Store) -> str:
     return "\n".join(parts)
 
 
+def test_an_erasure_holds_after_the_signing_secret_changes(
+    example_config: Path, tmp_path: Path, run_cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The secret may move into the environment or be rotated; an address erased
+    before must still be refused, and the stored key must not reveal the secret."""
+    monkeypatch.delenv("CLUSTERFEED_SECRET", raising=False)
+    listing = _csv(tmp_path, "email\nerika@example.org\n")
+    assert run_cli("subscribers", "import", listing, "--config", example_config).exit_code == 0
+    assert run_cli("subscribers", "erase", "erika@example.org", "--config", example_config)
+
+    monkeypatch.setenv("CLUSTERFEED_SECRET", "a-new-secret-set-by-the-operator-later")
+    again = run_cli("subscribers", "import", listing, "--config", example_config)
+
+    assert "1 refused as erased" in again.stdout
+    assert "erika@example.org" not in _states(example_config)
+    store = _store(example_config)
+    stored_key = store.get_setting("suppression_key")
+    assert stored_key and store.secret() not in stored_key
+    assert "a-new-secret" not in _everything_stored(store)
+    store.close()
+
+
 def test_an_erased_address_in_the_config_gets_no_mail_and_a_warning(
     example_config: Path, run_cli: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

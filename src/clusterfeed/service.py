@@ -79,7 +79,7 @@ from clusterfeed.site import (
 )
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
-from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash
+from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +248,11 @@ class Service:
             )
             for s in all_subscribers(self.config)
         ]
-        secret = self.secret()
+        key = self.suppression_key()
         refused = self.store.sync_subscribers(
             subs,
             self.clock(),
-            lambda email: suppression_hash(secret, email),
+            lambda email: suppression_hash(key, email),
         )
         for email in refused:
             log.warning(
@@ -707,6 +707,13 @@ class Service:
 
     def secret(self) -> str:
         return os.environ.get(self.config.web.secret_env) or self.store.secret()
+
+    def suppression_key(self) -> str:
+        """The key of the suppression list, fixed when it is first needed (see
+        ``tokens.suppression_key``)."""
+        return self.store.setting_or_create(
+            "suppression_key", lambda: suppression_key(self.secret())
+        )
 
     def links_for(
         self, subscriber: Subscriber, page: DigestPage | None = None, *, secret: str | None = None

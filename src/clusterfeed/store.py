@@ -651,9 +651,10 @@ class Store:
         existing = self.get_setting(key)
         if existing is not None:
             return existing
+        made = make()  # before the transaction: making it may read or write settings
         try:
             with self._tx() as conn:
-                conn.execute(insert(settings).values(key=key, value=make()))
+                conn.execute(insert(settings).values(key=key, value=made))
         except IntegrityError:
             pass
         value = self.get_setting(key)

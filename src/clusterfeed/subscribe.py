@@ -195,6 +195,9 @@ class Subscriptions:
         self.store = service.store
         self.choices = offered_choices(service.config)
         self.env = page_environment(service.config)
+        # Read (or made) once, here: not in the middle of a store transaction that
+        # checks addresses against the suppression list.
+        self._suppression_key = service.suppression_key()
 
     @cached_property
     def secret(self) -> str:
@@ -202,7 +205,7 @@ class Subscriptions:
         return self.service.secret()
 
     def email_hash(self, email: str) -> str:
-        return suppression_hash(self.secret, email)
+        return suppression_hash(self._suppression_key, email)
 
     def client_hash(self, client: str | None) -> str | None:
         return keyed_hash(self.secret, "client", client)[:32] if client else None

@@ -38,9 +38,20 @@ def keyed_hash(secret: str, purpose: str, value: str) -> str:
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()
 
 
-def suppression_hash(secret: str, email: str) -> str:
-    """What the suppression list keeps of an erased address."""
-    return keyed_hash(secret, "suppress", email.strip().lower())
+def suppression_key(secret: str) -> str:
+    """The key of the suppression list's hashes, derived from the signing secret.
+
+    It is stored on first use and kept when the secret changes later (set in the
+    environment, rotated): hashes made with another key would no longer recognise the
+    addresses erased before. Derived one way, it reveals nothing of the secret.
+    """
+    return hashlib.sha256(f"suppress\x1f{secret}".encode()).hexdigest()
+
+
+def suppression_hash(key: str, email: str) -> str:
+    """What the suppression list keeps of an erased address (``key`` from
+    ``suppression_key``); the same as ``keyed_hash(secret, "suppress", email)``."""
+    return hmac.new(bytes.fromhex(key), email.strip().lower().encode(), hashlib.sha256).hexdigest()
 
 
 class _ClockedSigner(TimestampSigner):
