@@ -482,6 +482,17 @@ def test_a_recorded_acceptance_is_read_back_as_written(store: Store) -> None:
         # Recorded once: the row is no longer this worker's claim.
         assert recorder.record(delivery, later, claimed_by="worker-a:1") is False
     assert store.last_sent_at(delivery.subscriber.id) == later
+    # Stored in the same form as the timestamps SQLAlchemy writes (claimed_at here), so
+    # the database compares and sorts them alike.
+    with store.engine.connect() as conn:
+        sent_at, claimed_at = conn.exec_driver_sql(
+            "SELECT sent_at, claimed_at FROM deliveries"
+        ).one()
+    if isinstance(sent_at, str):  # SQLite keeps text
+        assert len(sent_at) == len(claimed_at) and sent_at[10] == claimed_at[10]
+        assert sent_at > claimed_at
+    else:
+        assert (sent_at, claimed_at) == (later, NOW)
     assert store.delivery_counts() == {"sent": 1}
     assert _sent_story_rows(store) == len(set(delivery.story_ids)) > 0
 

@@ -482,7 +482,7 @@ class SentRecorder:
         self._stories = sql(self._STORIES)
         self._bounces = sql(self._BOUNCES)
         self._lock = sql("SELECT pg_advisory_xact_lock(:key)")
-        convert = deliveries.c.sent_at.type.bind_processor(dialect)
+        convert = deliveries.c.sent_at.type.dialect_impl(dialect).bind_processor(dialect)
         self._timestamp: Callable[[datetime], Any] = convert or (lambda v: v)
         self._errors: type[Exception] = dialect.loaded_dbapi.Error
         self._raw = engine.raw_connection()
