@@ -16,6 +16,7 @@ counts against the address, which is marked bouncing after ``bounce_after`` in a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -308,6 +309,49 @@ def _counts_against_address(code: int, message: str) -> bool:
     return not (status.startswith(("5.6.", "5.7.")) and code >= 500)
 
 
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await client.helo()  # a server from before ESMTP
+
+
+async def _hand_over(
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    options: Sequence[str],
+) -> None:
+    """``client.sendmail``'s commands, with the same reset after a refusal, without its
+    first pass over the message: sendmail normalizes the line ends of the whole message
+    only to count its SIZE, and data() normalizes them again as it sends. That first
+    pass cost about a tenth of the sending process's CPU (``bench/RESULTS.md``). The
+    messages clusterfeed writes end every line in CRLF already (tests check both ways
+    of composing), so their length is their SIZE."""
+    await _greet(client)
+    encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+    mail_options = list(options)
+    if client.supports_extension("size"):
+        mail_options.insert(0, f"size={len(data)}")
+    try:
+        await client.mail(sender, options=mail_options, encoding=encoding)
+        refused = []
+        for address in recipients:
+            try:
+                await client.rcpt(address, encoding=encoding)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append(exc)
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refused)
+        await client.data(data)
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+            await client.rset()  # a clean envelope for the connection's next message
+        raise
+
+
 class SmtpTransport:
     """Sends over SMTP with up to ``connections`` connections, each reused for many mails.
 
@@ -372,7 +416,7 @@ class SmtpTransport:
             await self.limiter.acquire()
         try:
             options = await self._options(client, sender, recipients)
-            await client.sendmail(sender, recipients, data, mail_options=options)
+            await _hand_over(client, sender, recipients, data, options)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             text = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
@@ -405,8 +449,7 @@ class SmtpTransport:
         does not offer it cannot take such a message at all, now or later."""
         if sender.isascii() and all(r.isascii() for r in recipients):
             return []
-        if client.is_ehlo_or_helo_needed:
-            await client.ehlo()  # what the server offers is known only after EHLO
+        await _greet(client)  # what the server offers is known only after EHLO
         if not client.supports_extension("smtputf8"):
             raise PermanentFailure(
                 f"{', '.join(recipients)} has non-ASCII characters before the @, and the "
