@@ -481,3 +481,34 @@ def open_service(clock: Clock) -> Iterator[Any]:
     yield open_
     for store in stores:
         store.close()
+
+
+# -- a database that refuses writes ----------------------------------------------------
+
+
+def refuse_inserts(store: Any, table: str, message: str) -> None:
+    """A real database error on every insert into ``table`` (a full disk, say)."""
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS "
+                f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$ LANGUAGE plpgsql"
+            )
+            conn.exec_driver_sql(
+                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+
+
+def allow_inserts(store: Any, table: str) -> None:
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER refuse")
+        else:
+            conn.exec_driver_sql(f"DROP TRIGGER refuse ON {table}")
+            conn.exec_driver_sql("DROP FUNCTION refuse()")

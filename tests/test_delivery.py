@@ -37,7 +37,7 @@ from clusterfeed.config import load_config
 from clusterfeed.digest import message_bytes
 from clusterfeed.mail import RateLimiter, RetryPolicy, next_attempt
 from clusterfeed.service import Service
-from clusterfeed.store import Store, deliveries, subscribers
+from clusterfeed.store import Store, StoreError, deliveries, subscribers
 from tests.conftest import (
     REALCLIENTS,
     TEMPLATES,
@@ -46,6 +46,8 @@ from tests.conftest import (
     RecordingHandler,
     Route,
     SmtpServer,
+    allow_inserts,
+    refuse_inserts,
     served_example_feeds,
     write_config,
 )
@@ -546,6 +548,38 @@ def test_a_server_without_smtputf8_fails_only_that_delivery_and_says_why(
     assert state == "failed"
     assert "does not offer SMTPUTF8" in error and "jürgen@xn--bcher-kva.example" in error
     assert service.store.bouncing() == []  # the server's limit, not the address's fault
+    service.store.close()
+
+
+def test_a_database_failure_while_sending_stops_cleanly_and_loses_nothing(
+    tmp_path: Path, feed_server: FeedServer, smtp: SmtpServer, database_url: str, rss_feed: Any
+) -> None:
+    """The commit after an accepted message fails (a full disk): every connection stops,
+    nothing stays claimed, the error names the address, and the next run delivers the
+    rest, repeating at most one accepted message per connection."""
+    news = News(feed_server, rss_feed)
+    path = _helix_config(
+        tmp_path, news, database_url, mail=_mail(smtp, connections=2), subscribers=_readers(6)
+    )
+    service = _service(path, Clock(T0))
+    asyncio.run(service.fetch())
+    service.create_digest("test:disk-full", service.clock())
+    refuse_inserts(service.store, "sent_stories", "database or disk is full")
+    try:
+        with pytest.raises(StoreError, match="could not record that the message to reader"):
+            asyncio.run(service.send_pending())
+        assert service.store.delivery_counts() == {"pending": 6}  # none left claimed
+        first = len(smtp.handler.messages)
+        assert 1 <= first <= 2  # what the server accepted before each connection stopped
+    finally:
+        allow_inserts(service.store, "sent_stories")
+
+    report = asyncio.run(service.send_pending())
+
+    assert report.sent == 6 and service.store.delivery_counts() == {"sent": 6}
+    received = Counter(r for m in smtp.handler.messages for r in m.rcpt_tos)
+    assert set(received) == {f"reader{i:03d}@example.org" for i in range(6)}
+    assert sum(received.values()) - 6 == first  # only those were sent twice
     service.store.close()
 
 

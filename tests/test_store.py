@@ -30,7 +30,7 @@ from clusterfeed.store import (
     sent_stories,
     subscribers,
 )
-from tests.conftest import FeedServer, Route, write_config
+from tests.conftest import FeedServer, Route, allow_inserts, refuse_inserts, write_config
 
 NOW = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 
@@ -440,34 +440,6 @@ def test_a_stale_worker_cannot_mark_a_delivery_sent(store: Store) -> None:
     assert store.delivery_counts() == {"sending": 1}
 
 
-def _refuse_inserts(store: Store, table: str, message: str) -> None:
-    """A real database error on every insert into ``table`` (a full disk, say)."""
-    with store.engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql(
-                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
-                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
-            )
-        else:
-            conn.exec_driver_sql(
-                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS "
-                f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$ LANGUAGE plpgsql"
-            )
-            conn.exec_driver_sql(
-                f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION refuse()"
-            )
-
-
-def _allow_inserts(store: Store, table: str) -> None:
-    with store.engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            conn.exec_driver_sql("DROP TRIGGER refuse")
-        else:
-            conn.exec_driver_sql(f"DROP TRIGGER refuse ON {table}")
-            conn.exec_driver_sql("DROP FUNCTION refuse()")
-
-
 def _sent_story_rows(store: Store) -> int:
     with store.engine.connect() as conn:
         return len(conn.execute(select(sent_stories.c.story_id)).all())
@@ -500,7 +472,7 @@ def test_a_recorded_acceptance_is_read_back_as_written(store: Store) -> None:
 def test_a_failed_record_of_acceptance_writes_nothing_and_says_so(store: Store) -> None:
     delivery = _one_digest(store)
     store.claim(delivery.id, "worker-a:1", NOW)
-    _refuse_inserts(store, "sent_stories", "database or disk is full")
+    refuse_inserts(store, "sent_stories", "database or disk is full")
     try:
         with store.sent_recorder() as recorder:
             with pytest.raises(StoreError) as caught:
@@ -511,12 +483,12 @@ def test_a_failed_record_of_acceptance_writes_nothing_and_says_so(store: Store) 
             # Nothing of that transaction stayed: still claimed, no stories had.
             assert store.delivery_counts() == {"sending": 1}
             assert _sent_story_rows(store) == 0
-            _allow_inserts(store, "sent_stories")
+            allow_inserts(store, "sent_stories")
             # The recorder's connection works again once the database does.
             assert recorder.record(delivery, NOW, claimed_by="worker-a:1") is True
     finally:
         with contextlib.suppress(Exception):
-            _allow_inserts(store, "sent_stories")
+            allow_inserts(store, "sent_stories")
     assert store.delivery_counts() == {"sent": 1}
 
 

@@ -36,7 +36,7 @@ import aiosmtplib
 
 from clusterfeed.config import MailConfig, read_dkim_key
 from clusterfeed.digest import message_bytes
-from clusterfeed.store import Delivery, Store, worker_id
+from clusterfeed.store import Delivery, Store, StoreError, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -642,7 +642,14 @@ async def deliver_pending(
                 continue
             else:
                 # Before this worker takes its next message: the duplicate window.
-                recorder.record(delivery, clock(), claimed_by=me)
+                try:
+                    recorder.record(delivery, clock(), claimed_by=me)
+                except StoreError as exc:
+                    # The database failed: stop every connection cleanly (this row goes
+                    # back to the queue with the others) and report it.
+                    problems.append(exc)
+                    stop.set()
+                    continue
                 report.sent += 1
                 outcome = "sent"
             if on_progress is not None:
