@@ -91,12 +91,12 @@ def select_stories(
 
 def message_id(digest_key: str, subscriber_id: int, from_address: str) -> str:
     """A Message-ID fixed by the digest and the subscriber, so a resend is recognisable."""
-    domain = parseaddr(from_address)[1].rpartition("@")[2] or "clusterfeed.invalid"
-    if not domain.isascii():  # an internationalized domain: a header takes its ASCII form
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            domain = "clusterfeed.invalid"
+    try:
+        domain = address(from_address).domain  # an IDN in its ASCII form, as in From
+    except ValueError:
+        domain = ""
+    if not domain or not domain.isascii():
+        domain = "clusterfeed.invalid"
     token = hashlib.sha256(f"{digest_key}\x1f{subscriber_id}".encode()).hexdigest()[:32]
     return f"<{token}.{subscriber_id}@{domain}>"
 
