@@ -479,7 +479,7 @@ def test_a_failed_record_of_acceptance_writes_nothing_and_says_so(store: Store) 
                 recorder.record(delivery, NOW, claimed_by="worker-a:1")
             message = str(caught.value)
             assert "rita@example.org" in message and "database or disk is full" in message
-            assert "sent again after a restart" in message
+            assert "sent again by the next run" in message
             # Nothing of that transaction stayed: still claimed, no stories had.
             assert store.delivery_counts() == {"sending": 1}
             assert _sent_story_rows(store) == 0

@@ -12,6 +12,7 @@ next, and ``Store.migrate`` applies the missing ones at start-up, in order.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -516,18 +517,23 @@ class SentRecorder:
             cursor.execute(self._bounces, {"sid": sid})
             raw.commit()
         except self._errors as exc:
-            raw.rollback()
+            self._roll_back()
             raise StoreError(
                 f"could not record that the message to {delivery.subscriber.email} was "
-                f"accepted: {exc}. It stays claimed and is sent again after a restart; "
-                "check that the database is reachable and has free space"
+                f"accepted: {exc}. It goes back to the queue and is sent again by the next "
+                "run; check that the database is reachable and has free space"
             ) from exc
         except BaseException:
-            raw.rollback()
+            self._roll_back()
             raise
         finally:
             cursor.close()
         return True
+
+    def _roll_back(self) -> None:
+        # After a lost connection the rollback fails too; the first error is the news.
+        with contextlib.suppress(self._errors):
+            self._raw.rollback()
 
     def close(self) -> None:
         self._raw.close()  # back to the pool
