@@ -18,6 +18,7 @@ import tomllib
 import zoneinfo
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -838,7 +839,10 @@ def advice(config: Config) -> list[str]:
     found: list[str] = []
     sender_domain = _domain_of(config.digest.from_address)
     dkim = config.mail.dkim
-    if dkim is not None and sender_domain and not _may_align(dkim.domain, sender_domain):
+    # (An internationalized sender domain is left alone: its ASCII form is the one to
+    # compare, and which of two IDNA standards a server applies is not certain.)
+    checkable = sender_domain.isascii() and "." in sender_domain
+    if dkim is not None and checkable and not _may_align(dkim.domain, sender_domain):
         found.append(
             f"mail.dkim.domain '{dkim.domain}' and the domain of digest.from "
             f"'{sender_domain}' have different organizational domains, so receivers "
@@ -864,7 +868,7 @@ def advice(config: Config) -> list[str]:
 
 
 def _domain_of(address: str) -> str:
-    return address.rpartition("<")[2].rstrip(">").rpartition("@")[2].strip().lower()
+    return parseaddr(address)[1].rpartition("@")[2].lower()
 
 
 def _may_align(signing: str, sender: str) -> bool:
