@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPProtocol
@@ -512,3 +513,40 @@ def allow_inserts(store: Any, table: str) -> None:
         else:
             conn.exec_driver_sql(f"DROP TRIGGER refuse ON {table}")
             conn.exec_driver_sql("DROP FUNCTION refuse()")
+
+
+# -- the web app over real HTTP --------------------------------------------------------
+
+
+class RunningServer:
+    """The web app (``web.make_server``) in a thread, on a free port of 127.0.0.1."""
+
+    def __init__(self, service: Any) -> None:
+        from clusterfeed.web import make_server
+
+        self.server = make_server(service, "127.0.0.1", 0)
+        self.server.config.install_signal_handlers = False
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the web server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.get(self.base + path, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def web(service: Any) -> Iterator[RunningServer]:
+    """``clusterfeed serve``'s server on 127.0.0.1 for the test module's ``service``."""
+    running = RunningServer(service)
+    yield running
+    running.stop()

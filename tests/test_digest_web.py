@@ -29,6 +29,7 @@ from clusterfeed.store import Store
 from tests.conftest import (
     FeedServer,
     Route,
+    RunningServer,
     SmtpServer,
     digest_titles,
     mail_html,
@@ -36,7 +37,6 @@ from tests.conftest import (
     served_example_feeds,
     write_config,
 )
-from tests.test_web import RunningServer
 
 SUBSCRIBERS = [
     {"email": "gene.fan@example.org", "name": "Gene Fan", "topics": ["gene-therapy"]},

@@ -30,8 +30,7 @@ from clusterfeed.subscribe import (
     read_signup,
     signup_outcome,
 )
-from tests.conftest import Clock, FeedServer, served_example_feeds, write_config
-from tests.test_web import RunningServer
+from tests.conftest import Clock, FeedServer, RunningServer, served_example_feeds, write_config
 
 SIGNUP = """
 [signup]
@@ -64,13 +63,6 @@ def service(
     yield service
     service.close()
     service.store.close()
-
-
-@pytest.fixture
-def web(service: Service) -> Iterator[RunningServer]:
-    running = RunningServer(service)
-    yield running
-    running.stop()
 
 
 class Browser:

@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import brotli
 import httpx
@@ -18,36 +15,14 @@ import pytest
 from clusterfeed.config import load_config
 from clusterfeed.service import Service
 from clusterfeed.store import Store
-from clusterfeed.web import make_server
 from tests.conftest import (
     EXAMPLE_STORIES,
     REALCLIENTS,
     FeedServer,
+    RunningServer,
     served_example_feeds,
     write_config,
 )
-
-
-class RunningServer:
-    def __init__(self, service: Service) -> None:
-        self.server = make_server(service, "127.0.0.1", 0)
-        self.server.config.install_signal_handlers = False
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the web server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.base + path, **kwargs)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture
@@ -58,13 +33,6 @@ def service(tmp_path: Path, feed_server: FeedServer) -> Iterator[Service]:
     yield service
     service.close()
     service.store.close()
-
-
-@pytest.fixture
-def web(service: Service) -> Iterator[RunningServer]:
-    running = RunningServer(service)
-    yield running
-    running.stop()
 
 
 def _publish(service: Service) -> None:
