@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import jinja2
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -37,6 +38,7 @@ from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, Tempora
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
+from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,6 +121,16 @@ def _handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except StoreError as exc:
             _fail([f"error: {exc}"])
+        except TemplateProblem as exc:
+            # Raised before anything is claimed, or with the claims given back uncounted.
+            _fail(
+                [f"error: {p}" for p in exc.problems]
+                + ["A template cannot be rendered; nothing was sent and no delivery "
+                   "attempt was counted. Fix the template (`clusterfeed check` tests them "
+                   "all) and run again."]
+            )  # fmt: skip
+        except jinja2.TemplateError as exc:
+            _fail([f"error: {describe(exc)}", "Fix the template and run again."])
         except SetupFailure as exc:
             # Nothing was failed: the deliveries wait for the next run.
             _fail([f"error: {exc}", "Nothing was marked failed; fix this and run again."])
@@ -139,7 +151,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @config_option
 def check(config_path: Path | None) -> None:
-    """Validate the config; exit non-zero listing every problem."""
+    """Validate the config and render every template; exit non-zero listing every problem."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -148,6 +160,14 @@ def check(config_path: Path | None) -> None:
             + [f"{len(exc.problems)} problem(s) in the config."],
             1,
         )
+    problems = template_problems(config)
+    if problems:
+        _fail(
+            [f"error: {p}" for p in problems]
+            + [f"{len(problems)} problem(s) in the templates (every template is rendered "
+               "with sample data; fix these before the next digest)."],
+            1,
+        )  # fmt: skip
     subs = all_subscribers(config)
     out.print(f"{config.source}: OK", markup=False)
     for warning in advice(config):

@@ -538,12 +538,10 @@ async def deliver_pending(
 
         async def hand_on() -> None:
             delivery, future = rendering.popleft()
-            try:
-                message = await future
-            except Exception as exc:
-                # A template or store problem: put the row back, then stop loudly.
-                store.mark_retry(delivery, f"could not compose the message: {exc}")
-                raise
+            # A template or store problem stops the run loudly. It is no delivery
+            # attempt (nothing reached a server): the row goes back uncounted with the
+            # other unfinished claims, so a broken template cannot use up the retries.
+            message = await future
             await queue.put((delivery, message))
 
         try:
@@ -630,7 +628,8 @@ async def deliver_pending(
             except TemporaryFailure as exc:
                 outcome = deferred(delivery, exc)
             except SetupFailure as exc:
-                store.mark_retry(delivery, str(exc), None)
+                # The server refuses us, not this address: no attempt is counted.
+                store.release_claim(delivery, str(exc))
                 problems.append(exc)
                 stop.set()
                 continue

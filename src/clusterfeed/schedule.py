@@ -25,6 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
+from clusterfeed.templatecheck import TemplateProblem
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,12 @@ async def _digest(service: Service, slot: datetime) -> None:
             report.sent,
             report.retry,
             report.failed,
+        )
+    except TemplateProblem as exc:  # the operator's to fix: a sentence, no traceback
+        log.error(
+            "digest for %s not sent (no attempt counted), a template cannot be rendered: %s",
+            slot.isoformat(),
+            exc,
         )
     except Exception:
         log.exception("digest for %s failed", slot.isoformat())

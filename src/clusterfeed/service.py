@@ -79,6 +79,12 @@ from clusterfeed.site import (
 )
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
+from clusterfeed.templatecheck import (
+    TemplateProblem,
+    describe,
+    require_digest_templates,
+    template_location,
+)
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
 
 log = logging.getLogger(__name__)
@@ -775,7 +781,8 @@ class Service:
                 # The mails still go out; the next publish writes the page.
                 log.error(
                     "could not write the web version of digest %s into %s: %s",
-                    key, self.config.publish.output_dir, exc,
+                    key, self.config.publish.output_dir,
+                    describe(exc) if isinstance(exc, jinja2.TemplateError) else exc,
                 )  # fmt: skip
         return created, len(rows) if created else 0
 
@@ -814,13 +821,19 @@ class Service:
         links = self.links_for(
             delivery.subscriber, self.digest_page(delivery.digest_id), secret=self._run_secret
         )
-        sender, recipient, data = self._composer.compose(
-            delivery.subscriber,
-            self._stories(delivery.story_ids),
-            slot=delivery.digest_slot,
-            links=links,
-            message_id=delivery.message_id,
-        )
+        stories = self._stories(delivery.story_ids)
+        try:
+            sender, recipient, data = self._composer.compose(
+                delivery.subscriber,
+                stories,
+                slot=delivery.digest_slot,
+                links=links,
+                message_id=delivery.message_id,
+            )
+        except Exception as exc:
+            if template_location(exc) is None:
+                raise  # not the template's: a bug of ours, with its traceback
+            raise TemplateProblem([describe(exc)]) from exc
         return Prepared(sender, (recipient,), data)
 
     def _stories(self, ids: Sequence[int]) -> list[Story]:
@@ -865,6 +878,9 @@ class Service:
         list rendered once; only templates that need a full rendering per message are
         rendered in worker processes for a large outbox, so that CPU-bound rendering
         runs beside the sending instead of taking turns with it on one core."""
+        # Before anything is claimed: a template the operator broke stops the run with
+        # a sentence and costs no delivery an attempt.
+        require_digest_templates(self.config)
         with self._story_lock:
             self._story_cache.clear()  # stories may have changed since the last run
         self._composer, self._run_secret = None, None  # and templates and the secret

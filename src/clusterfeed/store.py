@@ -2001,6 +2001,17 @@ class Store:
             )
             return int(result.rowcount or 0)
 
+    def release_claim(self, delivery: Delivery, error: str) -> None:
+        """Give one claimed delivery back as it was, noting ``error``, without counting
+        an attempt: the run stopped for a reason of ours (a refused login), not the
+        recipient's."""
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id, deliveries.c.state == "sending")
+                .values(state="pending", claimed_by=None, claimed_at=None, last_error=error)
+            )
+
     def mark_retry(
         self, delivery: Delivery, error: str, next_attempt_at: datetime | None = None
     ) -> None:
