@@ -51,6 +51,7 @@ from clusterfeed.feedset import (
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
+from clusterfeed.lifeline import lifeline, start_worker
 from clusterfeed.mail import (
     Outgoing,
     PermanentFailure,
@@ -237,7 +238,13 @@ class Service:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["clusterfeed.reading"])
-            self._pool = ProcessPoolExecutor(max_workers=wanted, mp_context=context)
+            # Workers watch this process's lifeline: a kill -9 leaves no process behind.
+            self._pool = ProcessPoolExecutor(
+                max_workers=wanted,
+                mp_context=context,
+                initializer=start_worker,
+                initargs=(lifeline(),),
+            )
         return self._pool
 
     def prepare(self) -> None:
@@ -901,8 +908,8 @@ class Service:
             pool = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=context,
-                initializer=_start_renderer,
-                initargs=(self.config,),
+                initializer=start_worker,
+                initargs=(lifeline(), _start_renderer, self.config),
             )
             loop = asyncio.get_running_loop()
 
