@@ -889,23 +889,41 @@ def subscribers_remove(config_path: Path | None, email: str) -> None:
     is_flag=True,
     help="You hold the consent of everyone in the file: no confirmation mails.",
 )
+@click.option(
+    "--encoding",
+    default=None,
+    metavar="NAME",
+    help="The file's encoding, e.g. utf-8, cp1252, utf-16, mac_roman (default: found "
+    "from its byte order mark, else UTF-8, else Windows-1252).",
+)
 @_handle_errors
-def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool) -> None:
+def subscribers_import(
+    config_path: Path | None, csv_file: Path, confirmed: bool, encoding: str | None
+) -> None:
     """Add the addresses of a CSV file (header row; email, topics, languages, frequency).
 
     Without --confirmed every new address is pending and gets a confirmation mail.
     Rows with a status of unsubscribed or removed (as ``export --all`` writes them)
-    are skipped, so a round trip never re-subscribes anyone.
+    are skipped, so a round trip never re-subscribes anyone. Comma, semicolon or TAB
+    separated, as spreadsheets write them; topics and languages must be ones the
+    feeds offer.
     """
     from clusterfeed.config import read_subscribers_csv
-    from clusterfeed.subscribe import Preferences, Subscriptions
+    from clusterfeed.subscribe import Preferences, Subscriptions, offered_choices
 
     extra = set(EXPORT_COLUMNS) - {"email", "name", "topics", "languages", "frequency"}
     try:
+        config = load_config(config_path)
+    except ConfigError:
+        config = None  # said by _service below, with every problem of the config
+    try:
+        choices = offered_choices(config) if config is not None else None
         rows = read_subscribers_csv(
             csv_file,
             ignore=extra,
             skip=lambda row: row.get("status", "") in ("unsubscribed", "removed"),
+            encoding=encoding,
+            offered=(choices.topics, choices.languages) if choices else None,
         )
     except ConfigError as exc:
         _fail(
