@@ -67,17 +67,26 @@ def test_kill_9_of_fetch_leaves_no_worker_behind(
         extra="[fetch]\nconcurrency = 45\nper_host = 20\nparse_processes = 2\n",
     )
 
-    proc = subprocess.Popen(
-        [CLUSTERFEED, "fetch", "--config", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its session id is its pid: every descendant carries it
-    )
+    log = tmp_path / "fetch.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [CLUSTERFEED, "fetch", "--config", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,  # its session id is its pid: every descendant carries it
+        )
     sid = proc.pid
     try:
-        # The command, the forkserver, the resource tracker and at least one worker.
+        # The fast feeds are parsed (in the workers), the slow ones keep it waiting:
+        # the command, the forkserver, the resource tracker and the workers are up.
+        assert _wait_for(lambda: all(f"Partner {i}: new" in log.read_text() for i in range(6)),
+                         60), log.read_text()  # fmt: skip
         assert _wait_for(lambda: len(_session_members(sid)) >= 4, 60), _session_members(sid)
         before = _session_members(sid)
+        # (the workers are forks of the forkserver and carry its command line)
+        assert sum("forkserver" in c for c in before.values()) >= 2, before
+        assert sum("resource_tracker" in c for c in before.values()) == 1, before
+        assert "parsing process failed" not in log.read_text()
 
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
