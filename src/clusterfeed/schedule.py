@@ -19,13 +19,14 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jinja2
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
-from clusterfeed.templatecheck import TemplateProblem
+from clusterfeed.templatecheck import TemplateProblem, describe
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ async def _fetch_and_publish(service: Service) -> None:
             len(published.written),
             len(published.unchanged),
         )
+    except (TemplateProblem, jinja2.TemplateError) as exc:  # the operator's to fix
+        problem = exc if isinstance(exc, TemplateProblem) else describe(exc)
+        log.error("fetch cycle stopped, a template cannot be rendered: %s", problem)
     except Exception:  # a job must never take the scheduler down
         log.exception("fetch cycle failed")
 
