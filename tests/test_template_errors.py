@@ -81,6 +81,7 @@ def _line_of(file: Path, needle: str) -> int:
         ("digest.txt", "{{ date_text }}", "{% if count > 999 %}{{ cnt }}{% endif %}", "'cnt'"),
         # the web page, a partial it includes, a sign-up page and a sign-up mail
         ("site.html", "<body", "<body>{% for %}", "Expected an expression"),
+        ("site.html", "<body", '<body>{% include "nope.html" %}', "'nope.html' not found"),
         ("site_story.html", "story.title", "<h2>{{ story.titel }}</h2>", "titel"),
         ("subscribe.html", "{% block content %}", "{% block content %}{% endif %}", "endif"),
         ("confirm_email.txt", "{{ confirm_url }}", "{{ confirm_link }}", "'confirm_link'"),

@@ -76,8 +76,8 @@ def template_location(exc: BaseException) -> tuple[str, int] | None:
 def describe(exc: BaseException) -> str:
     """One line an operator can act on: ``file:line: problem``."""
     if isinstance(exc, jinja2.TemplateNotFound):
-        return f"template {exc.name!r} not found"
-    if isinstance(exc, jinja2.TemplateError):
+        problem = f"template {exc.name!r} not found in the templates folder"
+    elif isinstance(exc, jinja2.TemplateError):
         problem = exc.message or type(exc).__name__
     else:
         problem = f"{type(exc).__name__}: {exc}"
@@ -197,28 +197,32 @@ def _reachable(env: jinja2.Environment, names: Iterable[str]) -> list[str]:
     """The templates ``names`` and all they include, import or extend (when named as
     plain strings), each compiled once; a syntax error is a problem of its own."""
     seen: list[str] = []
-    todo = list(names)
+    todo: list[tuple[str, str]] = [(name, "") for name in names]
     while todo:
-        name = todo.pop(0)
+        name, wanted_at = todo.pop(0)
         if name in seen:
             continue
         seen.append(name)
         try:
-            source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
-            tree = env.parse(source, name, _filename(env, name))
+            source, filename, _ = env.loader.get_source(env, name)  # type: ignore[union-attr]
+            tree = env.parse(source, name, filename)
             env.get_template(name)
+        except jinja2.TemplateNotFound:
+            env.problems.append(  # type: ignore[attr-defined]
+                f"{wanted_at}template {name!r} not found in the templates folder"
+            )
+            continue
         except Exception as exc:
             env.problems.append(describe(exc))  # type: ignore[attr-defined]
             continue
-        todo.extend(n for n in meta.find_referenced_templates(tree) if isinstance(n, str))
+        for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+            target = getattr(node, "template", None)
+            if isinstance(target, nodes.Const) and isinstance(target.value, str):
+                todo.append((target.value, f"{filename}:{node.lineno}: "))
     return seen
 
 
-def _filename(env: jinja2.Environment, name: str) -> str | None:
-    try:
-        return env.loader.get_source(env, name)[1]  # type: ignore[union-attr]
-    except jinja2.TemplateNotFound:
-        return None
+_SPECIAL_NAMES = {"self", "loop", "super", "caller", "varargs", "kwargs"}
 
 
 def _optional_names(tree: nodes.Node) -> set[str]:
@@ -254,7 +258,7 @@ def _unknown_names(env: jinja2.Environment, names: list[str]) -> None:
             tree = env.parse(source, name, filename)
         except Exception:
             continue
-        known = given[name] | set(env.globals) | _optional_names(tree)
+        known = given[name] | set(env.globals) | _optional_names(tree) | _SPECIAL_NAMES
         for var in sorted(meta.find_undeclared_variables(tree) - known):
             line = min((n.lineno for n in tree.find_all(nodes.Name) if n.name == var), default=1)
             said = f"{filename}:{line}: {var!r} is undefined"
