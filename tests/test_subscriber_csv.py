@@ -173,3 +173,21 @@ def test_unknown_topics_and_languages_are_reported_per_line_not_stored(
     )
     assert "nothing imported" in result.stderr
     assert "ok@example.org" not in _members(example_config)
+
+
+def test_add_refuses_topics_and_languages_no_feed_offers(
+    example_config: Path, run_cli: Any
+) -> None:
+    result = run_cli("subscribers", "add", "typo@example.org", "--topic", "gene-therapie",
+                     "--language", "fr", "--confirmed", "--config", example_config)  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "--topic: not offered: gene-therapie; the feeds offer" in result.stderr
+    assert "--language: not offered: fr; the feeds offer de, en, ja" in result.stderr
+    assert "typo@example.org" not in _members(example_config)
+
+    ok = run_cli("subscribers", "add", "ok@example.org", "--topic", "Gene-Therapy",
+                 "--language", "DE", "--confirmed", "--config", example_config)  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    added = _members(example_config)["ok@example.org"]
+    assert (added.topics, added.languages) == (("gene-therapy",), ("de",))

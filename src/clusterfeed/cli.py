@@ -821,11 +821,20 @@ def subscribers_add(
     confirmed: bool,
 ) -> None:
     """Add one address; without --confirmed it gets a confirmation mail first."""
+    from clusterfeed.csvtext import not_offered
     from clusterfeed.subscribe import Preferences, Subscriptions
 
     address = _checked_address(email)
+    topics = tuple(t.strip().lower() for t in topics)
+    languages = tuple(lang.strip().lower() for lang in languages)
     with _service(config_path) as service:
         subs = Subscriptions(service)
+        wrong = not_offered(
+            {"topics": topics, "languages": languages},
+            (subs.choices.topics, subs.choices.languages),
+        )
+        if wrong:  # stored, it would match no story: say so instead
+            _fail([f"error: --{column[:-1]}: {message}" for column, message in wrong])
         if subs.is_suppressed(address):
             _fail(
                 [
