@@ -55,6 +55,7 @@ from clusterfeed.tokens import (
     read_token,
     suppression_hash,
 )
+from clusterfeed.webguard import local_location
 
 log = logging.getLogger(__name__)
 
@@ -668,7 +669,9 @@ def routes(service: Service) -> list[Route]:
                     form_version=service.config.signup.form_version,
                     ip_hash=client(request),
                 )
-                return RedirectResponse(f"/preferences/{token}?saved=1", status_code=303)
+                return RedirectResponse(
+                    local_location(f"/preferences/{token}", "saved=1"), status_code=303
+                )
         saved = request.query_params.get("saved") == "1"
         sub = membership.subscriber
         return _page(
