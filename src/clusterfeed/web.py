@@ -35,6 +35,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clusterfeed import subscribe
+from clusterfeed.proxies import ForwardedClient, networks
 from clusterfeed.service import Service
 from clusterfeed.webguard import LocalRedirectsOnly, PathTooLong, clean_path, local_location
 
@@ -396,6 +397,7 @@ def create_app(service: Service) -> Starlette:
         ],
         middleware=[
             Middleware(LocalRedirectsOnly),
+            Middleware(ForwardedClient, trusted=networks(service.config.web.trusted_proxies)),
         ],
     )
     # Starlette would answer a path it has no route for with a redirect to the same
@@ -418,7 +420,12 @@ def make_server(service: Service, host: str | None = None, port: int | None = No
         port=port if port is not None else service.config.web.port,
         log_level="warning",
         access_log=False,
-        proxy_headers=True,
+        # The client's address behind a proxy is decided by ``proxies.ForwardedClient``
+        # from web.trusted_proxies alone. uvicorn's own handling would trust 127.0.0.1
+        # (or $FORWARDED_ALLOW_IPS) whatever the config says: off, and given the same
+        # list in case it is ever turned on.
+        proxy_headers=False,
+        forwarded_allow_ips=list(service.config.web.trusted_proxies),
         server_header=False,
     )
     return uvicorn.Server(config)
