@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clusterfeed.config import load_config
 from clusterfeed.service import Service
@@ -239,3 +241,33 @@ def test_without_base_url_our_origin_is_the_host_the_request_was_sent_to(
         running.stop()
         service.close()
         service.store.close()
+
+
+HEADER_VALUES = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=60),
+    st.sampled_from(["null", "[", "http://[::1", "https://a:99999", "//x", "https://ü.example",
+                     "https://" + "a" * 70 + ".example", "http://127.0.0.1:0", "file:///"]),
+)  # fmt: skip
+
+
+@given(
+    headers=st.dictionaries(
+        st.sampled_from(["origin", "referer", "sec-fetch-site", "host"]), HEADER_VALUES
+    ),
+    exact=st.booleans(),
+)
+def test_the_origin_rule_decides_for_any_header_values(
+    headers: dict[str, str], exact: bool
+) -> None:
+    """Whatever a client writes into these headers, the rule answers (never raises),
+    and a request that names no site is never refused."""
+    from clusterfeed.webguard import foreign_post, host_origin, parse_origin
+
+    ours = parse_origin(PUBLIC) if exact else host_origin(headers.get("host", ""), "http")
+    verdict = foreign_post(headers, ours, exact=exact)
+    names_no_site = (
+        headers.get("origin", "").strip().lower() in ("", "null")
+        and not headers.get("referer", "").strip()
+    )
+    if names_no_site and headers.get("sec-fetch-site", "").strip().lower() != "cross-site":
+        assert verdict is None

@@ -254,7 +254,7 @@ HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max
 HEADERS = st.dictionaries(
     st.sampled_from(
         ["Origin", "Referer", "X-Forwarded-For", "Cookie", "If-Modified-Since",
-         "If-None-Match", "Accept-Encoding", "Sec-Fetch-Site", "Content-Type"]
+         "If-None-Match", "Accept-Encoding", "Sec-Fetch-Site", "Content-Type", "Host"]
     ),
     HEADER_TEXT,
     max_size=3,
