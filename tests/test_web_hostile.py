@@ -184,6 +184,8 @@ CRAFTED = [
     "/" + "a/" * 2100,
     "/" + "x" * 4200,
     "/%ff%fe%fd",
+    "/feed.atom/",
+    "/digests/index.html/",
     "/%C0%AF",
     "/%",
     "/%zz",

@@ -133,6 +133,7 @@ class FileCache:
         outside the published folder; None for any other path."""
         if clean_path(relative) is None:
             return None
+        folder = relative.endswith("/")
         relative = relative.strip("/") or "index.html"
         try:
             candidate = (self.root / relative).resolve()
@@ -140,6 +141,8 @@ class FileCache:
                 return None
             if candidate.is_dir():
                 candidate = candidate / "index.html"
+            elif folder:  # "feed.atom/" names a folder, and there is none
+                return None
         except OSError:  # a name the file system refuses (too long, ...) is not ours
             return None
         return candidate
