@@ -22,10 +22,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,6 +34,8 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+
+from clusterfeed.proxies import check_proxy
 
 if TYPE_CHECKING:
     from clusterfeed.filters import FilterRules
@@ -411,6 +414,9 @@ class WebConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     secret_env: str = "CLUSTERFEED_SECRET"
+    # The reverse proxies whose X-Forwarded-For is believed (addresses or networks);
+    # none by default: a client cannot choose its own address for the sign-up limit.
+    trusted_proxies: list[Annotated[str, AfterValidator(check_proxy)]] = Field(default_factory=list)
 
     _check_base = field_validator("base_url")(_http_url)
 
