@@ -203,3 +203,33 @@ def test_digest_runs_started_together_mail_each_subscriber_each_story_once(
         finally:
             store.close()
         assert counts == {"sent": SUBSCRIBERS * n}, (n, counts, outputs)
+
+
+def test_a_run_that_finds_messages_claimed_by_another_run_says_so_and_leaves_them(
+    tmp_path: Path, feed_server: FeedServer, rss_feed: Any, database_url: str, run_cli
+) -> None:
+    news = News(feed_server, rss_feed)
+    config = _config(tmp_path, news, database_url, {"transport": "maildir", "maildir": "mail"})
+    news.add_round(1)
+    _fetch(config)
+    loaded = load_config(config)
+    store = Store(loaded.database_url)
+    service = Service(loaded, store)
+    assert service.create_digest("manual:elsewhere", datetime.now(UTC)) == (True, SUBSCRIBERS)
+    # Another run, on another machine, is sending the first three right now.
+    taken = store.claim_due("other-host:4242/abcd", datetime.now(UTC), 3)
+
+    result = run_cli("digest", "--config", config)
+
+    assert result.exit_code == 0, result.output
+    assert "digest: 0 planned, 197 sent" in result.stdout
+    assert (
+        "3 messages are being sent by another run (a `clusterfeed digest` or `clusterfeed run` "
+        "started at the same time); it records them, and nobody gets them twice"
+    ) in result.stdout
+    assert store.delivery_counts() == {"sent": SUBSCRIBERS - 3, "sending": 3}
+    assert {d.subscriber.email for d in taken}.isdisjoint(
+        m["To"].addresses[0].addr_spec
+        for m in (_parse(f.read_bytes()) for f in (tmp_path / "mail" / "new").iterdir())
+    )
+    store.close()
