@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,11 +22,23 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPProtocol
+from aiosmtpd.smtp import Envelope, Session
+from sqlalchemy import update
+
 from clusterfeed.config import load_config
 from clusterfeed.schedule import STARTED_KEY
 from clusterfeed.service import Service
-from clusterfeed.store import Store
-from tests.conftest import FeedServer, Route, SmtpServer, digest_titles, write_config
+from clusterfeed.store import Store, deliveries
+from tests.conftest import (
+    FeedServer,
+    RecordingHandler,
+    Route,
+    SmtpServer,
+    digest_titles,
+    write_config,
+)
 
 CLUSTERFEED = str(Path(sys.executable).with_name("clusterfeed"))
 SUBSCRIBERS = 200
@@ -232,4 +245,61 @@ def test_a_run_that_finds_messages_claimed_by_another_run_says_so_and_leaves_the
         m["To"].addresses[0].addr_spec
         for m in (_parse(f.read_bytes()) for f in (tmp_path / "mail" / "new").iterdir())
     )
+    store.close()
+
+
+class DyingNeighbour(RecordingHandler):
+    """A mail server that accepts everything; while the first message comes in, a run
+    beside the sender claims every row still waiting and is killed (its process is
+    gone, its claims stay)."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()  # a pid of this host that no process has any more
+        self.dead = f"{socket.gethostname()}:{child.pid}/gone"
+        self.taken = 0
+
+    async def handle_DATA(self, server: SMTPProtocol, session: Session, envelope: Envelope) -> str:
+        if not self.messages:
+            with self.store.engine.begin() as conn:
+                self.taken = conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.state == "pending")
+                    .values(state="sending", claimed_by=self.dead, claimed_at=datetime.now(UTC))
+                ).rowcount
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_run_takes_over_the_claims_of_a_run_beside_it_that_died(
+    tmp_path: Path, feed_server: FeedServer, rss_feed: Any, database_url: str
+) -> None:
+    """Not only the next run: the one still sending picks up what the dead one held."""
+    news = News(feed_server, rss_feed)
+    config = _config(tmp_path, news, database_url, {"transport": "maildir", "maildir": "mail"})
+    news.add_round(1)
+    _fetch(config)
+    store = Store(load_config(config).database_url)
+    handler = DyingNeighbour(store)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        mail = {"transport": "smtp", "host": "127.0.0.1", "port": port, "security": "none"}
+        loaded = load_config(_config(tmp_path, news, database_url, mail))
+        service = Service(loaded, store)
+        assert service.create_digest("manual:one", datetime.now(UTC)) == (True, SUBSCRIBERS)
+
+        report = asyncio.run(service.send_pending())
+    finally:
+        controller.stop()
+
+    assert handler.taken > 0, "the neighbour took nothing: the test proves nothing"
+    assert report.sent == SUBSCRIBERS
+    assert store.delivery_counts() == {"sent": SUBSCRIBERS}
+    received = Counter(r for e in handler.messages for r in e.rcpt_tos)
+    assert len(received) == SUBSCRIBERS and set(received.values()) == {1}
     store.close()
