@@ -340,6 +340,16 @@ def _print_delivery_notes(service: Service, report: SendReport) -> None:
             "(by `clusterfeed run`, or the next `clusterfeed digest`)",
             markup=False,
         )
+    # Rows still being sent once this run is done belong to a run started elsewhere
+    # (claims of a run that died were taken over when this one started).
+    elsewhere = service.store.delivery_counts().get("sending", 0)
+    if elsewhere:
+        out.print(
+            f"{elsewhere} {'message is' if elsewhere == 1 else 'messages are'} being sent "
+            "by another run (a `clusterfeed digest` or `clusterfeed run` started at the "
+            "same time); it records them, and nobody gets them twice",
+            markup=False,
+        )
     for email in report.bouncing or []:
         out.print(
             f"{email} is now bouncing: later digests skip it until "

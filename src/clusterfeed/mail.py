@@ -517,7 +517,13 @@ async def deliver_pending(
     """
     policy = policy or RetryPolicy()
     report = SendReport(bouncing=[])
-    store.recover_claims(clock(), CLAIM_LEASE, lambda d: transport.is_delivered(delivery_token(d)))
+
+    def recover() -> int:
+        return store.recover_claims(
+            clock(), CLAIM_LEASE, lambda d: transport.is_delivered(delivery_token(d))
+        )
+
+    recover()
     # One owner per run: the scheduler may send retries while a digest is going out in
     # the same process, and each run gives back only its own unfinished claims.
     me = f"{worker_id()}/{secrets.token_hex(4)}"
@@ -547,7 +553,10 @@ async def deliver_pending(
         try:
             while not stop.is_set():
                 batch = store.claim_due(me, clock(), CLAIM_BATCH)
-                if not batch:
+                if not batch and not recover():
+                    # Nothing due, and no run beside this one died holding claims
+                    # meanwhile (if one did, its rows are due again: sent by this run,
+                    # not left for the next one).
                     break
                 for delivery in batch:
                     if stop.is_set():

@@ -32,11 +32,9 @@ from clusterfeed.digest import (
     build_message,
     can_share_renderings,
     default_template_dir,
-    is_due,
     make_environment,
     message_id,
     render_digest,
-    select_stories,
     template_dir,
 )
 from clusterfeed.feedset import (
@@ -65,6 +63,7 @@ from clusterfeed.mail import (
 )
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
+from clusterfeed.planning import OutboxFacts, plan_deliveries
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
 from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
@@ -78,7 +77,7 @@ from clusterfeed.site import (
     site_environment,
     site_pages,
 )
-from clusterfeed.store import Delivery, Store
+from clusterfeed.store import Delivery, PlannedDelivery, Store
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.templatecheck import (
     TemplateProblem,
@@ -742,46 +741,59 @@ class Service:
             web_url=digest_page_url(self.config, page) if page is not None else None,
         )
 
+    def _candidates(self, now: datetime) -> list[Story]:
+        """The stories a digest built now may hold: those seen within the lookback."""
+        return self.store.recent_stories(
+            since=now - timedelta(days=self.config.digest.lookback_days)
+        )
+
+    def _plan(
+        self, facts: OutboxFacts, candidates: list[Story], now: datetime
+    ) -> list[tuple[Subscriber, list[Story]]]:
+        cfg = self.config.digest
+        return plan_deliveries(
+            facts,
+            candidates,
+            now,
+            max_stories=cfg.max_stories,
+            send_when_empty=cfg.send_when_empty,
+        )
+
     def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
         """Who gets which stories if a digest were built now (nothing is written)."""
-        cfg = self.config
-        since = now - timedelta(days=cfg.digest.lookback_days)
-        candidates = self.store.recent_stories(since=since)
-        plan = []
-        bouncing = self.store.bouncing_subscriber_ids()
-        for subscriber in self.store.active_subscribers():
-            assert subscriber.id is not None
-            if subscriber.id in bouncing:
-                continue  # listed by `clusterfeed status` until the operator clears it
-            if not is_due(subscriber, self.store.last_sent_at(subscriber.id), now):
-                continue
-            had = self.store.unavailable_story_ids(subscriber.id)
-            chosen = select_stories(candidates, subscriber, had, max_stories=cfg.digest.max_stories)
-            if chosen or cfg.digest.send_when_empty:
-                plan.append((subscriber, chosen))
-        return plan
+        candidates = self._candidates(now)
+        facts = self.store.outbox_facts(s.id for s in candidates)
+        return self._plan(facts, candidates, now)
 
     def create_digest(self, key: str, slot: datetime) -> tuple[bool, int]:
-        """Record the digest ``key`` and its outbox rows; (created, deliveries)."""
+        """Record the digest ``key`` and its outbox rows; (created, deliveries).
+
+        The stories are loaded first; who already had which of them is decided inside
+        the store's transaction that writes the rows (``Store.build_digest``), so runs
+        started together never plan the same stories for one subscriber twice.
+        """
         if self.store.digest_exists(key):
             return False, 0
-        plan = self.plan_digest(self.clock())
-        rows = []
-        for subscriber, stories in plan:
-            assert subscriber.id is not None
-            rows.append(
-                (
-                    subscriber,
-                    [s.id for s in stories],
-                    message_id(key, subscriber.id, self.config.digest.from_address),
-                )
-            )
-        # Outbox rows are claimed in the order they are written: subscribers who get the
-        # same stories follow each other, so a sending run renders each story list once
-        # and keeps only the last few rendered (see ``DigestComposer``).
-        rows.sort(key=lambda row: (row[1], bool(row[0].name)))
-        created = self.store.create_digest(key, slot, rows, self.clock())
-        if created and rows:
+        now = self.clock()
+        candidates = self._candidates(now)
+        from_address = self.config.digest.from_address
+
+        def decide(facts: OutboxFacts) -> list[PlannedDelivery]:
+            rows: list[PlannedDelivery] = []
+            for subscriber, stories in self._plan(facts, candidates, now):
+                assert subscriber.id is not None
+                ids = [s.id for s in stories]
+                rows.append((subscriber, ids, message_id(key, subscriber.id, from_address)))
+            # Outbox rows are claimed in the order they are written: subscribers who get
+            # the same stories follow each other, so a sending run renders each story
+            # list once and keeps only the last few rendered (see ``DigestComposer``).
+            rows.sort(key=lambda row: (list(row[1]), bool(row[0].name)))
+            return rows
+
+        written = self.store.build_digest(key, slot, now, [s.id for s in candidates], decide)
+        if written is None:
+            return False, 0
+        if written:
             try:
                 self.write_digest_pages()
             except (OSError, jinja2.TemplateError) as exc:
@@ -791,7 +803,7 @@ class Service:
                     key, self.config.publish.output_dir,
                     describe(exc) if isinstance(exc, jinja2.TemplateError) else exc,
                 )  # fmt: skip
-        return created, len(rows) if created else 0
+        return True, written
 
     def digest_environment(self) -> jinja2.Environment:
         """The digest templates, compiled once per service, not once per message
