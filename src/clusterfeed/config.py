@@ -179,6 +179,9 @@ class FetchConfig(_Strict):
     per_host: int = Field(2, ge=1, le=20)
     parse_processes: int | None = Field(None, ge=0, le=64)
     user_agent: str | None = None
+    # Partners' redirects, moves and announced feeds may lead to private, loopback and
+    # link-local addresses (only for partners on an internal network; see netguard).
+    allow_private_addresses: bool = False
 
 
 class SelectorsConfig(_Strict):
