@@ -22,6 +22,7 @@ from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,7 +30,13 @@ from hypothesis import strategies as st
 from clusterfeed.config import load_config
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all, fetch_local
 from clusterfeed.model import FeedStatus, PollFacts
-from clusterfeed.netguard import AddressRule, address_problem, host_address
+from clusterfeed.netguard import (
+    AddressRefused,
+    AddressRule,
+    GuardedBackend,
+    address_problem,
+    host_address,
+)
 from clusterfeed.service import FeedOutcome, Service
 from clusterfeed.store import Store
 from tests.conftest import EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
@@ -368,6 +375,51 @@ def test_a_feed_on_a_private_address_may_redirect_within_its_host(
     assert outcomes["Other host"].state == "failed"
     assert len(inside.requests) == 1
     assert marker in everything_stored(service)
+
+
+class RecordingBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's own backend, noting the host each connection was asked for."""
+
+    def __init__(self) -> None:
+        self.inner = httpcore.AnyIOBackend()
+        self.hosts: list[str] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.hosts.append(host)
+        return await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def test_the_connection_goes_to_the_very_address_that_was_checked(
+    internal: tuple[FeedServer, str],
+) -> None:
+    """DNS rebinding needs a second look-up between the check and the connection: the
+    name is resolved once, and the connection is made to the number that passed."""
+    inside, _ = internal
+    loopback_v4 = IPv4Address("127.0.0.1")
+
+    async def connect(check: Any) -> list[str]:
+        recording = RecordingBackend()
+        backend = GuardedBackend(AddressRule(check=check), inner=recording)
+        stream = await backend.connect_tcp("localhost", inside.port, timeout=5)
+        await stream.aclose()
+        return recording.hosts
+
+    # Only 127.0.0.1 counts as public here; ::1, which localhost may also resolve to,
+    # does not, so it is never tried.
+    hosts = asyncio.run(connect(lambda a: None if a == loopback_v4 else address_problem(a)))
+    assert hosts == ["127.0.0.1"]
+    with pytest.raises(AddressRefused, match=r"localhost \(.*\) is a loopback address"):
+        asyncio.run(connect(address_problem))
 
 
 # -- announced feeds and listing pages ---------------------------------------------------------

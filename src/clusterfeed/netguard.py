@@ -128,16 +128,17 @@ def host_address(host: str) -> IPAddress | None:
     ``127.1``. IPv6 may come in brackets and with a zone (``fe80::1%eth0``).
     """
     text = host.strip().removeprefix("[").removesuffix("]").replace("%25", "%")
-    try:
-        return ip_address(text)
-    except ValueError:
-        pass
-    if _NUMERIC_V4.match(text):
+    if ":" in text:
         try:
-            return IPv4Address(socket.inet_aton(text))
-        except OSError:
+            return IPv6Address(text)
+        except ValueError:
             return None
-    return None
+    if not _NUMERIC_V4.match(text):
+        return None  # a name (the common case, decided without an exception)
+    try:
+        return IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
 
 
 def is_local_name(host: str) -> bool:
@@ -205,21 +206,22 @@ class AddressRule:
         that is an address itself is judged here already, so the message names it.
         """
         try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError, TypeError):
+            parsed = urlsplit(url)
+            host = parsed.hostname
+        except ValueError:
             return f"not fetched: {url!r} is not a valid web address"
-        if parsed.scheme not in ("http", "https"):
+        if parsed.scheme not in ("http", "https"):  # (urlsplit lower-cases the scheme)
             return (
                 f"not fetched: {url} is not a web address; clusterfeed follows only http:// "
                 "and https:// (a local file is read only when the config names it)"
             )
-        if not parsed.host:
+        if not host:
             return f"not fetched: {url} has no host name"
-        if parsed.userinfo:
+        if "@" in parsed.netloc:
             return f"not fetched: {url} carries a user name or password"
-        address = host_address(parsed.host)
+        address = host_address(host)
         if address is not None:
-            return self.address_refusal(parsed.host, address)
+            return self.address_refusal(host, address)
         return None
 
 

@@ -291,6 +291,8 @@ class Service:
     def _request(self, feed: FeedConfig, status: FeedStatus) -> FetchRequest:
         """The request for ``feed``: at its remembered new address if today's address
         rule still allows that, else (forgetting it, with a warning) at its url."""
+        if not (status.moved_to or status.discovered_url):
+            return FetchRequest(feed.name, feed.url, status.etag, status.last_modified, feed.url)
         choice = check_stored(
             feed.url,
             status.moved_to,
