@@ -226,8 +226,13 @@ def test_web_addresses_on_names_are_left_to_the_connection_check() -> None:
 
 def test_the_operator_chooses_private_addresses_by_naming_them() -> None:
     own = AddressRule.for_feed("http://127.0.0.1:8000/feed.rss", allow_private=False)
-    assert own.url_problem("http://127.0.0.1:9/other") is None  # the same host
+    assert own.url_problem("http://127.0.0.1:8000/other") is None  # the same host and port
+    assert own.url_problem("http://2130706433:8000/other") is None  # another spelling of it
+    assert own.url_problem("http://127.0.0.1:6379/") is not None  # another service
     assert own.url_problem("http://[::1]:8000/") is not None  # another host
+    web = AddressRule.for_feed("http://10.1.2.3/feed.rss", allow_private=False)
+    assert web.url_problem("https://10.1.2.3/feed.rss") is None  # from http to https
+    assert web.url_problem("http://10.1.2.3:8080/feed.rss") is not None
     assert own.url_problem("http://10.0.0.1/") is not None
     assert own.url_problem("file:///etc/passwd") is not None
     assert AddressRule.for_feed("http://localhost:8000/", allow_private=False).trusted_host
@@ -329,7 +334,7 @@ def test_a_name_that_resolves_inward_is_refused_when_connecting(
     message = fetch(service)["Partner"].message or ""
 
     assert inside.requests == []
-    assert "not fetched: localhost (" in message
+    assert f"not fetched: localhost:{inside.port} (" in message
     assert "a loopback address" in message
 
 
@@ -350,31 +355,35 @@ def test_the_operator_may_let_partners_reach_an_internal_network(
     assert marker in everything_stored(service)
 
 
-def test_a_feed_on_a_private_address_may_redirect_within_its_host(
-    make_service: Any, feed_server: FeedServer, internal: tuple[FeedServer, str]
+def test_a_feed_on_a_private_address_may_redirect_within_its_host_and_port(
+    make_service: Any, feed_server: FeedServer, internal: tuple[FeedServer, str], rss_feed: Any
 ) -> None:
+    """The operator named 127.0.0.1 and one port: that service, not the machine."""
     inside, marker = internal
-    feed_server.routes["/feed.rss"] = Route(
-        b"", status=301, headers={"Location": inside.url("/secret.rss")}
+    feed_server.routes["/new.rss"] = Route(
+        rss_feed("Own", [{"title": "Own news", "link": "https://own.example/1"}])
     )
-    feed_server.routes["/elsewhere.rss"] = Route(
-        b"", status=301, headers={"Location": f"http://localhost:{inside.port}/secret.rss"}
-    )
+    moves = {
+        "/feed.rss": "/new.rss",
+        "/other-port.rss": inside.url("/secret.rss"),
+        "/other-host.rss": f"http://localhost:{feed_server.port}/new.rss",
+    }
+    for path, location in moves.items():
+        feed_server.routes[path] = Route(b"", status=301, headers={"Location": location})
     service = make_service(
-        [
-            {"name": "Own", "url": feed_server.url("/feed.rss")},
-            {"name": "Other host", "url": feed_server.url("/elsewhere.rss")},
-        ],
-        public=False,
+        [{"name": path, "url": feed_server.url(path)} for path in moves], public=False
     )
 
     outcomes = fetch(service)
 
-    assert (outcomes["Own"].state, outcomes["Own"].new_entries) == ("new", 1)
-    assert status(service, "Own").moved_to == inside.url("/secret.rss")
-    assert outcomes["Other host"].state == "failed"
-    assert len(inside.requests) == 1
-    assert marker in everything_stored(service)
+    assert (outcomes["/feed.rss"].state, outcomes["/feed.rss"].new_entries) == ("new", 1)
+    assert status(service, "/feed.rss").moved_to == feed_server.url("/new.rss")
+    for refused in ("/other-port.rss", "/other-host.rss"):
+        assert outcomes[refused].state == "failed"
+        assert "not fetched" in (outcomes[refused].message or "")
+        assert status(service, refused).moved_to is None
+    assert inside.requests == []
+    assert marker not in everything_stored(service)
 
 
 class RecordingBackend(httpcore.AsyncNetworkBackend):
@@ -418,7 +427,7 @@ def test_the_connection_goes_to_the_very_address_that_was_checked(
     # does not, so it is never tried.
     hosts = asyncio.run(connect(lambda a: None if a == loopback_v4 else address_problem(a)))
     assert hosts == ["127.0.0.1"]
-    with pytest.raises(AddressRefused, match=r"localhost \(.*\) is a loopback address"):
+    with pytest.raises(AddressRefused, match=r"localhost:\d+ \(.*\) is a loopback address"):
         asyncio.run(connect(address_problem))
 
 
@@ -462,6 +471,26 @@ def test_discovery_never_follows_a_page_inward(
     assert "not fetched" in (outcome.message or "")
     stored = status(service, "Partner")
     assert (stored.discovered_url, stored.fetch_url) == (None, partner.url("/news/"))
+    assert marker not in everything_stored(service)
+
+
+def test_discovery_from_a_page_on_this_machine_stays_on_its_port(
+    make_service: Any, feed_server: FeedServer, internal: tuple[FeedServer, str]
+) -> None:
+    """The operator named 127.0.0.1 and one port; the page may not point at another."""
+    inside, marker = internal
+    feed_server.routes["/news/"] = Route(
+        _page_announcing(inside.url("/secret.rss")), content_type="text/html"
+    )
+    service = make_service(
+        [{"name": "Local", "url": feed_server.url("/news/"), "discover": True}], public=False
+    )
+
+    outcome = fetch(service)["Local"]
+
+    assert inside.requests == []
+    assert "not fetched" in (outcome.message or "")
+    assert status(service, "Local").discovered_url is None
     assert marker not in everything_stored(service)
 
 

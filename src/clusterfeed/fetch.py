@@ -441,8 +441,8 @@ async def fetch_all(
     ``on_result`` sees each result as soon as it arrives (for progress and for storing
     early), so a slow feed does not hold back the others' processing.
 
-    Each configured host gets its own client, so its connections are kept for its next
-    feeds, and all of them were made under that host's ``AddressRule`` (a feed moved
+    Each configured host (and port) gets its own client, so its connections are kept for
+    its next feeds, and all of them were made under that host's ``AddressRule`` (a feed moved
     elsewhere keeps its configured host's client: a connection made for one rule is
     never lent to a request under another). A local file is read only when it is the
     path the operator configured, never a move or an announced address. One
@@ -457,7 +457,7 @@ async def fetch_all(
     results: list[FetchResult] = []
 
     def client_for(request: FetchRequest) -> tuple[httpx.AsyncClient, AddressRule]:
-        key = (urlsplit(request.origin).hostname or "").lower()
+        key = urlsplit(request.origin).netloc.lower()  # host and port: the rule's key
         found = clients.get(key)
         if found is None:
             rule = AddressRule.for_feed(

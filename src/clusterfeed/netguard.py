@@ -14,8 +14,8 @@ cloud's metadata service. So:
 - addresses that are not on the public internet (loopback, private, link-local,
   multicast, unspecified, reserved; IPv4 inside IPv6 is judged as IPv4) are reached
   only for a feed whose configured url names such an address itself (the operator's
-  choice: a feed on 127.0.0.1, a partner on 10.1.2.3), and then only on that host, or
-  everywhere when the operator sets ``fetch.allow_private_addresses``.
+  choice: a feed on 127.0.0.1, a partner on 10.1.2.3), and then only on that host and
+  port, or everywhere when the operator sets ``fetch.allow_private_addresses``.
 
 The decisions (``address_problem``, ``AddressRule``) are plain functions over plain
 data; ``GuardedBackend`` is the only part that touches the network.
@@ -147,6 +147,14 @@ def is_local_name(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _same_service(port: int, trusted: int | None) -> bool:
+    """The same port, or http's and https's own (a move from http to https)."""
+    return port == trusted or {port, trusted} <= {80, 443}
+
+
 def _same_host(a: str, b: str) -> bool:
     first, second = host_address(a), host_address(b)
     if first is not None or second is not None:
@@ -163,40 +171,53 @@ class AddressRule:
     """Which addresses the requests for one configured feed url may reach.
 
     ``trusted_host`` is the configured url's host when the operator wrote a non-public
-    address there (or ``localhost``): that host is reached whatever it resolves to,
-    and so is every public address. ``check`` says what is public; tests that have no
-    internet name a loopback address public through it.
+    address there (or ``localhost``): that host, on ``trusted_port`` (or from http to
+    https), is reached whatever it resolves to, and so is every public address. Another
+    port of the same machine is another service, which the operator did not name.
+    ``check`` says what is public; tests that have no internet name a loopback address
+    public through it.
     """
 
     trusted_host: str | None = None
     allow_private: bool = False
     check: AddressCheck = field(default=address_problem, compare=False)
+    trusted_port: int | None = None
 
     @classmethod
     def for_feed(
         cls, configured_url: str, *, allow_private: bool, check: AddressCheck = address_problem
     ) -> AddressRule:
         """The rule for requests that start at a feed url the operator configured."""
-        host = urlsplit(configured_url).hostname or ""
+        try:
+            parts = urlsplit(configured_url)
+            host, port = parts.hostname or "", parts.port
+        except ValueError:
+            return cls(None, allow_private, check)
         address = host_address(host) if host else None
-        trusted = None
         if (address is not None and check(address) is not None) or (host and is_local_name(host)):
-            trusted = host
-        return cls(trusted, allow_private, check)
+            port = port or _DEFAULT_PORTS.get(parts.scheme)
+            return cls(host, allow_private, check, port)
+        return cls(None, allow_private, check)
 
-    def address_refusal(self, host: str, address: IPAddress) -> str | None:
-        """None if a connection for ``host`` may go to ``address``, else the reason."""
+    def address_refusal(self, host: str, port: int, address: IPAddress) -> str | None:
+        """None if a connection for ``host`` and ``port`` may go to ``address``, else why not."""
         if self.allow_private:
             return None
         kind = self.check(address)
-        if kind is None or (self.trusted_host is not None and _same_host(host, self.trusted_host)):
+        if kind is None or (
+            self.trusted_host is not None
+            and _same_host(host, self.trusted_host)
+            and _same_service(port, self.trusted_port)
+        ):
             return None
-        shown = host if host_address(host) == address else f"{host} ({address})"
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if host_address(host) != address:
+            shown += f" ({address})"
         return (
-            f"not fetched: {shown} is {KIND_TEXT.get(kind, kind)}; clusterfeed goes there "
-            "only for a feed whose url names that address itself, never because a partner's "
-            f"server or page points there (set {ALLOW_KEY} = true if your partners really "
-            "are on an internal network)"
+            f"not fetched: {shown} is {KIND_TEXT.get(kind, kind)}; clusterfeed "
+            "goes there only for a feed whose url names that address and port itself, never "
+            f"because a partner's server or page points there (set {ALLOW_KEY} = true if "
+            "your partners really are on an internal network)"
         )
 
     def url_problem(self, url: str) -> str | None:
@@ -207,7 +228,7 @@ class AddressRule:
         """
         try:
             parsed = urlsplit(url)
-            host = parsed.hostname
+            host, port = parsed.hostname, parsed.port
         except ValueError:
             return f"not fetched: {url!r} is not a valid web address"
         if parsed.scheme not in ("http", "https"):  # (urlsplit lower-cases the scheme)
@@ -221,7 +242,7 @@ class AddressRule:
             return f"not fetched: {url} carries a user name or password"
         address = host_address(host)
         if address is not None:
-            return self.address_refusal(host, address)
+            return self.address_refusal(host, port or _DEFAULT_PORTS[parsed.scheme], address)
         return None
 
 
@@ -296,9 +317,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectTimeout(f"resolving {host} took too long") from exc
         except OSError as exc:
             raise httpcore.ConnectError(f"getaddrinfo failed for {host}: {exc}") from exc
-        allowed = [a for a in addresses if self.rule.address_refusal(host, a) is None]
+        allowed = [a for a in addresses if self.rule.address_refusal(host, port, a) is None]
         if not allowed:
-            reason = self.rule.address_refusal(host, addresses[0]) if addresses else None
+            reason = self.rule.address_refusal(host, port, addresses[0]) if addresses else None
             raise AddressRefused(reason or f"not fetched: {host} has no address")
         error: Exception | None = None
         for address in allowed:
