@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import uuid
@@ -429,6 +430,54 @@ def test_the_connection_goes_to_the_very_address_that_was_checked(
     assert hosts == ["127.0.0.1"]
     with pytest.raises(AddressRefused, match=r"localhost:\d+ \(.*\) is a loopback address"):
         asyncio.run(connect(address_problem))
+
+
+def _same_port_pair() -> tuple[socket.socket, socket.socket, int]:
+    """A socket on 127.0.0.3 that takes no more connections and a listening one on
+    127.0.0.1, on the same port."""
+    for _ in range(20):
+        hole = socket.socket()
+        hole.bind(("127.0.0.3", 0))
+        hole.listen(0)
+        port = hole.getsockname()[1]
+        good = socket.socket()
+        try:
+            good.bind(("127.0.0.1", port))
+        except OSError:
+            hole.close()
+            good.close()
+            continue
+        good.listen(8)
+        return hole, good, port
+    raise RuntimeError("no port free on both addresses")
+
+
+def test_an_address_that_never_answers_does_not_hold_up_the_next() -> None:
+    """A host name may resolve to an address whose packets are dropped (a broken IPv6
+    route): the next address is tried meanwhile, as anyio did before clusterfeed
+    resolved names itself."""
+    hole, good, port = _same_port_pair()
+    # One connection fills the accept queue of a listen(0) socket that never accepts;
+    # Linux then drops further SYNs, so a connection there waits forever.
+    filler = socket.create_connection(("127.0.0.3", port))
+    backend = GuardedBackend(AddressRule(allow_private=True))
+
+    async def connect() -> Any:
+        # No connect timeout at all: trying the addresses one after the other would
+        # wait here forever (the bound below only turns that into a failure).
+        async with asyncio.timeout(60):
+            stream = await backend.connect_first(
+                [IPv4Address("127.0.0.3"), IPv4Address("127.0.0.1")], port, timeout=None
+            )
+        peer = stream.get_extra_info("server_addr")
+        await stream.aclose()
+        return peer
+
+    try:
+        assert asyncio.run(connect())[0] == "127.0.0.1"
+    finally:
+        for sock in (filler, hole, good):
+            sock.close()
 
 
 # -- announced feeds and listing pages ---------------------------------------------------------

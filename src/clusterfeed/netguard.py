@@ -89,6 +89,7 @@ KIND_TEXT = {
 }
 
 ALLOW_KEY = "fetch.allow_private_addresses"
+NEXT_ADDRESS_DELAY = 0.25  # seconds before trying a host's next address as well
 
 
 def address_problem(address: IPAddress) -> str | None:
@@ -321,14 +322,59 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         if not allowed:
             reason = self.rule.address_refusal(host, port, addresses[0]) if addresses else None
             raise AddressRefused(reason or f"not fetched: {host} has no address")
-        error: Exception | None = None
-        for address in allowed:
-            try:
-                return await self.inner.connect_tcp(
-                    str(address), port, timeout, local_address, socket_options
+        return await self.connect_first(allowed, port, timeout, local_address, socket_options)
+
+    async def connect_first(
+        self,
+        addresses: list[IPAddress],
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """A connection to the first of ``addresses`` that accepts one.
+
+        The next address is tried every quarter second while the earlier attempts go
+        on (as anyio did when it resolved names itself): an address whose route drops
+        packets, IPv6 on some networks, must not cost the whole connect timeout.
+        """
+        if len(addresses) == 1:
+            return await self.inner.connect_tcp(
+                str(addresses[0]), port, timeout, local_address, socket_options
+            )
+        waiting = list(addresses)
+        running: set[asyncio.Task[httpcore.AsyncNetworkStream]] = set()
+        error: BaseException | None = None
+        try:
+            while waiting or running:
+                if waiting:
+                    address = str(waiting.pop(0))
+                    running.add(
+                        asyncio.ensure_future(
+                            self.inner.connect_tcp(
+                                address, port, timeout, local_address, socket_options
+                            )
+                        )
+                    )
+                done, running = await asyncio.wait(
+                    running,
+                    timeout=NEXT_ADDRESS_DELAY if waiting else None,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
+                for task in done:
+                    if task.exception() is None:
+                        winner = task.result()
+                        for other in done - {task}:
+                            if other.exception() is None:
+                                await other.result().aclose()
+                        return winner
+                    error = task.exception()
+        finally:
+            for task in running:
+                task.cancel()
+            for outcome in await asyncio.gather(*running, return_exceptions=True):
+                if isinstance(outcome, httpcore.AsyncNetworkStream):
+                    await outcome.aclose()
         assert error is not None
         raise error
 
