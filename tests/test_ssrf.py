@@ -711,6 +711,28 @@ def test_a_local_file_within_the_limit_is_read_whole(tmp_path: Path) -> None:
     assert fetch_local(FetchRequest("Exact", str(exact)), FetchLimits(max_bytes=10_000)).error
 
 
+def test_a_broken_address_fails_one_feed_not_the_cycle(feed_server: FeedServer) -> None:
+    good = feed_server.serve_file("/helix.rss", HELIX, content_type="application/rss+xml")
+    requests = [FetchRequest("Broken", "http://[::1"), FetchRequest("Helix", good)]
+
+    results = {r.feed_name: r for r in asyncio.run(fetch_all(requests, FetchLimits()))}
+
+    assert "not a valid web address" in (results["Broken"].error or "")
+    assert results["Helix"].body
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://partner.example:port/", "https://"])
+def test_check_refuses_a_feed_url_that_is_no_web_address(
+    tmp_path: Path, run_cli: Any, url: str
+) -> None:
+    config = write_config(tmp_path, [{"name": "Broken", "url": url}])
+
+    result = run_cli("check", "--config", config)
+
+    assert result.exit_code == 1
+    assert "feeds[0].url" in result.output and "not a valid web address" in result.output
+
+
 # -- check ----------------------------------------------------------------------------------------
 
 

@@ -259,6 +259,21 @@ class FeedConfig(_Strict):
             raise ValueError('selectors are only used with kind = "html"')
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.startswith(("http://", "https://")):
+            try:
+                parts = urlsplit(value)
+                valid = bool(parts.hostname) and parts.port != 0 and _is_http_url(value)
+            except ValueError:  # "http://[::1", "http://host:port"
+                valid = False
+            if not valid:
+                raise ValueError(
+                    "not a valid web address (expected e.g. https://partner.example/feed.rss)"
+                )
+        return value
+
     @field_validator("site")
     @classmethod
     def _site(cls, value: str | None) -> str | None:

@@ -71,6 +71,15 @@ def _is_remote(url: str) -> bool:
     return url[:8].lower().startswith(("http://", "https://"))
 
 
+def _split(url: str, part: str) -> str:
+    """A part of a url (``hostname``, ``netloc``), lower case; empty for a broken url,
+    which ``fetch_http`` then refuses with a reason instead of a traceback."""
+    try:
+        return (getattr(urlsplit(url), part) or "").lower()
+    except ValueError:
+        return ""
+
+
 def fetch_local(request: FetchRequest, limits: FetchLimits) -> FetchResult:
     """Read a feed from a file, treating a content hash as its ETag.
 
@@ -457,7 +466,7 @@ async def fetch_all(
     results: list[FetchResult] = []
 
     def client_for(request: FetchRequest) -> tuple[httpx.AsyncClient, AddressRule]:
-        key = urlsplit(request.origin).netloc.lower()  # host and port: the rule's key
+        key = _split(request.origin, "netloc")  # host and port: the rule's key
         found = clients.get(key)
         if found is None:
             rule = AddressRule.for_feed(
@@ -473,7 +482,7 @@ async def fetch_all(
 
     async def one(request: FetchRequest) -> None:
         if _is_remote(request.url):
-            host = (urlsplit(request.url).hostname or "").lower()
+            host = _split(request.url, "hostname")
             host_limit = per_host.setdefault(host, asyncio.Semaphore(limits.per_host))
             client, rule = client_for(request)
             async with host_limit, semaphore:

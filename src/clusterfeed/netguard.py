@@ -259,7 +259,10 @@ def fetch_warnings(feeds: Iterable[tuple[str, str]]) -> list[str]:
     for name, url in feeds:
         if not url.lower().startswith(("http://", "https://")):
             continue
-        host = urlsplit(url).hostname or ""
+        try:
+            host = urlsplit(url).hostname or ""
+        except ValueError:
+            continue  # not an address at all: nothing to warn about here
         address = host_address(host)
         if isinstance(address, IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
@@ -283,7 +286,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
     and only an allowed one is connected to, by its number: the check and the
     connection see the same address. An address already written as a number is not
     resolved at all. Connections in the pool were all made under the same rule (one
-    client per rule), so reusing them needs no new check.
+    client per configured host and port), so reusing them needs no new check.
     """
 
     def __init__(self, rule: AddressRule, inner: httpcore.AsyncNetworkBackend | None = None):
