@@ -19,6 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -615,7 +616,7 @@ def test_a_bad_remembered_address_is_dropped_with_a_warning_in_status(
     # What an older clusterfeed stored after a partner's redirect or page.
     store = Store(database_url)
     poll = PollFacts("failing", None, **{field: bad})
-    store.record_failure("Helix", status=301, error="an older run", now=_now(store), poll=poll)
+    store.record_failure("Helix", status=301, error="an older run", now=_now(), poll=poll)
     store.close()
 
     fetched = run_cli("fetch", "--config", config)
@@ -636,9 +637,7 @@ def test_a_bad_remembered_address_is_dropped_with_a_warning_in_status(
     store.close()
 
 
-def _now(store: Store) -> Any:
-    from datetime import UTC, datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)
 
 
@@ -652,7 +651,7 @@ def test_a_remembered_move_whose_name_now_resolves_inward_is_dropped(
     moved = f"http://localhost:{inside.port}/secret.rss"
     poll = PollFacts("ok", None, moved_to=moved)
     service.store.record_not_modified(
-        "Partner", status=304, etag=None, last_modified=None, now=_now(service.store), poll=poll
+        "Partner", status=304, etag=None, last_modified=None, now=_now(), poll=poll
     )
 
     outcome = fetch(service)["Partner"]
