@@ -86,9 +86,12 @@ class SeenRequest:
 
 
 class FeedServer:
-    """A real HTTP server whose routes a test can change while it runs."""
+    """A real HTTP server whose routes a test can change while it runs.
 
-    def __init__(self) -> None:
+    ``host`` is any loopback address (127.0.0.2 and up work on Linux without set-up).
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.routes: dict[str, Route] = {}
         self.requests: list[SeenRequest] = []
         self._lock = threading.Lock()
@@ -140,7 +143,8 @@ class FeedServer:
                     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(
@@ -149,7 +153,7 @@ class FeedServer:
         self.thread.start()
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def serve_file(self, path: str, file: Path, **kwargs: Any) -> str:
         self.routes[path] = Route(file.read_bytes(), **kwargs)

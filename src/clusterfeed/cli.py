@@ -36,6 +36,7 @@ from clusterfeed.config import (
 from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
+from clusterfeed.netguard import fetch_warnings
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
@@ -171,6 +172,8 @@ def check(config_path: Path | None) -> None:
     subs = all_subscribers(config)
     out.print(f"{config.source}: OK", markup=False)
     for warning in advice(config):
+        out.print(f"warning: {warning}", markup=False)
+    for warning in fetch_warnings((f.name, f.url) for f in config.feeds if f.enabled):
         out.print(f"warning: {warning}", markup=False)
     out.print(
         f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "

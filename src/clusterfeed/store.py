@@ -765,6 +765,21 @@ class Store:
                 )
             )
 
+    def forget_moves(
+        self, name: str, *, moved_to: bool, discovered_url: bool, warning: str
+    ) -> None:
+        """Drop a remembered new address that may no longer be used, saying so.
+
+        The validators go too: they belong to the answers of the forgotten address.
+        """
+        values: dict[str, Any] = {"last_warning": warning, "etag": None, "last_modified": None}
+        if moved_to:
+            values["moved_to"] = None
+        if discovered_url:
+            values["discovered_url"] = None
+        with self._tx() as conn:
+            conn.execute(update(feeds).where(feeds.c.name == name).values(**values))
+
     def record_not_modified(
         self,
         name: str,
