@@ -36,6 +36,7 @@ from clusterfeed.config import (
 from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
+from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
@@ -146,6 +147,9 @@ def _handle_errors(func: F) -> F:
 def main(verbose: bool) -> None:
     """Merge a cluster's partner news into combined feeds and a mailed digest."""
     _setup_logging(verbose)
+
+
+main.add_command(init_command)
 
 
 @main.command()
