@@ -164,9 +164,12 @@ def _fail(lines: list[str]) -> None:
     "data_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the database, published files and mail folder go (default: var/ in DIR).",
+    help="Folder for the database, published files and mail (default: var/ in DIR); "
+    "written into the config as an absolute path.",
 )
-@click.option("--force", is_flag=True, help="Replace files of an earlier init in DIR.")
+@click.option(
+    "--force", is_flag=True, help="Replace the files init writes if DIR has them (others stay)."
+)
 def init_command(folder: Path, data_dir: Path | None, force: bool) -> None:
     """Write a working starter config, the templates and example feeds into DIR."""
     target = folder.absolute()
