@@ -37,6 +37,7 @@ from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.netguard import fetch_warnings
+from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
@@ -147,6 +148,9 @@ def _handle_errors(func: F) -> F:
 def main(verbose: bool) -> None:
     """Merge a cluster's partner news into combined feeds and a mailed digest."""
     _setup_logging(verbose)
+
+
+main.add_command(init_command)
 
 
 @main.command()
@@ -387,13 +391,22 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     is_flag=True,
     help="Also serve the feeds over HTTP (web.host, web.port) in the same process.",
 )
+@click.option("--host", default=None, help="With --serve: address to listen on (not web.host).")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="With --serve: port (not web.port)."
+)
 @_handle_errors
-def run(config_path: Path | None, once: bool, with_web: bool) -> None:
+def run(
+    config_path: Path | None, once: bool, with_web: bool, host: str | None, port: int | None
+) -> None:
     """Start the scheduler (or run one cycle with --once)."""
+    if (host is not None or port is not None) and (once or not with_web):
+        _fail(["error: --host and --port are for the web server of `run --serve` "
+               "(not with --once); add --serve or leave them out."])  # fmt: skip
     with _service(config_path) as service:
         _warn_about_mail_settings(service.config)
         if not once:
-            asyncio.run(_run_service(service, with_web))
+            asyncio.run(_run_service(service, with_web, host, port))
             return
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
@@ -422,8 +435,14 @@ def run(config_path: Path | None, once: bool, with_web: bool) -> None:
         _print_delivery_notes(service, report)
 
 
-async def _run_service(service: Service, with_web: bool) -> None:
-    """The scheduler, and the web server beside it when asked; a stop ends both."""
+async def _run_service(
+    service: Service, with_web: bool, host: str | None = None, port: int | None = None
+) -> None:
+    """The scheduler, and the web server beside it when asked; a stop ends both.
+
+    ``host``/``port`` override web.host/web.port: a container listens on 0.0.0.0
+    whatever the mounted config says, since its port is only reachable that way.
+    """
     from clusterfeed.schedule import run_forever
 
     if not with_web:
@@ -431,7 +450,7 @@ async def _run_service(service: Service, with_web: bool) -> None:
         return
     from clusterfeed.web import make_server
 
-    server = make_server(service)
+    server = make_server(service, host, port)
     server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
     web = asyncio.ensure_future(server.serve())
     try:
