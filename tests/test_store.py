@@ -117,17 +117,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 5
-    assert store.schema_version() == 5
+    assert store.migrate() == SCHEMA_VERSION == 6
+    assert store.schema_version() == 6
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 5  # a second start changes nothing and loses nothing
+    assert store.migrate() == 6  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [5]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [6]
     store.close()
 
 
@@ -143,8 +143,15 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_5(conn: Connection) -> None:
+    """Undo what schema version 6 added (stored story features)."""
+    conn.exec_driver_sql("DROP TABLE story_features")
+    conn.execute(update(schema_info).values(version=5))
+
+
 def _back_to_version_4(conn: Connection) -> None:
-    """Undo what schema version 5 added, leaving what version 4 wrote."""
+    """Undo what schema versions 6 and 5 added, leaving what version 4 wrote."""
+    _back_to_version_5(conn)
     for table, column in V5_DELIVERY_COLUMNS:
         conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
     conn.execute(update(schema_info).values(version=4))
