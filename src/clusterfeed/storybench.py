@@ -180,7 +180,9 @@ def cycles_of(
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
-def production_labels(cycles: Sequence[Sequence[Row]], matcher: Any) -> dict[str, object]:
+def production_labels(
+    cycles: Sequence[Sequence[Row]], matcher: Any, *, after_cycle: Any = None
+) -> dict[str, object]:
     """Store the cycles' items through the real store and match them after each cycle,
     as ``fetch`` does; returns each labelled id's story id read back from the store."""
     from sqlalchemy import select as sql_select
@@ -221,6 +223,8 @@ def production_labels(cycles: Sequence[Sequence[Row]], matcher: Any) -> dict[str
                         now=now,
                     )
                 store.join_new_stories(now, matcher)
+                if after_cycle is not None:
+                    after_cycle()
             with store.engine.connect() as conn:
                 found = conn.execute(
                     sql_select(feeds.c.name, entries.c.identity, entries.c.story_id).join(
