@@ -28,3 +28,12 @@ def test_cycles_keep_every_item_once() -> None:
         assert sorted(r.id for c in cycles for r in c) == sorted(r.id for r in rows)
     ordered = [r for c in cycles_of(rows, 7) for r in c]
     assert ordered == sorted(rows, key=lambda r: (r.published, r.id))
+
+
+def test_the_split_file_lists_the_held_out_stories() -> None:
+    """split.json is what part_of says: a reader sees the split without running code."""
+    import json
+
+    rows, _ = load_rows(LABELLED)
+    listed = json.loads((LABELLED / "split.json").read_text(encoding="utf-8"))["held_out"]
+    assert listed == sorted({r.story for r in rows if part_of(r.story) == "held-out"})
