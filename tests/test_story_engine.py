@@ -191,3 +191,22 @@ def test_a_version_5_database_gets_the_features_table(store: Store, database_url
         ids = conn.execute(select(entries.c.id)).scalars().all()
         assert conn.execute(select(story_features.c.entry_id)).scalars().all() == ids
     upgraded.close()
+
+
+def test_a_partner_series_never_becomes_one_story(store: Store) -> None:
+    """One feed's items in one language, or titles that differ only by a number, are
+    never one event, however alike their wording (rules the model cannot learn from
+    pairs it never saw)."""
+    _store_two_feeds(
+        store,
+        [
+            _entry("Helix Vektor", f"n{n}", f"Helix Vektor news number {n}", f"Item {n}.", n)
+            for n in range(3)
+        ],
+        [_entry("Elbmed Pharma", "w1", "Webinar series gene therapy, part 1",
+                "Our webinar on AAV manufacturing.", 1),
+         _entry("Elbmed Pharma", "w2", "Webinar series gene therapy, part 2",
+                "Our webinar on AAV manufacturing.", 2)],
+    )  # fmt: skip
+    store.join_new_stories(NOW, StoryMatcher())
+    assert store.count_stories() == 5

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from clusterfeed.stories import Match
-from clusterfeed.storymodel import ItemFeatures, PairModel, name_frequencies, pair_vector
+from clusterfeed.storymodel import ItemFeatures, PairModel, name_frequencies, pair_vector, veto
 
 K = TypeVar("K", bound=Hashable)
 
@@ -86,6 +86,8 @@ def join_new(
             if "together" in verdicts:
                 best = (2.0, story, Match(99.0, ("forced together by the config",)))
                 break
+            if any(veto(item, feats[m]) for m in inside):
+                continue
             vectors = [pair_vector(item, feats[m], counts, total) for m in inside]
             p = model.probabilities(vectors)
             average, lowest = float(p.mean()), float(p.min())

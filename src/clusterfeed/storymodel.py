@@ -210,6 +210,24 @@ def pair_vector(
     ]
 
 
+def veto(a: ItemFeatures, b: ItemFeatures) -> str | None:
+    """Why two items can never be one story, whatever their score, or None.
+
+    Rules, not weights: neither ever holds for two versions of one event in the labelled
+    sets, and a model that saw no such pair would give them no weight. A partner does
+    not announce one event twice in one language (a bilingual feed may carry both
+    versions); titles the same but for a number are a series ("Newsletter 03/2026" and
+    "04/2026", "Teil 1" and "Teil 2", "news number 2" and "3").
+    """
+    if a.feed == b.feed and a.language == b.language:
+        return "the same feed in the same language"
+    ea, eb = a.evidence, b.evidence
+    series = bool(ea.series_title) and ea.series_title == eb.series_title
+    if series and ea.series_numbers != eb.series_numbers:
+        return "the same title with other numbers (a series)"
+    return None
+
+
 @dataclass(frozen=True)
 class PairModel:
     """Logistic regression over ``pair_vector``, with the clustering's thresholds."""
