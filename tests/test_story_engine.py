@@ -170,7 +170,9 @@ def test_features_are_computed_once_and_stored(
     store.join_new_stories(NOW - timedelta(days=1), matcher)
 
 
-def test_a_database_from_before_stored_features_gets_the_table(store: Store, database_url: str) -> None:
+def test_a_database_from_before_stored_features_gets_the_table(
+    store: Store, database_url: str
+) -> None:
     _store_two_feeds(
         store,
         [_entry("Helix Vektor", "a1", "Helix Vektor opens a vector plant in Hamburg",
