@@ -1,8 +1,8 @@
-"""The Docker image: the README's commands must work as written.
+"""The Docker image: the commands of docs/operations.md ("Docker") must work as written.
 
 Where a Docker daemon is present, one test builds the image, starts it with the
-README's ``docker run`` and reads the served feed. Everything that can be checked
-without a daemon is checked anyway: the build context (.dockerignore), that the README,
+documented ``docker run`` and reads the served feed. Everything that can be checked
+without a daemon is checked anyway: the build context (.dockerignore), that the documentation,
 the Dockerfile and the entry point agree, and the entry point itself, run on this
 machine against temporary folders standing in for the volumes.
 """
@@ -33,7 +33,7 @@ ENTRYPOINT_SCRIPT = REPO / "scripts" / "docker-entrypoint"
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-# -- reading the Dockerfile, the .dockerignore and the README ------------------------------
+# -- reading the Dockerfile, the .dockerignore and the docs page -------------------------
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -61,14 +61,14 @@ def _exec_form(name: str) -> list[str]:
 
 
 def _docker_section() -> str:
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    start = readme.index("\n## Docker\n")
-    end = readme.index("\n## ", start + 1)
-    return readme[start:end]
+    page = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    start = page.index("\n## Docker\n")
+    end = page.find("\n## ", start + 1)
+    return page[start:] if end < 0 else page[start:end]
 
 
 def _readme_command(verb: str) -> list[str]:
-    """The ``docker VERB ...`` line of the README's Docker code block, as argv."""
+    """The ``docker VERB ...`` line of the Docker code block in docs/operations.md, as argv."""
     block = re.search(r"```sh\n(.*?)```", _docker_section(), flags=re.S)
     assert block, "the Docker section shows its commands in a sh block"
     (line,) = [ln for ln in block.group(1).splitlines() if ln.startswith(f"docker {verb} ")]
@@ -196,7 +196,7 @@ def test_the_readme_docker_commands_match_the_dockerfile() -> None:
     env = dict(re.findall(r"(\w+)=(\S+)", _one("ENV")))
     assert str(Path(env["CLUSTERFEED_CONFIG"]).parent) in volumes
     assert env["CLUSTERFEED_DATA"] in volumes
-    # What the README says the image runs is what it runs.
+    # What the documentation says the image runs is what it runs.
     section = _docker_section()
     assert f"`{' '.join(command)}`" in section
     assert f"CLUSTERFEED_CONFIG={env['CLUSTERFEED_CONFIG']}" in section
@@ -399,7 +399,7 @@ def test_the_image_runs_the_readme_command_and_serves_the_example_feed(
     built = subprocess.run(build, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert built.returncode == 0, built.stderr[-3000:]
 
-    # The README's command, with this test's own names and a free port on 127.0.0.1.
+    # The documented command, with this test's own names and a free port on 127.0.0.1.
     run = _readme_command("run")
     opts, _ = _options(run)
     swaps = {

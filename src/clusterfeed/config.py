@@ -70,7 +70,9 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
 
 def _is_http_url(value: str) -> bool:
@@ -85,11 +87,19 @@ def _http_url(value: str) -> str:
 
 class ClusterConfig(_Strict):
     name: str = Field(min_length=1)
+    """The cluster's name, shown in the feed, the digest and its subject."""
     url: str
+    """The cluster's web site (http or https). Also named in the User-Agent."""
     imprint: list[str] = Field(default_factory=list)
+    """Lines for the digest's footer: the legal imprint a European newsletter must carry (company,
+    address, register, managing director).
+    """
     contact: str | None = None
+    """A contact line under the imprint (press office address or phone)."""
     logo_url: str | None = None
+    """An image shown at the top of the digest and as the feed's logo."""
     color: str = "#0b5d7a"
+    """The digest's accent colour, `#rrggbb`."""
 
     _check_url = field_validator("url")(_http_url)
 
@@ -103,8 +113,13 @@ class ClusterConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     fetch_interval_minutes: int = Field(30, ge=1, le=24 * 60)
+    """How often `clusterfeed run` fetches and publishes."""
     digest_cron: str = "0 7 * * *"
+    """When the digest goes out: a five-field cron expression (minute hour day month weekday), e.g.
+    `"0 7 * * 1-5"` for weekdays at 07:00.
+    """
     timezone: str = "Europe/Berlin"
+    """The IANA time zone the cron expression is read in (and dates in the digest are shown in)."""
 
     @field_validator("timezone")
     @classmethod
@@ -178,27 +193,62 @@ def cron_trigger(expression: str, timezone: str) -> Any:
 
 class FetchConfig(_Strict):
     concurrency: int = Field(8, ge=1, le=100)
+    """Feeds fetched at the same time."""
     timeout_seconds: float = Field(30.0, gt=0, le=600)
+    """The longest one request may take, from connecting to the last byte."""
     connect_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    """The longest connecting may take."""
     max_bytes: int = Field(10_000_000, ge=10_000)
+    """The largest feed accepted (after decompression, so a small "gzip bomb" stops here too).
+    Larger ones are cut off and recorded as failed.
+    """
     per_host: int = Field(2, ge=1, le=20)
+    """Requests to one host at the same time, whatever `concurrency` says: many partners share one
+    hosting provider.
+    """
     parse_processes: int | None = Field(None, ge=0, le=64)
+    """How many worker processes parse feeds. Automatic: one per CPU core when a cycle fetches 40
+    feeds or more, none (parsing in a thread) below that. `0` never starts processes.
+    """
     user_agent: str | None = None
+    """The User-Agent sent to partners, so their web masters know who is asking."""
     # Partners' redirects, moves and announced feeds may lead to private, loopback and
     # link-local addresses (only for partners on an internal network; see netguard).
     allow_private_addresses: bool = False
+    """Whether partners' redirects, remembered moves and announced feeds may lead to addresses that
+    are not on the public internet (loopback, private, link-local such as a cloud's metadata
+    service at 169.254.169.254, multicast, reserved). By default they may not: every address is
+    checked when the connection is made, after DNS, so a partner (or its DNS) cannot make
+    clusterfeed read this machine's or the internal network's services, and only `http`/`https`
+    are ever followed (a local file is read only when a feed's `url` names it). A feed whose
+    `url` itself names such an address (`http://10.1.2.3/…`, `http://127.0.0.1:8080/…`,
+    `http://localhost/…`) is fetched as configured, with redirects on that host and port (or
+    from http to https); a host *name* that resolves to such an address needs this key. Set
+    `true` only when your partners really are on an internal network. clusterfeed connects to
+    partners directly: `HTTP_PROXY`/`HTTPS_PROXY` are not used.
+    """
 
 
 class SelectorsConfig(_Strict):
     """CSS selectors for a partner's news listing page (feeds of kind "html")."""
 
     item: str = Field(min_length=1)
+    """CSS selector of one news item on the page."""
     title: str = Field(min_length=1)
+    """CSS selector of the title, within the item."""
     link: str = "a"
+    """CSS selector of the link, within the item."""
     date: str | None = None
+    """CSS selector of the date, within the item."""
     date_format: str | None = None
+    """A strftime pattern such as `"%d.%m.%Y"` or `"%d. %B %Y"` (German and English month names
+    both work); without it, ISO dates, "23. November 2026", "Nov 23, 2026" and "2026年11月23日" are
+    recognised.
+    """
     summary: str | None = None
+    """CSS selector of the summary, within the item."""
     image: str | None = None
+    """CSS selector of the picture, within the item."""
 
     @field_validator("item", "title", "link", "date", "summary", "image")
     @classmethod
@@ -224,9 +274,15 @@ class FiltersConfig(_Strict):
     """Keep items out (or only some in), by whole-word keyword or by topic."""
 
     include_keywords: list[str] = Field(default_factory=list)
+    """If set, only items that mention one of these words are taken."""
     exclude_keywords: list[str] = Field(default_factory=list)
+    """Items whose title or summary contains one of these words (whole words, any case) are left
+    out: job ads, canteen menus.
+    """
     include_topics: list[str] = Field(default_factory=list)
+    """If set, only items with one of these topics are taken."""
     exclude_topics: list[str] = Field(default_factory=list)
+    """Items with one of these topics are left out."""
 
     def rules(self) -> FilterRules:
         from clusterfeed.filters import FilterRules
@@ -239,16 +295,42 @@ class FiltersConfig(_Strict):
 
 class FeedConfig(_Strict):
     name: str = Field(min_length=1)
+    """The partner's display name, shown as the source; unique."""
     url: str = Field(min_length=1)
+    """The feed's `http://` or `https://` URL, or a local file path. RSS 0.9x/1.0/2.0, Atom and
+    JSON Feed are read.
+    """
     kind: Literal["feed", "html"] = "feed"
+    """`"feed"`, or `"html"` for a partner without a feed: `url` is then their news listing page,
+    read with the `selectors` below.
+    """
     site: str | None = None
+    """The partner's web site; used as the base for relative links in file feeds, and linked as the
+    source.
+    """
     topics: list[str] = Field(default_factory=list)
+    """Topics every item of this feed belongs to (lower case, e.g. `"gene-therapy"`). Categories in
+    the items are added.
+    """
     language: str = "en"
+    """The feed's language code (`de`, `en`, `ja`, …)."""
     enabled: bool = True
+    """`false` keeps the feed in the config without fetching it."""
     discover: bool = False
+    """When `url` turns out to be an HTML page that announces a feed (`<link rel="alternate">`),
+    use that feed. Without it, the error names the feed's address for you to put into the
+    config.
+    """
     own: bool = False
+    """`true` for the cluster office's own feeds: with `stories.representative = "own"`, the
+    cluster's version leads a story told by several partners.
+    """
     filters: FiltersConfig = FiltersConfig()
+    """Filters for this feed only, with the same keys as `[filters]`."""
     selectors: SelectorsConfig | None = Field(None, validate_default=True)
+    """For `kind = "html"`: the CSS selectors that read the news listing page (see below).
+    Required there, not allowed otherwise.
+    """
 
     @field_validator("selectors")
     @classmethod
@@ -309,12 +391,28 @@ class FeedConfig(_Strict):
 
 class PublishConfig(_Strict):
     output_dir: Path = Path("public")
+    """The folder the [published files](serving.md#published-files) are written to."""
     feed_url: str | None = None
+    """The public URL of the main feed (its id and `rel="self"` link). The other files' URLs are
+    taken relative to it, so they sit in the same folder on the web as in `output_dir`.
+    """
     filename: str = "feed.atom"
+    """The main Atom feed's file name in that folder (not `feed.rss`, `feed.json`, `sources.opml`,
+    `topics`, `languages` or `archive`, which the other files use).
+    """
     title: str | None = None
+    """The feed's title (topic and language feeds add the topic or language)."""
     subtitle: str | None = None
+    """The feed's subtitle (RSS `description`, JSON Feed `description`)."""
     max_entries: int = Field(50, ge=1, le=10_000)
+    """How many stories each feed holds (newest first): the main feed in every format, and every
+    topic and language feed.
+    """
     websub_hub: str | None = None
+    """A WebSub hub's URL. Every feed then carries `rel="hub"` (Atom, RSS) or `hubs` (JSON Feed)
+    beside its `self` link, and after each publish that changed something the hub gets one
+    `hub.mode=publish` ping naming every changed feed.
+    """
 
     @field_validator("websub_hub")
     @classmethod
@@ -322,6 +420,10 @@ class PublishConfig(_Strict):
         return None if value is None else _http_url(value)
 
     archive_size: int = Field(100, ge=1, le=10_000)
+    """How many stories each Atom archive page holds (see
+    [Archive](serving.md#archive-rfc-5005)). Changing it renumbers the archive: every page
+    is written anew once.
+    """
 
     @field_validator("feed_url")
     @classmethod
@@ -338,16 +440,29 @@ class PublishConfig(_Strict):
 
 class DigestConfig(_Strict):
     templates_dir: Path | None = None
+    """The folder with the templates below; copy `templates/` to start your own."""
     html_template: str = "digest.html"
+    """The HTML body template."""
     text_template: str = "digest.txt"
+    """The plain-text body template."""
     subject_template: str = "digest_subject.txt"
+    """The subject template (its output is folded into one line)."""
     from_address: str = Field(alias="from")
+    """The From address, e.g. `"NordBio Cluster News <news@nordbio.example>"`."""
     reply_to: str | None = None
+    """The Reply-To address."""
     group_by: Literal["topic", "source"] = "topic"
+    """Group stories by `"topic"` or by `"source"`."""
     send_when_empty: bool = False
+    """Also mail subscribers who have nothing new (a "nothing new" digest)."""
     max_stories: int = Field(40, ge=1, le=500)
+    """The most stories in one digest; stories over the limit wait for the next one."""
     summary_chars: int = Field(300, ge=40, le=5000)
+    """How long a story's summary may be in the digest."""
     lookback_days: int = Field(14, ge=1, le=365)
+    """Only stories first seen within this many days are considered for a digest (a new subscriber
+    does not get the whole archive).
+    """
 
 
 class DkimConfig(_Strict):
@@ -355,9 +470,17 @@ class DkimConfig(_Strict):
     ``<selector>._domainkey.<domain>`` in DNS."""
 
     selector: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The selector: receivers look up the public key at `<selector>._domainkey.<domain>`."""
     domain: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z0-9-]+$")
+    """The signing domain (`d=`); use the domain of `digest.from` so the signature aligns for
+    DMARC.
+    """
     private_key_file: Path | None = None
+    """A PEM file with the RSA private key (relative to the config file)."""
     private_key_env: str | None = Field(None, validate_default=True)
+    """Or: the name of an environment variable holding the PEM text (for containers and secret
+    stores). Exactly one of the two.
+    """
 
     @field_validator("private_key_env")
     @classmethod
@@ -375,29 +498,60 @@ class DkimConfig(_Strict):
 
 class MailConfig(_Strict):
     transport: Literal["maildir", "smtp"] = "maildir"
+    """`"maildir"` writes one `.eml` file per message into a local Maildir (nothing to install; any
+    mail program opens them); `"smtp"` sends through a mail server.
+    """
     maildir: Path = Path("mail")
+    """The Maildir folder (`new/`, `cur/`, `tmp/` are created)."""
     host: str | None = Field(None, validate_default=True)
+    """The SMTP server (required for `"smtp"`)."""
     port: int | None = Field(None, ge=1, le=65535)
+    """The SMTP port."""
     security: Literal["none", "starttls", "tls"] = "starttls"
+    """`"starttls"` (upgrade a plain connection), `"tls"` (implicit TLS, usually port 465) or
+    `"none"` (only for a relay on the same machine or network).
+    """
     username: str | None = None
+    """The SMTP login."""
     password_env: str | None = None
+    """The name of the environment variable that holds the SMTP password (the password itself never
+    goes into the file).
+    """
     connections: int = Field(2, ge=1, le=50)
+    """How many SMTP connections send at once; each is reused for many messages."""
     timeout_seconds: float = Field(60.0, gt=0, le=600)
+    """The SMTP timeout."""
     # How often all connections together may hand over a message; 0 = no limit.
     rate_per_minute: float = Field(0, ge=0)
+    """At most this many messages a minute over all connections together, evenly spaced (ask your
+    provider for its limit; e.g. `600`). Alerts count too.
+    """
     # A 4xx answer (or a lost connection) is tried again after retry_first_minutes, then
     # each delay times retry_factor, at most retry_max_minutes, with +-retry_jitter of it
     # at random; after retry_attempts attempts or retry_hours since the digest was built
     # the delivery fails with the last answer.
     retry_first_minutes: float = Field(5, gt=0)
+    """After a `4xx` answer or a lost connection, the first retry waits this long…"""
     retry_factor: float = Field(3, ge=1)
+    """…each later one this many times longer (5, 15, 45 minutes, …)…"""
     retry_max_minutes: float = Field(240, gt=0)
+    """…but never longer than this."""
     retry_jitter: float = Field(0.1, ge=0, lt=1)
+    """Each delay is moved by up to ±10 % at random, so mail deferred together does not come back
+    together.
+    """
     retry_attempts: int = Field(8, ge=1, le=100)
+    """After this many attempts the delivery fails with the server's last answer…"""
     retry_hours: float = Field(48, gt=0)
+    """…or when the next retry would fall later than this after the digest was built."""
     # This many permanent refusals (5xx) in a row mark an address bouncing.
     bounce_after: int = Field(3, ge=1, le=100)
+    """This many permanent refusals (`5xx`) in a row mark an address *bouncing*: digests skip it
+    until you clear it (see
+    [Delivery](delivery.md#delivery-exactly-once-and-the-one-window-that-cannot-be-closed)).
+    """
     dkim: DkimConfig | None = None
+    """Signs every message the transport sends with DKIM (see below)."""
 
     # Field validators (not one model validator), so each problem is reported at its own
     # key ("mail.host", not "mail" with the whole table as the "found" value).
@@ -425,32 +579,72 @@ class MailConfig(_Strict):
 
 class StoreConfig(_Strict):
     url: str | None = None
+    """The database. `sqlite:///relative/path.sqlite3` is relative to the config's folder;
+    `sqlite:////absolute/path` is absolute; `postgresql+psycopg://user@host/dbname` uses
+    PostgreSQL (install with `pip install 'clusterfeed[postgres]'`).
+    """
 
 
 class WebConfig(_Strict):
     base_url: str = "http://127.0.0.1:8080"
+    """The public URL that links in e-mails start with (confirm, unsubscribe, preferences, and
+    "View in browser": `{base_url}/digests/<date>.html`, which `clusterfeed serve` answers from
+    `publish.output_dir`). It must reach `clusterfeed serve`. The "View in browser" link is only
+    put into mails when `base_url` is set in the config.
+    """
     host: str = "127.0.0.1"
+    """The address the web app listens on."""
     port: int = Field(8080, ge=1, le=65535)
+    """Its port."""
     secret_env: str = "CLUSTERFEED_SECRET"
+    """The environment variable with the secret that signs links and forms and keys the hashes of
+    client addresses. Without it, clusterfeed creates a random secret once and keeps it in the
+    store. Changing the secret invalidates every link in mails already sent: keep it. The
+    suppression list keeps working across such a change: its key is derived from the secret
+    once, when first needed, and stored (it reveals nothing of the secret).
+    """
     # The reverse proxies whose X-Forwarded-For is believed (addresses or networks);
     # none by default: a client cannot choose its own address for the sign-up limit.
     trusted_proxies: list[Annotated[str, AfterValidator(check_proxy)]] = Field(default_factory=list)
+    """The reverse proxies (IP addresses or networks, such as `["127.0.0.1"]` or `["10.0.0.0/8",
+    "::1"]`) whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed. The client is then
+    the right-most address in `X-Forwarded-For` that is not one of them; the rest of the header
+    was written by the client and is ignored. The per-client sign-up limit and the consent log's
+    client hash use that address. Empty: the header is ignored from everyone, 127.0.0.1
+    included, so behind a proxy every visitor counts as the proxy; name your proxy here (see the
+    nginx example under [Serving the feeds](serving.md#serving-the-feeds)).
+    """
 
     _check_base = field_validator("base_url")(_http_url)
 
 
 class SignupConfig(_Strict):
-    """The public sign-up form and its limits (see README, "Subscribers")."""
+    """The public sign-up form and its limits (see docs/subscribers.md)."""
 
     enabled: bool = False
+    """Serve the sign-up form at `/subscribe`. The preferences and unsubscribe pages work either
+    way.
+    """
     # Bump when the text of the form or the privacy notice changes: every consent row
     # records the version the person saw.
     form_version: str = Field("1", min_length=1, max_length=50)
+    """A name for the text of the form and its privacy notice; every consent row records it. Change
+    it when you change the text (letters, digits, `.`, `_`, `-`).
+    """
     confirm_hours: float = Field(48.0, gt=0, le=24 * 30)
+    """How long a confirmation link works."""
     address_limit: int = Field(3, ge=1, le=1000)
+    """At most this many sign-ups for one address in `address_window_hours`; more get the same page
+    but no mail.
+    """
     address_window_hours: float = Field(24.0, gt=0, le=24 * 30)
+    """The window of `address_limit`, in hours."""
     client_limit: int = Field(20, ge=1, le=100_000)
+    """At most this many sign-ups from one client (IP address) in `client_window_minutes`; more get
+    "too many sign-ups" (HTTP 429).
+    """
     client_window_minutes: float = Field(60.0, gt=0, le=24 * 60)
+    """The window of `client_limit`, in minutes."""
 
     @field_validator("form_version")
     @classmethod
@@ -462,10 +656,17 @@ class SignupConfig(_Strict):
 
 class SubscriberConfig(_Strict):
     email: str
+    """The address (checked; internationalized domains and mailboxes allowed, see [Using a real
+    SMTP server](delivery.md#using-a-real-smtp-server)).
+    """
     name: str | None = None
+    """Used in the greeting and the To header."""
     topics: list[str] = Field(default_factory=list)
+    """Only stories with one of these topics."""
     languages: list[str] = Field(default_factory=list)
+    """Only stories told in one of these languages."""
     frequency: Literal["daily", "weekly"] = "daily"
+    """`"daily"`: every scheduled digest; `"weekly"`: at most one digest a week."""
 
     @field_validator("email")
     @classmethod
@@ -474,24 +675,50 @@ class SubscriberConfig(_Strict):
 
 
 class StoriesConfig(_Strict):
-    """How items of different partners are joined into one story (see README)."""
+    """How items of different partners are joined into one story (see docs/stories.md)."""
 
     match: bool = True
+    """Join items of different partners that tell one event (see
+    [One story, many sources](stories.md)). `false` joins only the same page.
+    """
     representative: Literal["own", "complete", "earliest"] = "own"
+    """Which version leads a story (its title, link and text in the feed and the digest): `"own"`
+    the cluster's own (feeds with `own = true`) where there is one, else the most complete;
+    `"complete"` the longest text; `"earliest"` the first published. Ties go to the earliest,
+    then by feed name, so the choice never depends on fetch order.
+    """
     window_days: float = Field(5.0, gt=0, le=60)
+    """How many days apart two items may be and still be compared (hand-weighted scorer)."""
     threshold: float = Field(1.0, gt=0, le=10)
+    """The score two items need to be joined. Higher: fewer, safer joins."""
     name_weight: float = Field(1.0, ge=0, le=10)
+    """Weight of shared names."""
     name_saturation: float = Field(2.3, gt=0, le=50)
+    """How many fully rare shared names give the full weight."""
     text_weight: float = Field(1.4, ge=0, le=10)
+    """Weight of same-language text similarity."""
     min_text_similarity: float = Field(0.25, ge=0, le=1)
+    """The similarity below which text similarity counts nothing."""
     link_weight: float = Field(1.5, ge=0, le=10)
+    """Weight of one of the other kinds of evidence (shared links)."""
     amount_weight: float = Field(0.8, ge=0, le=10)
+    """Weight of one of the other kinds of evidence (amounts)."""
     code_weight: float = Field(0.8, ge=0, le=10)
+    """Weight of one of the other kinds of evidence (codes)."""
     date_weight: float = Field(0.35, ge=0, le=10)
+    """Weight of one of the other kinds of evidence (dates)."""
     percent_weight: float = Field(0.35, ge=0, le=10)
+    """Weight of one of the other kinds of evidence (percentages)."""
     rare_name_idf: float = Field(0.6, ge=0, le=1)
+    """How rare (scaled inverse document frequency, 0 to 1) a title's name must be to count as the
+    story's subject for the "different subjects" veto. Lower: the veto applies more often.
+    """
     together: list[tuple[str, str]] = Field(default_factory=list)
+    """Pairs of item URLs that are always one story: `[["https://a.example/x",
+    "https://b.example/y"]]`.
+    """
     apart: list[tuple[str, str]] = Field(default_factory=list)
+    """Pairs of item URLs that are never one story."""
 
     @field_validator("together", "apart")
     @classmethod
@@ -518,8 +745,13 @@ class AlertsConfig(_Strict):
     """Who hears about feeds in trouble, and when trouble is worth a mail."""
 
     email: str | None = None
+    """Where to mail the operator about feeds in trouble. Without it, trouble shows only in
+    `clusterfeed status`.
+    """
     failing_hours: float = Field(24.0, gt=0, le=24 * 90)
+    """A feed that has failed for longer than this is reported."""
     silent_days: int = Field(30, ge=1, le=3650)
+    """A feed whose newest item is older than this is reported."""
 
     @field_validator("email")
     @classmethod
@@ -531,6 +763,10 @@ class Config(_Strict):
     """The whole config. Paths are absolute once ``load_config`` returns it."""
 
     subscribers_csv: Path | None = None
+    """A CSV file of subscribers (see `[[subscribers]]`). Header row required; `email` is the only
+    required column; `name`, `topics`, `languages` (several values separated by `;`) and
+    `frequency` are optional.
+    """
     cluster: ClusterConfig
     schedule: ScheduleConfig = ScheduleConfig()
     fetch: FetchConfig = FetchConfig()
