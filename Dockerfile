@@ -1,5 +1,5 @@
 # clusterfeed as a container: config and data live in volumes, the service runs as a
-# non-root user. Build and run (the README's Docker section says more):
+# non-root user. Build and run (docs/operations.md, "Docker", says more):
 #   docker build -t clusterfeed .
 #   docker run -d --name clusterfeed -p 8080:8080 -v clusterfeed-config:/config -v clusterfeed-data:/data clusterfeed
 FROM python:3.11-slim

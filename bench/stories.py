@@ -5,7 +5,7 @@
 Runs clusterfeed through the production path (items stored, then matched by the store:
 ``clusterfeed.storybench``) beside three baselines that run on the same items: naive
 (exact URL + title word overlap), NewsBlur's title tiers, and TF-IDF cosine (threshold
-picked on the tuning part). Prints a Markdown table for bench/RESULTS.md and the README.
+picked on the tuning part). Prints a Markdown table for bench/RESULTS.md and docs/stories.md.
 """
 
 from __future__ import annotations

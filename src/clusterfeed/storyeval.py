@@ -3,7 +3,7 @@
 A labelled set is JSON Lines: one partner's item per line with the ``story`` it belongs
 to (see tests/data/stories/README.md), plus lists of hard negative pairs. The same code
 measures clusterfeed, the naive baseline (exact URL plus title word overlap) and a
-re-implementation of NewsBlur's two title tiers, so the figures in the README come
+re-implementation of NewsBlur's two title tiers, so the figures in docs/stories.md come
 from one run on one set; an operator can run it on a set of their own.
 """
 
