@@ -233,6 +233,10 @@ class Service:
         that imports the reading module once and forks cheap workers, never a fork of this
         threaded process) and kept for later cycles. Small cycles, like the bundled
         example's nine feeds, parse in a thread and start no processes at all.
+
+        Called when a feed's body is ready to parse, not when the cycle begins: a cycle
+        where every feed answers 304 has nothing to parse and starts no process at all
+        (not even multiprocessing's resource tracker, which a pool's queues start).
         """
         wanted = self.config.fetch.parse_processes
         if wanted is None:
@@ -380,7 +384,7 @@ class Service:
         on_feed: Callable[[FeedOutcome], None] | None,
     ) -> list[FeedOutcome]:
         outcomes: list[FeedOutcome] = []
-        pool = self._parse_pool(len(requests))
+        feeds = len(requests)
         loop = asyncio.get_running_loop()
         timezone = self.config.schedule.timezone
         # One thread writes, in the order results are parsed. The database takes one
@@ -422,7 +426,7 @@ class Service:
                 outcome = await future
             else:
                 if result.error is None and result.body:
-                    read = await self._read(pool, result, timezone)
+                    read = await self._read(self._parse_pool(feeds), result, timezone)
                 outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
