@@ -2,9 +2,11 @@
 
 Issue 16, point 15. A cycle where every feed answers 304 has nothing to parse, so it
 must start no process: no parsing workers, no forkserver, not even multiprocessing's
-resource tracker. Observed on the real command, started in a session of its own, by
-sampling that session's processes for as long as the command runs (the server holds
-each answer back, so the command waits on the network long enough to be seen).
+resource tracker; nor load the parsers (feedparser, BeautifulSoup). Observed on the
+real command, started in a session of its own, by sampling that session's processes
+for as long as the command runs (the server holds each answer back, so the command
+waits on the network long enough to be seen), and by the interpreter's own list of
+the modules it imported (``-X importtime``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from tests.test_worker_lifeline import _session_members
 CLUSTERFEED = str(Path(sys.executable).with_name("clusterfeed"))
 
 
-def _run_watching(config: Path) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+def _run_watching(
+    config: Path, *python_options: str
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run `clusterfeed fetch`; return it and the command lines of every other process
     seen in its session while it ran."""
     proc = subprocess.Popen(
-        [CLUSTERFEED, "fetch", "--config", str(config)],
+        [sys.executable, *python_options, CLUSTERFEED, "fetch", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -44,7 +48,7 @@ def _run_watching(config: Path) -> tuple[subprocess.CompletedProcess[str], set[s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), seen
 
 
-def test_a_cycle_where_every_feed_answers_304_starts_no_process(
+def test_a_cycle_where_every_feed_answers_304_starts_no_process_and_loads_no_parser(
     tmp_path: Path, feed_server: FeedServer, rss_feed: Any
 ) -> None:
     feeds = []
@@ -66,9 +70,13 @@ def test_a_cycle_where_every_feed_answers_304_starts_no_process(
     assert any("forkserver" in c for c in seen_first), seen_first
 
     feed_server.requests.clear()
-    second, seen_second = _run_watching(config)
+    # -X importtime: the interpreter lists every module it imports on stderr.
+    second, seen_second = _run_watching(config, "-X", "importtime")
     assert second.returncode == 0, second.stderr
     assert "fetched 4 feeds: 0 new items, 0 failed" in second.stdout
     assert len(feed_server.requests) == 4
     assert all("if-none-match" in r.headers for r in feed_server.requests)
     assert seen_second == set(), f"an all-304 cycle started {seen_second}"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines()}
+    assert "clusterfeed.service" in imported  # the listing is there
+    assert not imported & {"feedparser", "bs4", "clusterfeed.reading"}, "nothing to parse"

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 import jinja2
@@ -67,8 +68,6 @@ from clusterfeed.opml import export_opml
 from clusterfeed.planning import OutboxFacts, plan_deliveries
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
-from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
-from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import (
     DigestPage,
     digest_page_url,
@@ -87,6 +86,12 @@ from clusterfeed.templatecheck import (
     template_location,
 )
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
+
+if TYPE_CHECKING:
+    # Reading (feedparser, BeautifulSoup) is imported where a body is parsed: a command
+    # that parses nothing (an all-304 fetch, publish, digest) does not load it, and the
+    # parse workers load it once in their forkserver.
+    from clusterfeed.reading import ReadFeed, ReadSpec
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +184,12 @@ def _settle(
 
 def read_spec(feed: FeedConfig) -> ReadSpec:
     """The part of a feed's config that reading its document needs, as plain data."""
+    from clusterfeed.reading import ReadSpec
+
     selectors = None
     if feed.kind == "html" and feed.selectors is not None:
+        from clusterfeed.scrape import ListingSelectors
+
         selectors = ListingSelectors(**feed.selectors.model_dump())
     return ReadSpec(
         url=feed.url,
@@ -442,6 +451,8 @@ class Service:
         self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
     ) -> ReadFeed:
         """Parse and normalize off the event loop: in a worker process, else a thread."""
+        from clusterfeed.reading import read_feed
+
         spec = read_spec(self.config.feed(result.feed_name))
         if pool is not None:
             loop = asyncio.get_running_loop()
@@ -577,6 +588,8 @@ class Service:
             return FeedOutcome(name, "unchanged")
         feed_cfg = self.config.feed(name)
         if read is None:
+            from clusterfeed.reading import read_feed
+
             read = read_feed(result, read_spec(feed_cfg), self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)
