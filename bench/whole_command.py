@@ -78,10 +78,11 @@ def clusterfeed_command() -> list[str]:
 
 
 def measure_whole_commands(
-    config: Path, manifest: dict[str, Any], folder: Path, rounds: int
+    config: Path, priming: Path, manifest: dict[str, Any], folder: Path, rounds: int
 ) -> tuple[list[Timed], list[str]]:
-    """Prime both clients (a first, full cycle each), then time ``rounds`` rounds of
-    unchanged cycles and start-ups. Returns the timings and the failed checks."""
+    """Prime both clients (a first, full cycle each; clusterfeed's with the ``priming``
+    config, on the same store), then time ``rounds`` rounds of unchanged cycles and
+    start-ups with ``config``. Returns the timings and the failed checks."""
     control = manifest["control"]
     feeds = len(manifest["urls"])
     cf = clusterfeed_command()
@@ -95,7 +96,8 @@ def measure_whole_commands(
     minimal = [sys.executable, str(BENCH / "minimal_client.py"), str(minimal_manifest)]
     minimal.append(str(validators))
     problems: list[str] = []
-    for argv in (fetch, minimal):  # the first cycle: every feed new, not timed here
+    prime = [*cf, "fetch", "--config", str(priming)]
+    for argv in (prime, minimal):  # the first cycle: every feed new, not timed here
         _, _, done = run_timed(argv, folder)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
