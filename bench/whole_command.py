@@ -174,6 +174,12 @@ def whole_command_markdown(
         m_imports = by["minimal imports"].median()
         cf_cycle = statistics.median(fetch) - start
         m_cycle = statistics.median(minimal) - m_imports
+
+        def cpu(label: str) -> float:
+            return statistics.median(by[label].cpu)
+
+        cf_cpu = cpu("clusterfeed fetch") - cpu("clusterfeed check")
+        m_cpu = cpu("minimal client") - cpu("minimal imports")
         per_round = [
             (f - by["clusterfeed check"].wall[i]) / (m - by["minimal imports"].wall[i])
             for i, (f, m) in enumerate(zip(fetch, minimal, strict=True))
@@ -187,6 +193,9 @@ def whole_command_markdown(
             f"- `clusterfeed fetch` minus `clusterfeed --version` (what the command does "
             f"beyond importing): {statistics.median(fetch) - imports:.2f} s: "
             f"{(statistics.median(fetch) - imports) / m_cycle:.2f}x the minimal client's.",
+            f"- CPU (less sensitive to other work on the machine than wall time): "
+            f"`clusterfeed fetch` minus `clusterfeed check` {cf_cpu:.2f} s, the minimal "
+            f"client minus its imports {m_cpu:.2f} s: {cf_cpu / m_cpu:.2f}x.",
             f"- Whole processes: `clusterfeed fetch` {statistics.median(fetch):.2f} s, the "
             f"minimal client {statistics.median(minimal):.2f} s: "
             f"{statistics.median(fetch) / statistics.median(minimal):.2f}x.",
