@@ -15,9 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select, update
+from sqlalchemy import event, inspect, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.config import load_config
@@ -31,6 +32,7 @@ from clusterfeed.store import (
     Store,
     StoreError,
     deliveries,
+    feeds,
     schema_info,
     sent_stories,
     subscribers,
@@ -697,3 +699,44 @@ def test_many_304s_are_recorded_in_one_go_as_one_by_one(store: Store) -> None:
     # An answer that learnt nothing new keeps what an earlier one learnt.
     assert elbmed.etag == '"a2"' and elbmed.moved_to == "https://www.elbmed.example/new.atom"
     assert kansai.discovered_url == "https://kansai-bio.example/feed"
+
+
+def test_sync_feeds_writes_only_what_the_config_changed(database_url: str) -> None:
+    store = Store(database_url)
+    store.migrate()
+    config = [
+        ("Helix Vektor", "https://www.helixvektor.example/feed", None),
+        ("Elbmed Pharma", "https://www.elbmed.example/feed", "https://www.elbmed.example/"),
+    ]
+    store.sync_feeds(config)
+    with store.engine.begin() as conn:
+        conn.execute(update(feeds).values(etag='"v1"', last_modified="Fri, 20 Nov 2026"))
+    writes: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            writes.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    store.sync_feeds(config)  # every start of every command does this
+    assert writes == []
+    assert store.feed_validators("Helix Vektor") == ('"v1"', "Fri, 20 Nov 2026")
+
+    store.sync_feeds(
+        [
+            ("Helix Vektor", "https://www.helixvektor.example/news.rss", None),  # moved
+            ("Elbmed Pharma", "https://www.elbmed.example/feed", "https://elbmed.example/"),
+            ("Kansai Bio Frontier", "https://kansai-bio.example/rss", None),  # new
+        ]
+    )
+    assert len(writes) == 3
+    assert store.feed_validators("Helix Vektor") == (None, None)  # a new URL starts afresh
+    assert store.feed_validators("Elbmed Pharma") == ('"v1"', "Fri, 20 Nov 2026")
+    with store.engine.connect() as conn:
+        rows = dict(conn.execute(select(feeds.c.name, feeds.c.site_url)).all())
+    assert rows == {
+        "Helix Vektor": None,
+        "Elbmed Pharma": "https://elbmed.example/",
+        "Kansai Bio Frontier": None,
+    }
+    store.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin
 
 import jinja2
@@ -67,8 +68,6 @@ from clusterfeed.opml import export_opml
 from clusterfeed.planning import OutboxFacts, plan_deliveries
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
-from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
-from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import (
     DigestPage,
     digest_page_url,
@@ -87,6 +86,12 @@ from clusterfeed.templatecheck import (
     template_location,
 )
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
+
+if TYPE_CHECKING:
+    # Reading (feedparser, BeautifulSoup) is imported where a body is parsed: a command
+    # that parses nothing (an all-304 fetch, publish, digest) does not load it, and the
+    # parse workers load it once in their forkserver.
+    from clusterfeed.reading import ReadFeed, ReadSpec
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +184,12 @@ def _settle(
 
 def read_spec(feed: FeedConfig) -> ReadSpec:
     """The part of a feed's config that reading its document needs, as plain data."""
+    from clusterfeed.reading import ReadSpec
+
     selectors = None
     if feed.kind == "html" and feed.selectors is not None:
+        from clusterfeed.scrape import ListingSelectors
+
         selectors = ListingSelectors(**feed.selectors.model_dump())
     return ReadSpec(
         url=feed.url,
@@ -233,6 +242,10 @@ class Service:
         that imports the reading module once and forks cheap workers, never a fork of this
         threaded process) and kept for later cycles. Small cycles, like the bundled
         example's nine feeds, parse in a thread and start no processes at all.
+
+        Called when a feed's body is ready to parse, not when the cycle begins: a cycle
+        where every feed answers 304 has nothing to parse and starts no process at all
+        (not even multiprocessing's resource tracker, which a pool's queues start).
         """
         wanted = self.config.fetch.parse_processes
         if wanted is None:
@@ -380,7 +393,7 @@ class Service:
         on_feed: Callable[[FeedOutcome], None] | None,
     ) -> list[FeedOutcome]:
         outcomes: list[FeedOutcome] = []
-        pool = self._parse_pool(len(requests))
+        feeds = len(requests)
         loop = asyncio.get_running_loop()
         timezone = self.config.schedule.timezone
         # One thread writes, in the order results are parsed. The database takes one
@@ -422,7 +435,7 @@ class Service:
                 outcome = await future
             else:
                 if result.error is None and result.body:
-                    read = await self._read(pool, result, timezone)
+                    read = await self._read(self._parse_pool(feeds), result, timezone)
                 outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
@@ -438,6 +451,8 @@ class Service:
         self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
     ) -> ReadFeed:
         """Parse and normalize off the event loop: in a worker process, else a thread."""
+        from clusterfeed.reading import read_feed
+
         spec = read_spec(self.config.feed(result.feed_name))
         if pool is not None:
             loop = asyncio.get_running_loop()
@@ -573,6 +588,8 @@ class Service:
             return FeedOutcome(name, "unchanged")
         feed_cfg = self.config.feed(name)
         if read is None:
+            from clusterfeed.reading import read_feed
+
             read = read_feed(result, read_spec(feed_cfg), self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)

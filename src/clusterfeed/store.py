@@ -707,12 +707,20 @@ class Store:
     # -- feeds ------------------------------------------------------------------
 
     def sync_feeds(self, configured: Iterable[tuple[str, str, str | None]]) -> None:
-        """Make sure every configured feed has a row; a changed URL forgets old validators."""
+        """Make sure every configured feed has a row; a changed URL forgets old validators.
+
+        Runs at every start of every command: the rows are read in one query and only
+        what differs from the config is written (500 feeds: one statement, not 1,000).
+        """
         with self._tx() as conn:
+            stored = {
+                row.name: row
+                for row in conn.execute(
+                    select(feeds.c.id, feeds.c.name, feeds.c.url, feeds.c.site_url)
+                )
+            }
             for name, url, site in configured:
-                row = conn.execute(
-                    select(feeds.c.id, feeds.c.url).where(feeds.c.name == name)
-                ).first()
+                row = stored.get(name)
                 if row is None:
                     conn.execute(
                         insert(feeds).values(
@@ -738,7 +746,7 @@ class Store:
                             discovered_url=None,
                         )
                     )
-                else:
+                elif row.site_url != site:
                     conn.execute(update(feeds).where(feeds.c.id == row.id).values(site_url=site))
 
     def feed_validators(self, name: str) -> tuple[str | None, str | None]:
