@@ -224,3 +224,23 @@ def test_stories_left_out_go_into_the_next_digest_with_news_only_when_asked(
     else:
         assert digest_titles(second) == {titles[5]}
     assert "more stories on the website" not in mail_text(second)
+
+
+def test_without_a_web_address_the_mail_says_it_in_words_without_a_link(
+    tmp_path: Path, feed_server: FeedServer, smtp_server: SmtpServer, run_cli: Any
+) -> None:
+    """Without ``web.base_url`` the web version's address is unknown: no link that
+    leads nowhere, but the reader still learns that there is more."""
+    outbox = Outbox("maildir", tmp_path, smtp_server)
+    config = _config(tmp_path, served_example_feeds(feed_server), "sqlite:///s.sqlite3", outbox)
+    text = config.read_text("utf-8").replace(f'base_url = "{BASE}"', "")
+    config.write_text(text, "utf-8")
+    _run(run_cli, "fetch", "--config", config)
+    _run(run_cli, "digest", "--config", config)
+
+    (capped,) = outbox.to(EVERYTHING)
+    left = EXAMPLE_STORIES - CAP
+    assert f"… and {left} more stories on the website.\n" in mail_text(capped)
+    html = mail_html(capped)
+    assert f"… and {left} more stories on the website.</td>" in html
+    assert "/digests/" not in html
