@@ -191,5 +191,8 @@ def test_with_a_cap_nothing_is_lost_nothing_repeated_and_a_second_run_sends_noth
     for sid, (mailed, _left) in two.items():
         assert not set(mailed) & set(one.get(sid, ([], []))[0]), "a story mailed twice"
         assert set(mailed) & {s.id for s in news}, "a mail without news"
+        sub = subs[sid]
+        wanted_news = [s.id for s in news if not sub.topics or set(s.topics) & set(sub.topics)]
+        assert len(set(mailed) & set(wanted_news)) == min(cap, len(wanted_news)), "news first"
         if not carry_over:
             assert set(mailed) <= {s.id for s in news}

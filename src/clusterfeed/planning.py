@@ -12,7 +12,7 @@ kept. The others were still *offered*: the mail says "and N more on the website"
 the digest's web version lists them. They are recorded with the delivery and count as
 had, so a run started a minute later does not mail them as a digest of their own.
 With ``digest.carry_over`` they instead ride along with the subscriber's next digest
-that brings news of its own (never alone).
+that brings news of its own, in the room the news leaves under the cap (never alone).
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ def last_digest_at(facts: OutboxFacts, subscriber_id: int) -> datetime | None:
     return max(times) if times else None
 
 
+def _shown_order(story: Story) -> tuple[datetime, int]:
+    """The order ``select_stories`` gives: newest first by the date the digest shows."""
+    return (story.entry.published, story.id)
+
+
 def plan_deliveries(
     facts: OutboxFacts,
     candidates: Iterable[Story],
@@ -93,10 +98,16 @@ def plan_deliveries(
         if not is_due(subscriber, last_digest_at(facts, sid), now):
             continue
         had = set(facts.had.get(sid, ()))
-        fresh = select_stories(stories, subscriber, had | facts.offered.get(sid, frozenset()))
-        if carry_over and fresh:
-            fresh = select_stories(stories, subscriber, had)
+        offered = facts.offered.get(sid, frozenset())
+        fresh = select_stories(stories, subscriber, had | offered)
         chosen, left_out = fresh[:max_stories], fresh[max_stories:]
+        if carry_over and chosen:
+            # The news first; stories left out before fill the room the cap leaves,
+            # newest first, so a mail never holds only old ones.
+            older = [s for s in select_stories(stories, subscriber, had) if s.id in offered]
+            room = max_stories - len(chosen)
+            chosen = sorted(chosen + older[:room], key=_shown_order, reverse=True)
+            left_out = left_out + older[room:]
         if chosen or (send_when_empty and sid not in facts.waiting_since):
             plan.append(PlannedDigest(subscriber, chosen, tuple(s.id for s in left_out)))
     return plan
