@@ -346,11 +346,13 @@ def test_run_once_on_a_copied_example_leaves_mail_and_feed(example_copy: Path) -
         timeout=120,
     )
 
-    # Nothing new was fetched; what the first digest left out (it holds at most
-    # digest.max_stories) may follow, but no subscriber gets a story twice.
+    # Nothing new was fetched, so nothing is sent, as the README promises: what the
+    # first digest left out (it holds at most digest.max_stories) is on its web
+    # version, not in a second mail.
     assert again.returncode == 0, again.stderr
     assert "fetched 9 feeds: 0 new items, 0 failed" in again.stdout
     assert f"feed unchanged: {feed}" in again.stdout
+    assert sorted(maildir.iterdir()) == mails
     titles: dict[str, list[str]] = {}
     for mail in maildir.iterdir():
         msg = email.message_from_bytes(mail.read_bytes(), policy=policy.default)

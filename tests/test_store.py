@@ -124,17 +124,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 7
-    assert store.schema_version() == 7
+    assert store.migrate() == SCHEMA_VERSION == 8
+    assert store.schema_version() == 8
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 7  # a second start changes nothing and loses nothing
+    assert store.migrate() == 8  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [7]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [8]
     store.close()
 
 
@@ -150,8 +150,15 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_7(conn: Connection) -> None:
+    """Undo what schema version 8 added, leaving what version 7 wrote."""
+    conn.exec_driver_sql("ALTER TABLE deliveries DROP COLUMN left_out_ids")
+    conn.execute(update(schema_info).values(version=7))
+
+
 def _back_to_version_6(conn: Connection) -> None:
-    """Undo what schema version 7 added (stored story features)."""
+    """Undo what schema versions 8 and 7 added (the cap's record, stored story features)."""
+    _back_to_version_7(conn)
     conn.exec_driver_sql("DROP TABLE story_features")
     conn.execute(update(schema_info).values(version=6))
 
@@ -295,6 +302,32 @@ def test_a_version_5_store_is_upgraded_and_keeps_what_each_subscriber_was_sent(
     facts = upgraded.outbox_facts(delivery.story_ids)
     assert facts.had == {delivery.subscriber.id: frozenset(delivery.story_ids)}
     assert facts.last_sent == {delivery.subscriber.id: NOW}
+    upgraded.close()
+
+
+def test_a_version_6_outbox_is_upgraded_and_records_stories_the_cap_left_out(
+    store: Store, database_url: str
+) -> None:
+    delivery = _one_digest(store)
+    with store.engine.begin() as conn:
+        _back_to_version_6(conn)
+    store.close()
+    upgraded = Store(database_url)
+
+    assert upgraded.migrate() == SCHEMA_VERSION
+
+    # The waiting mail is as it was, with nothing left out.
+    (due,) = upgraded.pending_deliveries(now=NOW)
+    assert (due.id, due.story_ids, due.left_out) == (delivery.id, delivery.story_ids, ())
+    # A new digest records what the cap left out; planning and its web version see it.
+    _apply(upgraded, "Helix Vektor", [_entry("Helix Vektor", "guid:b", title="B", guid="b")])
+    (sub,) = _subscribers(upgraded, "rita@example.org")
+    new = [s.id for s in upgraded.recent_stories() if s.id not in delivery.story_ids]
+    row = PlannedDelivery(sub, [], "<m2@nordbio.example>", new)
+    assert upgraded.create_digest("manual:b", NOW, [row], NOW)
+    assert upgraded.outbox_facts(new).offered == {sub.id: frozenset(new)}
+    (digest,) = [d for d in upgraded.sent_digests() if d.key == "manual:b"]
+    assert upgraded.digest_story_ids(digest.id) == new
     upgraded.close()
 
 

@@ -346,6 +346,9 @@ class DigestConfig(_Strict):
     group_by: Literal["topic", "source"] = "topic"
     send_when_empty: bool = False
     max_stories: int = Field(40, ge=1, le=500)
+    # Stories over max_stories are listed on the digest's web version only; with
+    # carry_over they also go into the subscriber's next digest that has news.
+    carry_over: bool = False
     summary_chars: int = Field(300, ge=40, le=5000)
     lookback_days: int = Field(14, ge=1, le=365)
 

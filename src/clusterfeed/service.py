@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import jinja2
@@ -36,6 +36,7 @@ from clusterfeed.digest import (
     make_environment,
     message_id,
     render_digest,
+    section_key,
     template_dir,
 )
 from clusterfeed.feedset import (
@@ -65,7 +66,7 @@ from clusterfeed.mail import (
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.netguard import AddressCheck, AddressRule, address_problem, check_stored
 from clusterfeed.opml import export_opml
-from clusterfeed.planning import OutboxFacts, plan_deliveries
+from clusterfeed.planning import OutboxFacts, PlannedDigest, plan_deliveries
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import SourceFeed, newest_update, write_atomic
 from clusterfeed.site import (
@@ -830,7 +831,7 @@ class Service:
 
     def _plan(
         self, facts: OutboxFacts, candidates: list[Story], now: datetime
-    ) -> list[tuple[Subscriber, list[Story]]]:
+    ) -> list[PlannedDigest]:
         cfg = self.config.digest
         return plan_deliveries(
             facts,
@@ -838,13 +839,21 @@ class Service:
             now,
             max_stories=cfg.max_stories,
             send_when_empty=cfg.send_when_empty,
+            carry_over=cfg.carry_over,
         )
+
+    def _offered_since(self, now: datetime) -> datetime:
+        """Digests older than the lookback cannot have left out a story that may go
+        into a digest built now (see ``Store.build_digest``)."""
+        return now - timedelta(days=self.config.digest.lookback_days)
 
     def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
         """Who gets which stories if a digest were built now (nothing is written)."""
         candidates = self._candidates(now)
-        facts = self.store.outbox_facts(s.id for s in candidates)
-        return self._plan(facts, candidates, now)
+        facts = self.store.outbox_facts(
+            (s.id for s in candidates), offered_since=self._offered_since(now)
+        )
+        return [(p.subscriber, p.stories) for p in self._plan(facts, candidates, now)]
 
     def create_digest(self, key: str, slot: datetime) -> tuple[bool, int]:
         """Record the digest ``key`` and its outbox rows; (created, deliveries).
@@ -860,18 +869,33 @@ class Service:
         from_address = self.config.digest.from_address
 
         def decide(facts: OutboxFacts) -> list[PlannedDelivery]:
-            rows: list[PlannedDelivery] = []
-            for subscriber, stories in self._plan(facts, candidates, now):
+            rows: list[tuple[Any, PlannedDelivery]] = []
+            for subscriber, stories, left_out in self._plan(facts, candidates, now):
                 assert subscriber.id is not None
                 ids = [s.id for s in stories]
-                rows.append((subscriber, ids, message_id(key, subscriber.id, from_address)))
-            # Outbox rows are claimed in the order they are written: subscribers who get
-            # the same stories follow each other, so a sending run renders each story
-            # list once and keeps only the last few rendered (see ``DigestComposer``).
-            rows.sort(key=lambda row: (list(row[1]), bool(row[0].name)))
-            return rows
+                mid = message_id(key, subscriber.id, from_address)
+                # Outbox rows are claimed in the order they are written: subscribers
+                # whose mails render alike (the same stories in the same sections, as
+                # many left out) follow each other, so a sending run renders each once
+                # and keeps only the last few rendered (see ``DigestComposer``).
+                alike = (
+                    ids,
+                    section_key(self.config, subscriber, stories),
+                    len(left_out),
+                    bool(subscriber.name),
+                )
+                rows.append((alike, PlannedDelivery(subscriber, ids, mid, left_out)))
+            rows.sort(key=lambda pair: pair[0])
+            return [row for _alike, row in rows]
 
-        written = self.store.build_digest(key, slot, now, [s.id for s in candidates], decide)
+        written = self.store.build_digest(
+            key,
+            slot,
+            now,
+            [s.id for s in candidates],
+            decide,
+            offered_since=self._offered_since(now),
+        )
         if written is None:
             return False, 0
         if written:
@@ -900,7 +924,13 @@ class Service:
         stories = self._stories(delivery.story_ids)
         links = self.links_for(delivery.subscriber, self.digest_page(delivery.digest_id))
         rendered = render_digest(
-            env, self.config, delivery.subscriber, stories, slot=delivery.digest_slot, links=links
+            env,
+            self.config,
+            delivery.subscriber,
+            stories,
+            slot=delivery.digest_slot,
+            links=links,
+            more=len(delivery.left_out),
         )
         return build_message(
             self.config,
@@ -929,6 +959,7 @@ class Service:
                 slot=delivery.digest_slot,
                 links=links,
                 message_id=delivery.message_id,
+                more=len(delivery.left_out),
             )
         except Exception as exc:
             if template_location(exc) is None:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import (
@@ -275,6 +275,10 @@ deliveries = Table(
     Column("sent_at", _UTCDateTime()),
     # Schema version 5: a deferred delivery waits until then (NULL: due now).
     Column("next_attempt_at", _UTCDateTime()),
+    # Schema version 8: the subscriber's stories the cap (digest.max_stories) left out
+    # of this mail (NULL: none). They are on the digest's web version and count as
+    # offered to the subscriber, so they are not mailed on their own later.
+    Column("left_out_ids", JSON),
     UniqueConstraint("digest_id", "subscriber_id", name="uq_deliveries_digest_subscriber"),
 )
 Index("ix_deliveries_state", deliveries.c.state)
@@ -302,7 +306,7 @@ story_features = Table(
     Column("evidence", JSON, nullable=False),
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -389,6 +393,11 @@ def _migrate_6_to_7(conn: Connection) -> None:
     story_features.create(conn, checkfirst=True)
 
 
+def _migrate_7_to_8(conn: Connection) -> None:
+    # Earlier digests left nothing out on record (NULL), as before.
+    _add_columns(conn, deliveries, ["left_out_ids"])
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -398,11 +407,18 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_4_to_5,
     _migrate_5_to_6,
     _migrate_6_to_7,
+    _migrate_7_to_8,
 ]
 
 
-# One outbox row to write: the subscriber, the ids of its stories, its Message-ID.
-PlannedDelivery = tuple[Subscriber, Sequence[int], str]
+class PlannedDelivery(NamedTuple):
+    """One outbox row to write: the subscriber, the ids of the stories its mail shows,
+    its Message-ID, and the ids of the subscriber's stories the cap left out."""
+
+    subscriber: Subscriber
+    story_ids: Sequence[int]
+    message_id: str
+    left_out: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -421,6 +437,8 @@ class Delivery:
     # When the digest was built: retries stop once it is older than the configured age.
     digest_created: datetime | None = None
     last_error: str | None = None
+    # The subscriber's stories the cap left out of this mail (see PlannedDelivery).
+    left_out: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1901,6 +1919,8 @@ class Store:
         now: datetime,
         story_ids: Iterable[int],
         decide: Callable[[OutboxFacts], Sequence[PlannedDelivery]],
+        *,
+        offered_since: datetime | None = None,
     ) -> int | None:
         """Plan a digest from the outbox's facts and write it, in one transaction.
 
@@ -1911,14 +1931,17 @@ class Store:
         digest waits, then sees that digest's rows and does not plan their stories
         again. Returns the number of rows written, or None when a digest with this key
         exists already (another worker or an earlier run built it): building is then a
-        no-op, which makes it idempotent.
+        no-op, which makes it idempotent. ``offered_since``: stories left out by the cap
+        are looked up in digests built since then only (none of the stories that may
+        go into this digest is older, see ``digest.lookback_days``).
         """
         wanted = list(dict.fromkeys(story_ids))
         try:
             with self._tx() as conn:
                 if conn.execute(select(digests.c.id).where(digests.c.key == key)).first():
                     return None
-                plan = decide(self._outbox_facts(conn, wanted))
+                facts = self._outbox_facts(conn, wanted, offered_since)
+                plan = [PlannedDelivery(*row) for row in decide(facts)]
                 digest_id = conn.execute(
                     insert(digests)
                     .values(key=key, created_at=now, slot_at=slot)
@@ -1930,27 +1953,32 @@ class Store:
                         [
                             {
                                 "digest_id": digest_id,
-                                "subscriber_id": subscriber.id,
+                                "subscriber_id": row.subscriber.id,
                                 "state": "pending",
-                                "story_ids": list(ids),
-                                "message_id": message_id,
+                                "story_ids": list(row.story_ids),
+                                "message_id": row.message_id,
                                 "attempts": 0,
+                                "left_out_ids": list(row.left_out) or None,
                             }
-                            for subscriber, ids, message_id in plan
+                            for row in plan
                         ],
                     )
         except IntegrityError:
             return None
         return len(plan)
 
-    def outbox_facts(self, story_ids: Iterable[int]) -> OutboxFacts:
+    def outbox_facts(
+        self, story_ids: Iterable[int], *, offered_since: datetime | None = None
+    ) -> OutboxFacts:
         """The facts a digest would be planned from now (for a dry run or a preview:
         nothing is locked, nothing written)."""
         with self.engine.connect() as conn:
-            return self._outbox_facts(conn, list(dict.fromkeys(story_ids)))
+            return self._outbox_facts(conn, list(dict.fromkeys(story_ids)), offered_since)
 
     @staticmethod
-    def _outbox_facts(conn: Connection, story_ids: Sequence[int]) -> OutboxFacts:
+    def _outbox_facts(
+        conn: Connection, story_ids: Sequence[int], offered_since: datetime | None = None
+    ) -> OutboxFacts:
         """Read ``OutboxFacts`` on ``conn``: a few queries for all subscribers, not a
         few per subscriber, since a digest's planning holds the writers' lock."""
         active = [
@@ -2005,12 +2033,25 @@ class Store:
             ):
                 if found := wanted.intersection(int(i) for i in ids):
                     had.setdefault(int(sid), set()).update(found)
+        offered: dict[int, set[int]] = {}
+        if wanted:
+            query = select(deliveries.c.subscriber_id, deliveries.c.left_out_ids).where(
+                deliveries.c.left_out_ids.is_not(None)
+            )
+            if offered_since is not None:
+                query = query.join(digests, digests.c.id == deliveries.c.digest_id).where(
+                    digests.c.created_at >= offered_since
+                )
+            for sid, ids in conn.execute(query):
+                if found := wanted.intersection(int(i) for i in ids or ()):
+                    offered.setdefault(int(sid), set()).update(found)
         return OutboxFacts(
             subscribers=active,
             bouncing=bouncing,
             last_sent=last_sent,
             waiting_since=waiting_since,
             had={sid: frozenset(ids) for sid, ids in had.items()},
+            offered={sid: frozenset(ids) for sid, ids in offered.items()},
         )
 
     def sent_digests(self) -> list[DigestRecord]:
@@ -2029,7 +2070,8 @@ class Store:
             ]
 
     def digest_story_ids(self, digest_id: int) -> list[int]:
-        """Every story any subscriber's mail of this digest holds (its general version).
+        """Every story of this digest (its general version): those any subscriber's
+        mail holds, and those the cap left out of a mail (which says they are here).
 
         Read from the outbox rows, which are fixed when the digest is created, so the
         answer never changes; a story merged into another since is left out by the
@@ -2037,10 +2079,13 @@ class Store:
         """
         ids: set[int] = set()
         with self.engine.connect() as conn:
-            for (story_ids,) in conn.execute(
-                select(deliveries.c.story_ids).where(deliveries.c.digest_id == digest_id)
+            for story_ids, left_out in conn.execute(
+                select(deliveries.c.story_ids, deliveries.c.left_out_ids).where(
+                    deliveries.c.digest_id == digest_id
+                )
             ):
                 ids.update(int(i) for i in story_ids)
+                ids.update(int(i) for i in left_out or ())
         return sorted(ids)
 
     def recover_claims(
@@ -2561,4 +2606,5 @@ def _row_to_delivery(row: Any) -> Delivery:
         attempts=row.attempts,
         digest_created=_utc(row.digest_created),
         last_error=row.last_error,
+        left_out=tuple(int(i) for i in row.left_out_ids or ()),
     )
