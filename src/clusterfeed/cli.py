@@ -37,6 +37,7 @@ from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.netguard import fetch_warnings
+from clusterfeed.retired import retired_story_settings
 from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -179,6 +180,8 @@ def check(config_path: Path | None) -> None:
         out.print(f"warning: {warning}", markup=False)
     for warning in fetch_warnings((f.name, f.url) for f in config.feeds if f.enabled):
         out.print(f"warning: {warning}", markup=False)
+    for warning in retired_story_settings(config.stories):
+        out.print(f"warning: {warning} ({config.source})", markup=False)
     out.print(
         f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
         f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
