@@ -1114,10 +1114,13 @@ class Store:
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import Evidence, item_features
+        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
-            int(r.id): _short_hash(f"{r.content_hash}\x1f{matcher.encoder.name}") for r in rows
+            int(r.id): _short_hash(
+                f"{r.content_hash}\x1f{matcher.encoder.name}\x1f{EVIDENCE_VERSION}"
+            )
+            for r in rows
         }
         by_id = {int(r.id): r for r in rows}
         stored: dict[int, Any] = {}
