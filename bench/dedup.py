@@ -771,7 +771,7 @@ def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[
 
 
 def pairwise(predicted: Mapping[str, object], truth: Mapping[str, object]) -> tuple[float, float]:
-    """``stories.pairwise_scores`` by counting, not listing pairs: the naive baseline
+    """``storyeval.pairwise_scores`` by counting, not listing pairs: the naive baseline
     makes groups of thousands at this scale, whose pairs would not fit in memory."""
 
     def pairs(sizes: Iterable[int]) -> int:
