@@ -124,17 +124,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 8
-    assert store.schema_version() == 8
+    assert store.migrate() == SCHEMA_VERSION == 9
+    assert store.schema_version() == 9
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 8  # a second start changes nothing and loses nothing
+    assert store.migrate() == 9  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [8]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [9]
     store.close()
 
 
@@ -150,14 +150,21 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_8(conn: Connection) -> None:
+    """Undo what schema version 9 added (story corrections from ``stories split``)."""
+    conn.exec_driver_sql("DROP TABLE story_corrections")
+    conn.execute(update(schema_info).values(version=8))
+
+
 def _back_to_version_7(conn: Connection) -> None:
-    """Undo what schema version 8 added, leaving what version 7 wrote."""
+    """Undo what schema versions 9 and 8 added, leaving what version 7 wrote."""
+    _back_to_version_8(conn)
     conn.exec_driver_sql("ALTER TABLE deliveries DROP COLUMN left_out_ids")
     conn.execute(update(schema_info).values(version=7))
 
 
 def _back_to_version_6(conn: Connection) -> None:
-    """Undo what schema versions 8 and 7 added (the cap's record, stored story features)."""
+    """Undo what schema versions 9 to 7 added (corrections, the cap's record, features)."""
     _back_to_version_7(conn)
     conn.exec_driver_sql("DROP TABLE story_features")
     conn.execute(update(schema_info).values(version=6))

@@ -37,6 +37,7 @@ from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.netguard import fetch_warnings
+from clusterfeed.retired import retired_story_settings
 from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
@@ -179,6 +180,8 @@ def check(config_path: Path | None) -> None:
         out.print(f"warning: {warning}", markup=False)
     for warning in fetch_warnings((f.name, f.url) for f in config.feeds if f.enabled):
         out.print(f"warning: {warning}", markup=False)
+    for warning in retired_story_settings(config.stories):
+        out.print(f"warning: {warning} ({config.source})", markup=False)
     out.print(
         f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
         f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
@@ -606,7 +609,7 @@ def bounces_clear(config_path: Path | None, email: str) -> None:
         out.print(f"{email} is no longer bouncing; the next digest includes it", markup=False)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @config_option
 @click.option(
     "--limit",
@@ -621,9 +624,12 @@ def bounces_clear(config_path: Path | None, email: str) -> None:
     is_flag=True,
     help="Print every story with the GUID and link of each member item.",
 )
+@click.pass_context
 @_handle_errors
-def stories(config_path: Path | None, limit: int, as_json: bool) -> None:
+def stories(ctx: click.Context, config_path: Path | None, limit: int, as_json: bool) -> None:
     """List recent stories with their sources and why each source was joined."""
+    if ctx.invoked_subcommand is not None:
+        return
     with _service(config_path) as service:
         if as_json:
             data = [_story_json(story) for story in service.store.recent_stories()]
@@ -640,6 +646,32 @@ def stories(config_path: Path | None, limit: int, as_json: bool) -> None:
                     f"      joined because: {reason}",
                     markup=False,
                 )
+
+
+@stories.command("split")
+@config_option
+@click.argument("url")
+@_handle_errors
+def stories_split(config_path: Path | None, url: str) -> None:
+    """Take the item at URL out of the story it was wrongly joined to, for good."""
+    with _service(config_path) as service:
+        result = service.store.split_story(url, service.clock())
+    if not result.found:
+        _fail(
+            [
+                f"error: no stored item has the link {url}",
+                "  copy the link of the item from `clusterfeed stories` (its line below the title)",
+            ]
+        )
+    if not result.moved:
+        out.print(f"{url} is already a story of its own; nothing to split", markup=False)
+        return
+    out.print(
+        f'split: "{result.title}" is now a story of its own; {result.left} other '
+        f"item(s) stay in the story it left. They will not be joined again, also after "
+        f"restarts; the published files change with the next publish or cycle.",
+        markup=False,
+    )
 
 
 def _story_json(story: Story) -> dict[str, object]:

@@ -39,7 +39,6 @@ from clusterfeed.proxies import check_proxy
 
 if TYPE_CHECKING:
     from clusterfeed.filters import FilterRules
-    from clusterfeed.stories import MatchRules
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
 CONFIG_ENV = "CLUSTERFEED_CONFIG"
@@ -503,18 +502,6 @@ class StoriesConfig(_Strict):
             _http_url(a)
             _http_url(b)
         return value
-
-    def rules(self) -> MatchRules:
-        from clusterfeed.stories import MatchRules
-
-        return MatchRules(
-            window_days=self.window_days, threshold=self.threshold,
-            name_weight=self.name_weight, name_saturation=self.name_saturation,
-            text_weight=self.text_weight, min_text_similarity=self.min_text_similarity,
-            link_weight=self.link_weight, amount_weight=self.amount_weight,
-            code_weight=self.code_weight, date_weight=self.date_weight,
-            percent_weight=self.percent_weight, rare_name_idf=self.rare_name_idf,
-        )  # fmt: skip
 
 
 class AlertsConfig(_Strict):

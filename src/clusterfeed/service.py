@@ -224,9 +224,7 @@ class Service:
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
-            StoryMatcher(stories.rules(), together=stories.together, apart=stories.apart)
-            if stories.match
-            else None
+            StoryMatcher(together=stories.together, apart=stories.apart) if stories.match else None
         )
 
     def close(self) -> None:

@@ -72,6 +72,7 @@ from clusterfeed.stories import (
     StoryMatcher,
 )
 from clusterfeed.storymodel import ItemFeatures
+from clusterfeed.storysplit import SplitResult
 
 
 class StoreError(Exception):
@@ -306,7 +307,19 @@ story_features = Table(
     Column("evidence", JSON, nullable=False),
 )
 
-SCHEMA_VERSION = 8
+# Schema version 9: story corrections made with ``clusterfeed stories split``: the
+# items at two pages (their link keys, in sorted order) are never one story. Kept by
+# page, as the config's ``apart`` pairs are, so they hold for any later copy of a page.
+story_corrections = Table(
+    "story_corrections",
+    metadata,
+    Column("link_a", String(2000), primary_key=True),
+    Column("link_b", String(2000), primary_key=True),
+    Column("verdict", String(20), nullable=False),  # apart
+    Column("created_at", _UTCDateTime(), nullable=False),
+)
+
+SCHEMA_VERSION = 9
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -398,6 +411,10 @@ def _migrate_7_to_8(conn: Connection) -> None:
     _add_columns(conn, deliveries, ["left_out_ids"])
 
 
+def _migrate_8_to_9(conn: Connection) -> None:
+    story_corrections.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -408,6 +425,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_5_to_6,
     _migrate_6_to_7,
     _migrate_7_to_8,
+    _migrate_8_to_9,
 ]
 
 
@@ -1059,7 +1077,7 @@ class Store:
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
                     entries.c.published_at, entries.c.content_hash, entries.c.language,
-                    feeds.c.name.label("feed_name"),
+                    entries.c.link_key, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.published_at >= low, entries.c.published_at <= high)
@@ -1077,9 +1095,13 @@ class Store:
                 key=lambda i: order[i],
             )
             forced = None
-            if matcher.forces_pairs:
+            apart = self._stored_apart(conn, {r.link_key for r in rows if r.link_key})
+            keys = {int(r.id): r.link_key for r in rows}
+            if matcher.forces_pairs or apart:
 
                 def forced(a: int, b: int) -> str | None:
+                    if keys[b] in apart.get(keys[a], ()):
+                        return "apart"
                     return matcher.forced_links(links[a], links[b])
 
             ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
@@ -1090,15 +1112,41 @@ class Store:
         return len(decisions)
 
     @staticmethod
+    def _stored_apart(conn: Connection, keys: set[str]) -> dict[str, set[str]]:
+        """The pages among ``keys`` that ``stories split`` set apart, page -> pages."""
+        apart: dict[str, set[str]] = {}
+        for chunk in _chunks(sorted(keys), 500):
+            for row in conn.execute(
+                select(story_corrections.c.link_a, story_corrections.c.link_b).where(
+                    story_corrections.c.verdict == "apart",
+                    story_corrections.c.link_a.in_(chunk),
+                )
+            ):
+                apart.setdefault(row.link_a, set()).add(row.link_b)
+                apart.setdefault(row.link_b, set()).add(row.link_a)
+        return apart
+
+    def split_story(self, url: str, now: datetime) -> SplitResult:
+        """Take the item at ``url`` out of its story and keep its page apart from the
+        pages left there (``clusterfeed.storysplit``)."""
+        from clusterfeed.storysplit import split_entry
+
+        with self._tx() as conn:
+            return split_entry(conn, url, now)
+
+    @staticmethod
     def _story_features(
         conn: Connection, rows: Sequence[Any], matcher: StoryMatcher
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import Evidence, item_features
+        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
-            int(r.id): _short_hash(f"{r.content_hash}\x1f{matcher.encoder.name}") for r in rows
+            int(r.id): _short_hash(
+                f"{r.content_hash}\x1f{matcher.encoder.name}\x1f{EVIDENCE_VERSION}"
+            )
+            for r in rows
         }
         by_id = {int(r.id): r for r in rows}
         stored: dict[int, Any] = {}
