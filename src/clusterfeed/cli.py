@@ -421,6 +421,18 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+def http_cell(s: FeedStatus) -> str:
+    """The HTTP column of ``status``: what the server said to the last attempt.
+
+    A file is read, not asked, so it has no status; a web feed whose last attempt got
+    no answer at all (connection refused, timeout) shows "–", whatever an earlier
+    attempt got. Deciding by the last success instead called such a feed "file".
+    """
+    if not s.fetch_url.startswith(("http://", "https://")):
+        return "file"
+    return str(s.last_status) if s.last_status else "–"
+
+
 def _status_json(s: FeedStatus) -> dict[str, object]:
     """One feed for ``status --json``; the field names are a stable interface for scripts."""
     return {
@@ -491,7 +503,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
                 s.state,
                 _when(s.last_attempt_at),
                 _when(s.last_success_at),
-                str(s.last_status) if s.last_status else ("file" if s.last_success_at else "–"),
+                http_cell(s),
                 str(s.consecutive_failures),
                 "stopped" if s.state == "gone" else _when(s.next_attempt_at, "now"),
                 f"{s.entries} ({s.entries_30_days})",
