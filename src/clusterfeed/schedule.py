@@ -23,8 +23,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from clusterfeed.cadence import cycle_line
 from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
+from clusterfeed.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +85,20 @@ async def _fetch_and_publish(service: Service) -> None:
         await service.notify_hub(published)
         await _send_due_retries(service)
         failed = sum(1 for o in outcomes if o.state == "failed")
-        log.info(
-            "fetch cycle: %d feeds, %d failed, feed %s (%d files written, %d unchanged)",
-            len(outcomes),
+        statuses = await asyncio.to_thread(service.store.feed_statuses, None, with_counts=False)
+        due = cycle_line(
+            statuses,
+            {f.name for f in service.config.feeds if f.enabled},
+            {o.name for o in outcomes},
             failed,
+            service.clock(),
+            service.config.schedule.timezone,
+        )
+        log.info(
+            "fetch cycle: %s; feed %s (%s written, %d unchanged)",
+            due,
             "updated" if service.feed_path() in published.written else "unchanged",
-            len(published.written),
+            plural(len(published.written), "file"),
             len(published.unchanged),
         )
     except Exception:  # a job must never take the scheduler down

@@ -25,6 +25,7 @@ from urllib.parse import urljoin
 import jinja2
 from sqlalchemy.exc import SQLAlchemyError
 
+from clusterfeed.cadence import apply_interval
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
     DigestComposer,
@@ -238,6 +239,8 @@ class Service:
         """Bring the store up to date with the schema and the config's feeds and subscribers."""
         self.store.migrate()
         self.store.sync_feeds((f.name, f.url, f.site) for f in self.config.feeds if f.enabled)
+        # A shortened schedule.fetch_interval_minutes applies now, not after the old waits.
+        apply_interval(self.store, self.config.schedule.fetch_interval_minutes)
         subs = [
             Subscriber(
                 email=s.email,
