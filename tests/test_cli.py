@@ -40,7 +40,8 @@ def _status_table(config: Path) -> str:
 
 
 def _row(table: str, name: str) -> list[str]:
-    (line,) = [line for line in table.splitlines() if f" {name} " in line]
+    rows = [line for line in table.splitlines() if "│" in line or "┃" in line]
+    (line,) = [line for line in rows if f" {name} " in line]
     cells = line.replace("┃", "│").strip().strip("│").split("│")
     return [cell.strip() for cell in cells]
 

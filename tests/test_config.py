@@ -253,7 +253,7 @@ def test_check_prints_every_problem_and_fails(tmp_path: Path, run_cli) -> None:
         f'error: {path}: feeds "Elbmed Pharma" (entry 2): unknown key "lanugage" — '
         'did you mean "language"? Keys allowed here: ' in result.stderr
     )
-    assert f"{len(EXPECTED)} problem(s) in the config." in result.stderr
+    assert f"{len(EXPECTED)} problems in the config." in result.stderr
     assert "Traceback" not in result.output
 
 

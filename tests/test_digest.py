@@ -469,8 +469,8 @@ def test_dry_run_lists_who_would_get_what_and_sends_nothing(digest_config: Path,
     assert {
         "rita@example.org: 4 stories",
         "gene@example.org: 2 stories",
-        "deutsch@example.org: 1 stories",
-        "kansai@example.org: 1 stories",
+        "deutsch@example.org: 1 story",
+        "kansai@example.org: 1 story",
         "4 subscribers would get a digest (dry run, nothing sent)",
     } <= lines
     assert _mails(digest_config) == []

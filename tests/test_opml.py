@@ -324,7 +324,7 @@ def test_an_import_that_would_break_the_config_writes_nothing(
         'found "German"'
     )
     assert "'Elbe Diagnostics & Co. <Kiel>' from the OPML file" in lines[0]
-    assert lines[-1] == "nothing written: 2 problem(s) in the config."
+    assert lines[-1] == "nothing written: 2 problems in the config."
 
 
 def test_feeds_written_as_an_inline_array_are_not_rewritten(tmp_path: Path, run_cli) -> None:

@@ -244,6 +244,43 @@ def test_run_fetches_on_start_and_stops_cleanly_on_sigterm(
     assert _mails(config) == []  # no digest is due: none was sent
 
 
+def test_run_serve_logs_its_address_and_no_scheduler_chatter(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, running
+) -> None:
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(
+        tmp_path,
+        served_example_feeds(feed_server)[:1],
+        database_url=database_url,
+        extra='[schedule]\ndigest_cron = "0 0 1 1 *"\n',
+    )
+    text = config.read_text(encoding="utf-8")
+    config.write_text(text.replace("[web]\n", f'[web]\nhost = "127.0.0.1"\nport = {port}\n'))
+    service = running(config, "--serve")
+
+    service.wait_for(f"serving on http://127.0.0.1:{port}/")
+    service.wait_for("fetch cycle: 1 of 1 feed due, 0 failed")
+    deadline = time.monotonic() + 30
+    while True:  # the log line comes just before the socket is bound
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            break
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, service.log
+            time.sleep(0.05)
+    assert service.stop() == 0
+
+    assert answer.status_code in (200, 503)
+    assert "apscheduler" not in service.log  # "Adding job tentatively", "Scheduler started"
+    assert "1 feeds" not in service.log
+
+
 def test_sigterm_lets_the_fetch_in_flight_finish(
     tmp_path: Path, feed_server: FeedServer, database_url: str, running, rss_feed
 ) -> None:
@@ -355,11 +392,11 @@ def test_a_digest_missed_while_down_is_sent_once_on_start(
     store.close()
 
     first = running(config)
-    first.wait_for("deliveries planned")
+    first.wait_for("planned, ")
     assert first.stop() == 0
 
     assert "while clusterfeed was not running: sending it now" in first.log
-    assert "1 deliveries planned, 1 sent" in first.log
+    assert "1 delivery planned, 1 sent" in first.log
     assert len(_mails(config)) == 1
 
     second = running(config)

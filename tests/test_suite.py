@@ -35,3 +35,12 @@ def test_no_test_sets_a_deadline_of_its_own() -> None:
             ):
                 timed.append(f"{path.name}:{node.lineno}")
     assert timed == []
+
+
+def test_counts_are_printed_with_the_right_plural() -> None:
+    from clusterfeed.words import plural
+
+    assert [plural(n, "feed") for n in (0, 1, 2)] == ["0 feeds", "1 feed", "2 feeds"]
+    assert plural(1, "delivery") == "1 delivery" and plural(3, "delivery") == "3 deliveries"
+    assert plural(2, "address") == "2 addresses" and plural(2, "day") == "2 days"
+    assert plural(2, "story") == "2 stories" and plural(2, "new item") == "2 new items"

@@ -37,6 +37,7 @@ from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, Tempora
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
+from clusterfeed.words import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,7 +63,9 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "apscheduler.executors", "aiosmtplib"):
+    # APScheduler tells at INFO how it adds and starts jobs ("Adding job tentatively");
+    # our own lines say what runs when, so only its warnings and errors are shown.
+    for noisy in ("httpx", "httpcore", "apscheduler", "aiosmtplib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -90,7 +93,7 @@ def _service(config_path: Path | None) -> Iterator[Service]:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."]
+            + [f"{plural(len(exc.problems), 'problem')} in the config."]
         )
     store = Store(config.database_url)
     service = Service(config, store)
@@ -145,7 +148,7 @@ def check(config_path: Path | None) -> None:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."],
+            + [f"{plural(len(exc.problems), 'problem')} in the config."],
             1,
         )
     subs = all_subscribers(config)
@@ -153,7 +156,7 @@ def check(config_path: Path | None) -> None:
     for warning in advice(config):
         out.print(f"warning: {warning}", markup=False)
     out.print(
-        f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
+        f"  {plural(len(config.feeds), 'feed')}, {plural(len(subs), 'subscriber')}, "
         f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
         f"mail via {config.mail.transport}, store {config.database_url.split('://')[0]}",
         markup=False,
@@ -194,7 +197,10 @@ def _fetch_with_progress(service: Service) -> list[FeedOutcome]:
 def _print_outcomes(outcomes: list[FeedOutcome]) -> None:
     new = sum(o.new_entries for o in outcomes)
     failed = [o for o in outcomes if o.state == "failed"]
-    out.print(f"fetched {len(outcomes)} feeds: {new} new items, {len(failed)} failed", markup=False)
+    out.print(
+        f"fetched {plural(len(outcomes), 'feed')}: {plural(new, 'new item')}, {len(failed)} failed",
+        markup=False,
+    )
     for o in failed:
         out.print(f"  FAILED {o.name}: {o.message}", markup=False)
     for o in outcomes:
@@ -242,7 +248,7 @@ def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = F
     else:
         out.print(f"{'wrote' if written else 'unchanged'}: {main_feed}", markup=False)
     out.print(
-        f"published {report.folder}: {len(report.written)} files written, "
+        f"published {report.folder}: {plural(len(report.written), 'file')} written, "
         f"{len(report.unchanged)} unchanged",
         markup=False,
     )
@@ -283,9 +289,10 @@ def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> Non
         if dry_run:
             plan = service.plan_digest(service.clock())
             for subscriber, stories in plan:
-                out.print(f"{subscriber.email}: {len(stories)} stories", markup=False)
+                out.print(f"{subscriber.email}: {plural(len(stories), 'story')}", markup=False)
             out.print(
-                f"{len(plan)} subscribers would get a digest (dry run, nothing sent)", markup=False
+                f"{plural(len(plan), 'subscriber')} would get a digest (dry run, nothing sent)",
+                markup=False,
             )
             return
         earlier = _send_with_progress(service)  # finish what an earlier run left
@@ -400,6 +407,9 @@ async def _run_service(service: Service, with_web: bool) -> None:
 
     server = make_server(service)
     server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
+    logging.getLogger("clusterfeed.web").info(
+        "serving on http://%s:%d/", server.config.host, server.config.port
+    )
     web = asyncio.ensure_future(server.serve())
     try:
         await run_forever(service)
@@ -486,7 +496,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
         if as_json:
             click.echo(json.dumps([_status_json(s) for s in rows], indent=2, ensure_ascii=False))
             return
-        table = Table(title=f"{len(rows)} feeds")
+        table = Table(title=plural(len(rows), "feed"))
         for column in (
             "feed", "state", "last attempt", "last success", "HTTP", "errors",
             "next attempt", "items (30 d)", "problem",
@@ -527,13 +537,14 @@ def _print_bouncing(service: Service) -> None:
     if not bouncing:
         return
     out.print(
-        f"bouncing addresses ({len(bouncing)}; digests skip them until "
+        f"bouncing addresses ({len(bouncing)}; digests skip "
+        f"{'it' if len(bouncing) == 1 else 'them'} until "
         "`clusterfeed bounces clear EMAIL`):",
         markup=False,
     )
     for b in bouncing:
         out.print(
-            f"  {b.email}: since {_when(b.since)}, {b.refusals} refusals in a row"
+            f"  {b.email}: since {_when(b.since)}, {plural(b.refusals, 'refusal')} in a row"
             + (f"; last: {b.last_error}" if b.last_error else ""),
             markup=False,
         )
@@ -650,7 +661,7 @@ def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_r
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"nothing written: {len(exc.problems)} problem(s) in the config."]
+            + [f"nothing written: {plural(len(exc.problems), 'problem')} in the config."]
         )
     plan = result.plan
     if dry_run and result.appended:
@@ -670,9 +681,13 @@ def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_r
         out.print(f"  - {ignored.name}: not imported, {ignored.reason}", markup=False)
     names = f" ({', '.join(s.name for s in plan.skipped)})" if plan.skipped else ""
     out.print(
-        f"{'would add' if dry_run else 'added'} {len(plan.added)} feeds, "
+        f"{'would add' if dry_run else 'added'} {plural(len(plan.added), 'feed')}, "
         f"skipped {len(plan.skipped)} already present{names}"
-        + (f", ignored {len(plan.ignored)} outlines that are not feeds" if plan.ignored else ""),
+        + (
+            f", ignored {plural(len(plan.ignored), 'outline')} that are not feeds"
+            if plan.ignored
+            else ""
+        ),
         markup=False,
     )
     if dry_run:
@@ -702,7 +717,7 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."]
+            + [f"{plural(len(exc.problems), 'problem')} in the config."]
         )
     export = export_opml(config, datetime.now(UTC))
     for note in export.notes:
@@ -714,7 +729,7 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
         write_atomic(out_file, export.data)
     except OSError as exc:
         _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
-    out.print(f"wrote {out_file}: {export.exported} feeds", markup=False)
+    out.print(f"wrote {out_file}: {plural(export.exported, 'feed')}", markup=False)
 
 
 # -- subscribers --------------------------------------------------------------------------
@@ -787,7 +802,8 @@ def subscribers_list(config_path: Path | None, show_all: bool) -> None:
             out.print(line.rstrip(), markup=False)
         receiving = sum(1 for m in members if m.receives_digests)
         out.print(
-            f"{receiving} receive the digest; {len(shown)} listed of {len(members)} known",
+            f"{receiving} {'receives' if receiving == 1 else 'receive'} the digest; "
+            f"{len(shown)} listed of {len(members)} known",
             markup=False,
         )
 
@@ -902,7 +918,7 @@ def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"nothing imported: {len(exc.problems)} problem(s) in {csv_file}"]
+            + [f"nothing imported: {plural(len(exc.problems), 'problem')} in {csv_file}"]
         )
     with _service(config_path) as service:
         subs = Subscriptions(service)
@@ -930,7 +946,7 @@ def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool
             _fail(
                 [
                     f"error: {csv_file}: a confirmation mail could not be sent ({exc}); "
-                    f"{counts['confirm']} addresses were imported before it. Check [mail] and "
+                    f"{plural(counts['confirm'], 'address')} imported before it. Check [mail] and "
                     "import the file again (pending addresses get a new mail)"
                 ]
             )
@@ -1020,7 +1036,7 @@ def subscribers_export(
         write_atomic(out_file, data.encode("utf-8"))
     except OSError as exc:
         _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
-    out.print(f"wrote {out_file}: {len(rows)} rows", markup=False)
+    out.print(f"wrote {out_file}: {plural(len(rows), 'row')}", markup=False)
 
 
 @subscribers.command("erase")

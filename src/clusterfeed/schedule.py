@@ -122,10 +122,10 @@ async def _digest(service: Service, slot: datetime) -> None:
     try:
         created, planned, report = await service.digest(slot_key(slot), slot)
         log.info(
-            "digest %s: %s, %d deliveries planned, %d sent, %d deferred, %d failed",
+            "digest %s: %s, %s planned, %d sent, %d deferred, %d failed",
             slot.isoformat(),
             "built" if created else "already built",
-            planned,
+            plural(planned, "delivery"),
             report.sent,
             report.retry,
             report.failed,

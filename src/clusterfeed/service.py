@@ -81,6 +81,7 @@ from clusterfeed.site import (
 from clusterfeed.store import Delivery, Store
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
+from clusterfeed.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +319,7 @@ class Service:
                 self.store.join_new_stories, cycle_started, self.matcher
             )
             if joined:
-                log.info("%d new items joined stories told by other partners", joined)
+                log.info("%s joined stories told by other partners", plural(joined, "new item"))
         order = {f.name: i for i, f in enumerate(self.config.feeds)}
         outcomes.sort(key=lambda o: order.get(o.name, 0))
         return outcomes
@@ -464,7 +465,7 @@ class Service:
                 f"not modified, but the database refused to record it ({reason}); the next "
                 "cycle asks again"
             )
-            log.error("%d unchanged feeds: %s", len(rows), message)
+            log.error("%s: %s", plural(len(rows), "unchanged feed"), message)
             return [FeedOutcome(r.feed_name, "failed", message=message) for r, _ in answers]
         return [FeedOutcome(r.feed_name, "unchanged") for r, _ in answers]
 
