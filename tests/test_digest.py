@@ -445,7 +445,7 @@ def test_preview_writes_html_and_sends_nothing(digest_config: Path, run_cli) -> 
     result = run_cli("digest", "--config", digest_config, "--preview", out)
 
     assert result.exit_code == 0, result.output
-    assert f"wrote preview: {out}" in result.stdout
+    assert f"preview of the digest for rita@example.org: {out}" in result.stdout
     page = _Html(out.read_text(encoding="utf-8"))
     assert {t for _h, t in page.links} >= ALL_TITLES
     assert "font-size: 18px" in page.find("p", class_="headline")[0]["style"]
@@ -457,6 +457,41 @@ def test_preview_writes_html_and_sends_nothing(digest_config: Path, run_cli) -> 
     # The preview took nothing away: the real digest still has every story.
     run_cli("digest", "--config", digest_config)
     assert digest_titles(_by_recipient(digest_config)["rita@example.org"][0]) == ALL_TITLES
+
+
+def test_preview_of_a_chosen_subscriber_says_whose_it_is(digest_config: Path, run_cli) -> None:
+    assert run_cli("fetch", "--config", digest_config).exit_code == 0
+    out = digest_config.parent / "gene.html"
+
+    result = run_cli(
+        "digest", "--config", digest_config, "--preview", out, "--subscriber", "gene@example.org"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"preview of the digest for gene@example.org: {out}"
+    titles = {t for _h, t in _Html(out.read_text(encoding="utf-8")).links}
+    assert titles & ALL_TITLES == {i["title"] for i in HELIX}
+    assert _mails(digest_config) == []
+
+
+def test_a_preview_without_a_file_name_says_what_is_missing(digest_config: Path, run_cli) -> None:
+    forgot = run_cli("digest", "--preview", "--config", digest_config)
+
+    assert forgot.exit_code == 2
+    assert "unexpected extra argument" not in forgot.output
+    assert "--preview" in forgot.stderr and "needs the name of a file" in forgot.stderr
+    assert not Path("--config").exists()
+
+    stranger = run_cli(
+        "digest", "--config", digest_config, "--preview", digest_config.parent / "x.html",
+        "--subscriber", "nobody@example.org",
+    )  # fmt: skip
+    assert stranger.exit_code == 2
+    assert "nobody@example.org is not a subscriber" in stranger.stderr
+
+    alone = run_cli("digest", "--config", digest_config, "--subscriber", "gene@example.org")
+    assert alone.exit_code == 2 and "add --preview FILE" in alone.stderr
+    assert _mails(digest_config) == []
 
 
 def test_dry_run_lists_who_would_get_what_and_sends_nothing(digest_config: Path, run_cli) -> None:

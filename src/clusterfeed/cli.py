@@ -269,22 +269,62 @@ def _send_with_progress(service: Service) -> Any:
         return asyncio.run(service.send_pending(on_progress=lambda d, o: progress.advance(task)))
 
 
+def _file_name_not_option(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> Path | None:
+    """``--preview --config X`` took "--config" as the file name: say what is missing."""
+    if value is not None and str(value).startswith("-"):
+        raise click.BadParameter(
+            f"needs the name of a file to write the HTML to, such as "
+            f"--preview digest.html; {str(value)!r} is an option, not a file name",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
 @main.command()
 @config_option
 @click.option(
     "--preview",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=_file_name_not_option,
+    metavar="FILE",
     help="Write the HTML a subscriber would get to this file; send nothing.",
+)
+@click.option(
+    "--subscriber",
+    "preview_for",
+    metavar="EMAIL",
+    help="With --preview: whose digest to show (default: the first with something new).",
 )
 @click.option("--dry-run", is_flag=True, help="Show who would get how many stories; send nothing.")
 @_handle_errors
-def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> None:
+def digest(
+    config_path: Path | None, preview: Path | None, preview_for: str | None, dry_run: bool
+) -> None:
     """Send the digest now to every subscriber who has something new."""
+    if preview_for is not None and preview is None:
+        _fail(["error: --subscriber chooses whose digest --preview FILE shows; add --preview FILE"])
     with _service(config_path) as service:
         _warn_about_mail_settings(service.config)
         if preview is not None:
-            preview.write_text(service.preview(), encoding="utf-8")
-            out.print(f"wrote preview: {preview}", markup=False)
+            try:
+                subscriber, html = service.preview(preview_for)
+            except LookupError:
+                _fail(
+                    [
+                        f"error: {preview_for} is not a subscriber; "
+                        "`clusterfeed subscribers list` shows who is"
+                    ]
+                )
+            preview.write_text(html, encoding="utf-8")
+            whose = (
+                f"the digest for {subscriber.email}"
+                if subscriber.id
+                else "a sample digest (nobody has new stories now)"
+            )
+            out.print(f"preview of {whose}: {preview}", markup=False)
             return
         if dry_run:
             plan = service.plan_digest(service.clock())

@@ -845,12 +845,23 @@ class Service:
             cache = self._story_cache
             return [s for i in ids if (s := cache.get(i) or found.get(i)) is not None]
 
-    def preview(self) -> str:
-        """The HTML the first matching subscriber would get now, for ``digest --preview``."""
+    def preview(self, email: str | None = None) -> tuple[Subscriber, str]:
+        """Whose digest ``digest --preview`` shows, and its HTML, as they would get it now.
+
+        The subscriber named by ``email``, else the first who has something new; with
+        nobody to show, a sample of recent stories for a made-up reader. Raises
+        LookupError for an address that is not a subscriber.
+        """
         env = make_environment(template_dir(self.config))
         now = self.clock()
         plan = self.plan_digest(now)
-        if plan:
+        if email is not None:
+            membership = self.store.membership(email=email)
+            if membership is None:
+                raise LookupError(email)
+            subscriber = membership.subscriber
+            stories = next((st for sub, st in plan if sub.id == subscriber.id), [])
+        elif plan:
             subscriber, stories = plan[0]
         else:
             subscriber = Subscriber(email="preview@example.org", name="Preview", id=0)
@@ -858,7 +869,7 @@ class Service:
         rendered = render_digest(
             env, self.config, subscriber, stories, slot=now, links=self.links_for(subscriber)
         )
-        return rendered.html
+        return subscriber, rendered.html
 
     async def send_pending(
         self,
