@@ -7,7 +7,9 @@ read from the Maildir they were delivered to.
 from __future__ import annotations
 
 import email
+import json
 import re
+import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from email import policy
@@ -20,10 +22,12 @@ from typing import Any
 import pytest
 
 from clusterfeed.config import load_config
+from clusterfeed.digest import format_date
 from clusterfeed.store import Store
 from clusterfeed.tokens import UNSUBSCRIBE, InvalidToken, make_token, read_token
 from tests.conftest import (
     REALCLIENTS,
+    TEMPLATES,
     FeedServer,
     Route,
     digest_titles,
@@ -205,9 +209,10 @@ def test_digest_message_has_both_parts_and_every_header(digest_config: Path, run
     (to,) = msg["To"].addresses
     assert (to.display_name, to.addr_spec) == ("Rita Reader", "rita@example.org")
     assert msg["Reply-To"].addresses[0].addr_spec == "presse@nordbio.example"
-    assert msg["Subject"].startswith("NordBio Cluster news, ")
-    # The newest story names the mail; the others are counted.
-    assert msg["Subject"].endswith(": Helix Vektor opens vector plant in Kiel and 3 more")
+    # Short, in the digest's language: the count and the date, no partner's headline.
+    assert msg["Subject"] == (
+        f"NordBio Cluster news: 4 new stories, {format_date(datetime.now(UTC), 'Europe/Berlin')}"
+    )
     assert msg["List-Id"] == '"NordBio Cluster digest" <digest.news.nordbio.example>'
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
@@ -335,6 +340,19 @@ def test_a_title_with_line_breaks_never_creates_a_header(
         "date": "Fri, 21 Nov 2025 09:00:00 +0000",
     }
     feed_server.routes["/helix.rss"] = Route(rss_feed("Helix Vektor", [hostile, *HELIX]))
+    # The default subject names no headline; an operator's template that does must not
+    # let one add a header either.
+    own = digest_config.parent / "own-templates"
+    shutil.copytree(TEMPLATES, own)
+    (own / "digest_subject.txt").write_text("{{ stories[0].title }}", encoding="utf-8")
+    text = digest_config.read_text(encoding="utf-8")
+    digest_config.write_text(
+        text.replace(
+            f"templates_dir = {json.dumps(str(TEMPLATES))}",
+            f"templates_dir = {json.dumps(str(own))}",
+        ),
+        encoding="utf-8",
+    )
 
     _send_digest(run_cli, digest_config)
 
@@ -432,7 +450,25 @@ def test_send_when_empty_mails_everyone(digest_config: Path, run_cli) -> None:
     empty = got["medtech@example.org"][0]
     assert digest_titles(empty) == set()
     assert "There is nothing new from our partners" in mail_text(empty)
-    assert empty["Subject"].endswith(": no new stories")
+    assert empty["Subject"].startswith("NordBio Cluster news: nothing new, ")
+
+
+def test_a_first_digest_has_a_short_subject_and_no_last_digest(
+    example_config: Path, run_cli
+) -> None:
+    # The bundled example: 36 stories in English, German and Japanese.
+    assert run_cli("fetch", "--config", example_config).exit_code == 0
+    assert run_cli("digest", "--config", example_config).exit_code == 0
+
+    mails = _mails(example_config)
+    assert mails
+    for _raw, msg in mails:
+        subject = msg["Subject"]
+        assert len(subject) <= 78, subject
+        assert not digest_titles(msg) & {t for t in digest_titles(msg) if t in subject}
+        assert re.fullmatch(r"NordBio Cluster news: (\d+ new stories|1 new story), .+", subject)
+        for body in (mail_text(msg), mail_html(msg)):
+            assert "since your last" not in body  # nobody had a digest before
 
 
 # -- preview and dry run --------------------------------------------------------------------
