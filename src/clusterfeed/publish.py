@@ -14,7 +14,7 @@ import json
 import mimetypes
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -422,6 +422,17 @@ def _drop_none(**values: Any) -> dict[str, Any]:
 def story_id(site_url: str, story: Story) -> str:
     """A story's permanent id, the same in every format and every file it appears in."""
     return tag_uri(site_url, "story", story.key)
+
+
+def reading_order(stories: Iterable[Story]) -> list[Story]:
+    """Stories newest first by the date readers see: their representative's.
+
+    The store orders by a story's first report (the earliest of its versions), but the
+    feeds and the site show the representative version's date; a story told first by a
+    partner on 27 Oct and shown with the cluster's own version of 29 Oct was listed
+    below one of 28 Oct. Ties keep the newer story first.
+    """
+    return sorted(stories, key=lambda s: (s.entry.published, s.id), reverse=True)
 
 
 def story_updated(story: Story) -> datetime:

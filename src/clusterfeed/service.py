@@ -66,7 +66,7 @@ from clusterfeed.mail import (
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
 from clusterfeed.polling import next_poll
-from clusterfeed.publish import SourceFeed, newest_update, write_atomic
+from clusterfeed.publish import SourceFeed, newest_update, reading_order, write_atomic
 from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
 from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import (
@@ -580,7 +580,7 @@ class Service:
                 ]
             )
         folder = out_dir if out_dir is not None else cfg.publish.output_dir
-        stories = self.store.recent_stories()
+        stories = reading_order(self.store.recent_stories())
         site = SiteMeta(
             title=cfg.feed_title,
             feed_url=cfg.feed_url,
