@@ -249,7 +249,8 @@ def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = F
         out.print(f"{'wrote' if written else 'unchanged'}: {main_feed}", markup=False)
     out.print(
         f"published {report.folder}: {plural(len(report.written), 'file')} written, "
-        f"{len(report.unchanged)} unchanged",
+        f"{len(report.unchanged)} unchanged"
+        + (f", {len(report.removed)} removed" if report.removed else ""),
         markup=False,
     )
 

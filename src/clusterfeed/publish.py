@@ -462,6 +462,25 @@ def _truncate(text: str, limit: int) -> str:
     return truncate(text, limit)
 
 
+def remove_stale(folder: Path, planned: Iterable[str]) -> list[Path]:
+    """Delete the feed files of topics and languages that no longer exist (and archive
+    pages beyond the last); see ``feedset.stale_files``. Returns what was removed."""
+    from clusterfeed.feedset import GENERATED_DIRS, stale_files
+
+    existing = [
+        f"{sub}/{entry.name}"
+        for sub in GENERATED_DIRS
+        if (folder / sub).is_dir()
+        for entry in (folder / sub).iterdir()
+        if entry.is_file()
+    ]
+    removed = []
+    for relative in stale_files(existing, planned):
+        (folder / relative).unlink(missing_ok=True)
+        removed.append(folder / relative)
+    return removed
+
+
 def write_atomic(path: Path, data: bytes) -> bool:
     """Replace ``path`` with ``data`` in one step; do nothing if it already holds them.
 

@@ -66,7 +66,13 @@ from clusterfeed.mail import (
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
 from clusterfeed.polling import next_poll
-from clusterfeed.publish import SourceFeed, newest_update, reading_order, write_atomic
+from clusterfeed.publish import (
+    SourceFeed,
+    newest_update,
+    reading_order,
+    remove_stale,
+    write_atomic,
+)
 from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
 from clusterfeed.scrape import ListingSelectors
 from clusterfeed.site import (
@@ -134,10 +140,11 @@ class PublishReport:
     folder: Path
     written: list[Path] = field(default_factory=list)
     unchanged: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # of vanished topics and languages
 
     @property
     def changed(self) -> bool:
-        return bool(self.written)
+        return bool(self.written or self.removed)
 
     def __bool__(self) -> bool:
         return self.changed
@@ -615,7 +622,9 @@ class Service:
             for path, render in site_pages(env, cfg, stories, cfg.publish.max_entries)
         ]
         planned = self._digest_files(env) + pages + planned
-        return self._write_files(folder, planned)
+        report = self._write_files(folder, planned)
+        report.removed = remove_stale(folder, [f.path for f in planned])
+        return report
 
     def _write_files(self, folder: Path, planned: list[PlannedFile]) -> PublishReport:
         report = PublishReport(folder)
