@@ -352,6 +352,21 @@ def test_subscriber_csv_problem_names_the_line(tmp_path: Path) -> None:
     assert "not a valid e-mail address" in problems[0].message
 
 
+def test_a_csv_value_of_the_wrong_kind_says_what_to_write(tmp_path: Path) -> None:
+    csv_file = tmp_path / "subscribers.csv"
+    csv_file.write_text(
+        "email,name,topics,languages,frequency\nnina@example.org,Nina,,,monthly\n",
+        encoding="utf-8",
+    )
+    path = write_config(tmp_path, [{"name": "Partner", "url": "https://partner.example/feed"}])
+    path.write_text('subscribers_csv = "subscribers.csv"\n' + path.read_text())
+
+    (problem,) = _problems(path)
+
+    assert problem.key == "line 2, column frequency"
+    assert problem.message == "found \"monthly\"; use one of 'daily' or 'weekly'"
+
+
 def test_subscribers_from_csv_and_config_are_merged(tmp_path: Path) -> None:
     (tmp_path / "subscribers.csv").write_text(
         "email,name,topics,languages,frequency\n"

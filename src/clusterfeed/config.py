@@ -837,7 +837,7 @@ def read_subscribers_csv(
                         Problem(
                             path,
                             f"line {line}, column {column}",
-                            f"{_clean_msg(err['msg'])} (found {err['input']!r})",
+                            sentence(err["type"], err["msg"], err.get("ctx"), err["input"]),
                         )
                     )
     if problems:
@@ -912,10 +912,6 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out
-
-
-def _clean_msg(msg: str) -> str:
-    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
 
 
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
