@@ -10,6 +10,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,10 +22,12 @@ from sqlalchemy.engine import Connection
 
 from clusterfeed.config import load_config
 from clusterfeed.model import Entry, PollFacts, Subscriber
+from clusterfeed.planning import OutboxFacts
 from clusterfeed.service import Service
 from clusterfeed.store import (
     SCHEMA_VERSION,
     Delivery,
+    PlannedDelivery,
     Store,
     StoreError,
     deliveries,
@@ -117,17 +122,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 5
-    assert store.schema_version() == 5
+    assert store.migrate() == SCHEMA_VERSION == 6
+    assert store.schema_version() == 6
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 5  # a second start changes nothing and loses nothing
+    assert store.migrate() == 6  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [5]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [6]
     store.close()
 
 
@@ -143,15 +148,22 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_5(conn: Connection) -> None:
+    """Undo what schema version 6 added, leaving what version 5 wrote."""
+    conn.exec_driver_sql("DROP INDEX ix_sent_stories_story")
+    conn.execute(update(schema_info).values(version=5))
+
+
 def _back_to_version_4(conn: Connection) -> None:
-    """Undo what schema version 5 added, leaving what version 4 wrote."""
+    """Undo what schema versions 6 and 5 added, leaving what version 4 wrote."""
+    _back_to_version_5(conn)
     for table, column in V5_DELIVERY_COLUMNS:
         conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
     conn.execute(update(schema_info).values(version=4))
 
 
 def _back_to_version_3(conn: Connection) -> None:
-    """Undo what schema versions 5 and 4 added, leaving what version 3 wrote."""
+    """Undo what schema versions 6, 5 and 4 added, leaving what version 3 wrote."""
     _back_to_version_4(conn)
     for table in V4_TABLES:
         conn.exec_driver_sql(f"DROP TABLE {table}")
@@ -251,6 +263,29 @@ def test_a_version_4_outbox_is_upgraded_and_its_pending_mail_is_due_at_once(
     (claimed,) = upgraded.claim_due("w:1", NOW, 10)
     assert upgraded.mark_failed(claimed, "550 no", refused_address=True, now=NOW, bounce_after=1)
     assert [b.email for b in upgraded.bouncing()] == ["rita@example.org"]
+    upgraded.close()
+
+
+def test_a_version_5_store_is_upgraded_and_keeps_what_each_subscriber_was_sent(
+    store: Store, database_url: str
+) -> None:
+    delivery = _one_digest(store)
+    store.claim(delivery.id, "worker-a:1", NOW)
+    store.mark_sent(delivery, NOW, claimed_by="worker-a:1")
+    with store.engine.begin() as conn:
+        _back_to_version_5(conn)
+    store.close()
+    upgraded = Store(database_url)
+
+    assert upgraded.migrate() == SCHEMA_VERSION
+
+    indexes = {i["name"] for i in inspect(upgraded.engine).get_indexes("sent_stories")}
+    assert "ix_sent_stories_story" in indexes
+    assert upgraded.delivery_counts() == {"sent": 1}
+    # A digest planned now finds the story sent, through the new index.
+    facts = upgraded.outbox_facts(delivery.story_ids)
+    assert facts.had == {delivery.subscriber.id: frozenset(delivery.story_ids)}
+    assert facts.last_sent == {delivery.subscriber.id: NOW}
     upgraded.close()
 
 
@@ -412,6 +447,46 @@ def test_create_digest_twice_with_one_key_is_a_no_op(store: Store) -> None:
     assert again is False
     assert store.digest_exists(delivery.digest_key)
     assert [d.message_id for d in store.pending_deliveries()] == ["<m1@nordbio.example>"]
+
+
+def test_a_digest_planned_while_another_is_written_waits_and_sees_its_rows(
+    store: Store, database_url: str
+) -> None:
+    """Two digests built at once on two connections: the second one's planning reads
+    the outbox only after the first one committed, so it plans nothing twice."""
+    _apply(store, "Helix Vektor", [_entry("Helix Vektor", "guid:a", title="A", guid="a")])
+    (sub,) = _subscribers(store, "rita@example.org")
+    story_ids = [s.id for s in store.recent_stories()]
+    other = Store(database_url)
+    second_started = threading.Event()
+    seen: list[OutboxFacts] = []
+
+    def first(facts: OutboxFacts) -> list[PlannedDelivery]:
+        # Inside the first transaction, with its rows not yet written: let the second
+        # build start and run into the lock, then finish.
+        assert second_started.wait(30)
+        time.sleep(0.3)
+        return [(sub, story_ids, "<first@nordbio.example>")]
+
+    def second(facts: OutboxFacts) -> list[PlannedDelivery]:
+        seen.append(facts)
+        new = [i for i in story_ids if i not in facts.had.get(sub.id or 0, ())]
+        return [(sub, new, "<second@nordbio.example>")] if new else []
+
+    def build_second() -> int | None:
+        second_started.set()
+        return other.build_digest("manual:b", NOW, NOW, story_ids, second)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        a = pool.submit(store.build_digest, "manual:a", NOW, NOW, story_ids, first)
+        b = pool.submit(build_second)
+        assert (a.result(60), b.result(60)) == (1, 0)
+    other.close()
+
+    (facts,) = seen
+    assert facts.had == {sub.id: frozenset(story_ids)}
+    assert set(facts.waiting_since) == {sub.id}
+    assert [d.message_id for d in store.pending_deliveries()] == ["<first@nordbio.example>"]
 
 
 def test_a_delivery_can_be_claimed_only_once(store: Store, database_url: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import jinja2
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -37,6 +38,7 @@ from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, Tempora
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
+from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
 from clusterfeed.words import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -122,6 +124,16 @@ def _handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except StoreError as exc:
             _fail([f"error: {exc}"])
+        except TemplateProblem as exc:
+            # Raised before anything is claimed, or with the claims given back uncounted.
+            _fail(
+                [f"error: {p}" for p in exc.problems]
+                + ["A template cannot be rendered; nothing was sent and no delivery "
+                   "attempt was counted. Fix the template (`clusterfeed check` tests them "
+                   "all) and run again."]
+            )  # fmt: skip
+        except jinja2.TemplateError as exc:
+            _fail([f"error: {describe(exc)}", "Fix the template and run again."])
         except SetupFailure as exc:
             # Nothing was failed: the deliveries wait for the next run.
             _fail([f"error: {exc}", "Nothing was marked failed; fix this and run again."])
@@ -142,7 +154,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @config_option
 def check(config_path: Path | None) -> None:
-    """Validate the config; exit non-zero listing every problem."""
+    """Validate the config and render every template; exit non-zero listing every problem."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -151,6 +163,14 @@ def check(config_path: Path | None) -> None:
             + [f"{plural(len(exc.problems), 'problem')} in the config."],
             1,
         )
+    problems = template_problems(config)
+    if problems:
+        _fail(
+            [f"error: {p}" for p in problems]
+            + [f"{plural(len(problems), 'problem')} in the templates (every template is rendered "
+               "with sample data; fix these before the next digest)."],
+            1,
+        )  # fmt: skip
     subs = all_subscribers(config)
     out.print(f"{config.source}: OK", markup=False)
     for warning in advice(config):
@@ -366,6 +386,16 @@ def _print_delivery_notes(service: Service, report: SendReport) -> None:
         out.print(
             f"deferred deliveries are tried again from {_when(when, 'now')} "
             "(by `clusterfeed run`, or the next `clusterfeed digest`)",
+            markup=False,
+        )
+    # Rows still being sent once this run is done belong to a run started elsewhere
+    # (claims of a run that died were taken over when this one started).
+    elsewhere = service.store.delivery_counts().get("sending", 0)
+    if elsewhere:
+        out.print(
+            f"{elsewhere} {'message is' if elsewhere == 1 else 'messages are'} being sent "
+            "by another run (a `clusterfeed digest` or `clusterfeed run` started at the "
+            "same time); it records them, and nobody gets them twice",
             markup=False,
         )
     for email in report.bouncing or []:
@@ -870,11 +900,20 @@ def subscribers_add(
     confirmed: bool,
 ) -> None:
     """Add one address; without --confirmed it gets a confirmation mail first."""
+    from clusterfeed.csvtext import not_offered
     from clusterfeed.subscribe import Preferences, Subscriptions
 
     address = _checked_address(email)
+    topics = tuple(t.strip().lower() for t in topics)
+    languages = tuple(lang.strip().lower() for lang in languages)
     with _service(config_path) as service:
         subs = Subscriptions(service)
+        wrong = not_offered(
+            {"topics": topics, "languages": languages},
+            (subs.choices.topics, subs.choices.languages),
+        )
+        if wrong:  # stored, it would match no story: say so instead
+            _fail([f"error: --{column[:-1]}: {message}" for column, message in wrong])
         if subs.is_suppressed(address):
             _fail(
                 [
@@ -938,23 +977,41 @@ def subscribers_remove(config_path: Path | None, email: str) -> None:
     is_flag=True,
     help="You hold the consent of everyone in the file: no confirmation mails.",
 )
+@click.option(
+    "--encoding",
+    default=None,
+    metavar="NAME",
+    help="The file's encoding, e.g. utf-8, cp1252, utf-16, mac_roman (default: found "
+    "from its byte order mark, else UTF-8, else Windows-1252).",
+)
 @_handle_errors
-def subscribers_import(config_path: Path | None, csv_file: Path, confirmed: bool) -> None:
+def subscribers_import(
+    config_path: Path | None, csv_file: Path, confirmed: bool, encoding: str | None
+) -> None:
     """Add the addresses of a CSV file (header row; email, topics, languages, frequency).
 
     Without --confirmed every new address is pending and gets a confirmation mail.
     Rows with a status of unsubscribed or removed (as ``export --all`` writes them)
-    are skipped, so a round trip never re-subscribes anyone.
+    are skipped, so a round trip never re-subscribes anyone. Comma, semicolon or TAB
+    separated, as spreadsheets write them; topics and languages must be ones the
+    feeds offer.
     """
     from clusterfeed.config import read_subscribers_csv
-    from clusterfeed.subscribe import Preferences, Subscriptions
+    from clusterfeed.subscribe import Preferences, Subscriptions, offered_choices
 
     extra = set(EXPORT_COLUMNS) - {"email", "name", "topics", "languages", "frequency"}
     try:
+        config = load_config(config_path)
+    except ConfigError:
+        config = None  # said by _service below, with every problem of the config
+    try:
+        choices = offered_choices(config) if config is not None else None
         rows = read_subscribers_csv(
             csv_file,
             ignore=extra,
             skip=lambda row: row.get("status", "") in ("unsubscribed", "removed"),
+            encoding=encoding,
+            offered=(choices.topics, choices.languages) if choices else None,
         )
     except ConfigError as exc:
         _fail(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import io
+import logging
 import os
 import re
 import tomllib
@@ -21,10 +23,11 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from email.utils import parseaddr
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,6 +37,7 @@ from pydantic import (
 )
 
 from clusterfeed.configwords import located, sentence, shown
+from clusterfeed.proxies import check_proxy
 
 if TYPE_CHECKING:
     from clusterfeed.filters import FilterRules
@@ -416,6 +420,9 @@ class WebConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     secret_env: str = "CLUSTERFEED_SECRET"
+    # The reverse proxies whose X-Forwarded-For is believed (addresses or networks);
+    # none by default: a client cannot choose its own address for the sign-up limit.
+    trusted_proxies: list[Annotated[str, AfterValidator(check_proxy)]] = Field(default_factory=list)
 
     _check_base = field_validator("base_url")(_http_url)
 
@@ -785,20 +792,45 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
 
 
 def read_subscribers_csv(
-    path: Path, ignore: Collection[str] = (), skip: Callable[[dict[str, str]], bool] | None = None
+    path: Path,
+    ignore: Collection[str] = (),
+    skip: Callable[[dict[str, str]], bool] | None = None,
+    *,
+    encoding: str | None = None,
+    offered: tuple[Collection[str], Collection[str]] | None = None,
 ) -> list[SubscriberConfig]:
     """Read subscribers from a CSV with a header row; ``email`` is the only required column.
 
-    ``topics`` and ``languages`` hold several values separated by ``;``. Columns in
-    ``ignore`` are allowed and not read (``subscribers export`` writes a few more than
-    an import needs); rows for which ``skip`` is true are left out.
+    ``topics`` and ``languages`` hold several values separated by ``;`` (or ``,``).
+    Columns in ``ignore`` are allowed and not read (``subscribers export`` writes a few
+    more than an import needs); rows for which ``skip`` is true are left out. The
+    encoding and the delimiter are found as ``csvtext`` explains, unless ``encoding``
+    names one. With ``offered`` (topics, languages), any other value is a problem of its
+    line: an import takes what the sign-up form offers, nothing a digest cannot match.
     """
+    from clusterfeed import csvtext
+
     problems: list[Problem] = []
     result: list[SubscriberConfig] = []
     if not path.is_file():
         raise ConfigError([Problem(path, "", "subscribers CSV file not found")])
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        decoded = csvtext.read(path, encoding)
+    except csvtext.CsvTextError as exc:
+        raise ConfigError(
+            [Problem(path, f"line {exc.line}" if exc.line else "", str(exc))]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([Problem(path, "", f"cannot read it ({exc.strerror or exc})")]) from None
+    if decoded.guessed:
+        logging.getLogger(__name__).warning(
+            "%s is not UTF-8; read it as Windows-1252 (what spreadsheets on Windows write). "
+            "If names look wrong, give its encoding with --encoding (e.g. mac_roman)",
+            path,
+        )
+    text = decoded.text
+    with io.StringIO(text, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=csvtext.delimiter(text))
         fields = [f.strip().lower() for f in reader.fieldnames or []]
         if "email" not in fields:
             raise ConfigError(
@@ -825,7 +857,11 @@ def read_subscribers_csv(
                 data["name"] = clean["name"]
             for key in ("topics", "languages"):
                 if clean.get(key):
-                    data[key] = [t.strip() for t in clean[key].split(";") if t.strip()]
+                    values = re.split(r"[;,]", clean[key])
+                    data[key] = [t.strip().lower() for t in values if t.strip()]
+            if offered is not None:
+                for column, message in csvtext.not_offered(data, offered):
+                    problems.append(Problem(path, f"line {line}, column {column}", message))
             if clean.get("frequency"):
                 data["frequency"] = clean["frequency"]
             try:

@@ -517,7 +517,13 @@ async def deliver_pending(
     """
     policy = policy or RetryPolicy()
     report = SendReport(bouncing=[])
-    store.recover_claims(clock(), CLAIM_LEASE, lambda d: transport.is_delivered(delivery_token(d)))
+
+    def recover() -> int:
+        return store.recover_claims(
+            clock(), CLAIM_LEASE, lambda d: transport.is_delivered(delivery_token(d))
+        )
+
+    recover()
     # One owner per run: the scheduler may send retries while a digest is going out in
     # the same process, and each run gives back only its own unfinished claims.
     me = f"{worker_id()}/{secrets.token_hex(4)}"
@@ -538,18 +544,19 @@ async def deliver_pending(
 
         async def hand_on() -> None:
             delivery, future = rendering.popleft()
-            try:
-                message = await future
-            except Exception as exc:
-                # A template or store problem: put the row back, then stop loudly.
-                store.mark_retry(delivery, f"could not compose the message: {exc}")
-                raise
+            # A template or store problem stops the run loudly. It is no delivery
+            # attempt (nothing reached a server): the row goes back uncounted with the
+            # other unfinished claims, so a broken template cannot use up the retries.
+            message = await future
             await queue.put((delivery, message))
 
         try:
             while not stop.is_set():
                 batch = store.claim_due(me, clock(), CLAIM_BATCH)
-                if not batch:
+                if not batch and not recover():
+                    # Nothing due, and no run beside this one died holding claims
+                    # meanwhile (if one did, its rows are due again: sent by this run,
+                    # not left for the next one).
                     break
                 for delivery in batch:
                     if stop.is_set():
@@ -630,7 +637,8 @@ async def deliver_pending(
             except TemporaryFailure as exc:
                 outcome = deferred(delivery, exc)
             except SetupFailure as exc:
-                store.mark_retry(delivery, str(exc), None)
+                # The server refuses us, not this address: no attempt is counted.
+                store.release_claim(delivery, str(exc))
                 problems.append(exc)
                 stop.set()
                 continue

@@ -19,6 +19,7 @@ from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jinja2
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -26,6 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from clusterfeed.cadence import cycle_line
 from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
+from clusterfeed.templatecheck import TemplateProblem, describe
 from clusterfeed.words import plural
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,9 @@ async def _fetch_and_publish(service: Service) -> None:
             plural(len(published.written), "file"),
             len(published.unchanged),
         )
+    except (TemplateProblem, jinja2.TemplateError) as exc:  # the operator's to fix
+        problem = exc if isinstance(exc, TemplateProblem) else describe(exc)
+        log.error("fetch cycle stopped, a template cannot be rendered: %s", problem)
     except Exception:  # a job must never take the scheduler down
         log.exception("fetch cycle failed")
 
@@ -129,6 +134,12 @@ async def _digest(service: Service, slot: datetime) -> None:
             report.sent,
             report.retry,
             report.failed,
+        )
+    except TemplateProblem as exc:  # the operator's to fix: a sentence, no traceback
+        log.error(
+            "digest for %s not sent (no attempt counted), a template cannot be rendered: %s",
+            slot.isoformat(),
+            exc,
         )
     except Exception:
         log.exception("digest for %s failed", slot.isoformat())

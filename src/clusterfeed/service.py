@@ -33,11 +33,9 @@ from clusterfeed.digest import (
     build_message,
     can_share_renderings,
     default_template_dir,
-    is_due,
     make_environment,
     message_id,
     render_digest,
-    select_stories,
     template_dir,
 )
 from clusterfeed.feedset import (
@@ -52,6 +50,7 @@ from clusterfeed.feedset import (
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all
 from clusterfeed.filters import keep
 from clusterfeed.health import Alert, alert_key, alert_message, feed_alerts
+from clusterfeed.lifeline import lifeline, start_worker
 from clusterfeed.mail import (
     Outgoing,
     PermanentFailure,
@@ -65,6 +64,7 @@ from clusterfeed.mail import (
 )
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.opml import export_opml
+from clusterfeed.planning import OutboxFacts, plan_deliveries
 from clusterfeed.polling import next_poll
 from clusterfeed.publish import (
     SourceFeed,
@@ -84,8 +84,14 @@ from clusterfeed.site import (
     site_environment,
     site_pages,
 )
-from clusterfeed.store import Delivery, Store
+from clusterfeed.store import Delivery, PlannedDelivery, Store
 from clusterfeed.stories import StoryMatcher
+from clusterfeed.templatecheck import (
+    TemplateProblem,
+    describe,
+    require_digest_templates,
+    template_location,
+)
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
 from clusterfeed.words import plural
 
@@ -240,7 +246,13 @@ class Service:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["clusterfeed.reading"])
-            self._pool = ProcessPoolExecutor(max_workers=wanted, mp_context=context)
+            # Workers watch this process's lifeline: a kill -9 leaves no process behind.
+            self._pool = ProcessPoolExecutor(
+                max_workers=wanted,
+                mp_context=context,
+                initializer=start_worker,
+                initargs=(lifeline(),),
+            )
         return self._pool
 
     def prepare(self) -> None:
@@ -742,55 +754,69 @@ class Service:
             web_url=digest_page_url(self.config, page) if page is not None else None,
         )
 
+    def _candidates(self, now: datetime) -> list[Story]:
+        """The stories a digest built now may hold: those seen within the lookback."""
+        return self.store.recent_stories(
+            since=now - timedelta(days=self.config.digest.lookback_days)
+        )
+
+    def _plan(
+        self, facts: OutboxFacts, candidates: list[Story], now: datetime
+    ) -> list[tuple[Subscriber, list[Story]]]:
+        cfg = self.config.digest
+        return plan_deliveries(
+            facts,
+            candidates,
+            now,
+            max_stories=cfg.max_stories,
+            send_when_empty=cfg.send_when_empty,
+        )
+
     def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
         """Who gets which stories if a digest were built now (nothing is written)."""
-        cfg = self.config
-        since = now - timedelta(days=cfg.digest.lookback_days)
-        candidates = self.store.recent_stories(since=since)
-        plan = []
-        bouncing = self.store.bouncing_subscriber_ids()
-        for subscriber in self.store.active_subscribers():
-            assert subscriber.id is not None
-            if subscriber.id in bouncing:
-                continue  # listed by `clusterfeed status` until the operator clears it
-            if not is_due(subscriber, self.store.last_sent_at(subscriber.id), now):
-                continue
-            had = self.store.unavailable_story_ids(subscriber.id)
-            chosen = select_stories(candidates, subscriber, had, max_stories=cfg.digest.max_stories)
-            if chosen or cfg.digest.send_when_empty:
-                plan.append((subscriber, chosen))
-        return plan
+        candidates = self._candidates(now)
+        facts = self.store.outbox_facts(s.id for s in candidates)
+        return self._plan(facts, candidates, now)
 
     def create_digest(self, key: str, slot: datetime) -> tuple[bool, int]:
-        """Record the digest ``key`` and its outbox rows; (created, deliveries)."""
+        """Record the digest ``key`` and its outbox rows; (created, deliveries).
+
+        The stories are loaded first; who already had which of them is decided inside
+        the store's transaction that writes the rows (``Store.build_digest``), so runs
+        started together never plan the same stories for one subscriber twice.
+        """
         if self.store.digest_exists(key):
             return False, 0
-        plan = self.plan_digest(self.clock())
-        rows = []
-        for subscriber, stories in plan:
-            assert subscriber.id is not None
-            rows.append(
-                (
-                    subscriber,
-                    [s.id for s in stories],
-                    message_id(key, subscriber.id, self.config.digest.from_address),
-                )
-            )
-        # Outbox rows are claimed in the order they are written: subscribers who get the
-        # same stories follow each other, so a sending run renders each story list once
-        # and keeps only the last few rendered (see ``DigestComposer``).
-        rows.sort(key=lambda row: (row[1], bool(row[0].name)))
-        created = self.store.create_digest(key, slot, rows, self.clock())
-        if created and rows:
+        now = self.clock()
+        candidates = self._candidates(now)
+        from_address = self.config.digest.from_address
+
+        def decide(facts: OutboxFacts) -> list[PlannedDelivery]:
+            rows: list[PlannedDelivery] = []
+            for subscriber, stories in self._plan(facts, candidates, now):
+                assert subscriber.id is not None
+                ids = [s.id for s in stories]
+                rows.append((subscriber, ids, message_id(key, subscriber.id, from_address)))
+            # Outbox rows are claimed in the order they are written: subscribers who get
+            # the same stories follow each other, so a sending run renders each story
+            # list once and keeps only the last few rendered (see ``DigestComposer``).
+            rows.sort(key=lambda row: (list(row[1]), bool(row[0].name)))
+            return rows
+
+        written = self.store.build_digest(key, slot, now, [s.id for s in candidates], decide)
+        if written is None:
+            return False, 0
+        if written:
             try:
                 self.write_digest_pages()
             except (OSError, jinja2.TemplateError) as exc:
                 # The mails still go out; the next publish writes the page.
                 log.error(
                     "could not write the web version of digest %s into %s: %s",
-                    key, self.config.publish.output_dir, exc,
+                    key, self.config.publish.output_dir,
+                    describe(exc) if isinstance(exc, jinja2.TemplateError) else exc,
                 )  # fmt: skip
-        return created, len(rows) if created else 0
+        return True, written
 
     def digest_environment(self) -> jinja2.Environment:
         """The digest templates, compiled once per service, not once per message
@@ -827,13 +853,19 @@ class Service:
         links = self.links_for(
             delivery.subscriber, self.digest_page(delivery.digest_id), secret=self._run_secret
         )
-        sender, recipient, data = self._composer.compose(
-            delivery.subscriber,
-            self._stories(delivery.story_ids),
-            slot=delivery.digest_slot,
-            links=links,
-            message_id=delivery.message_id,
-        )
+        stories = self._stories(delivery.story_ids)
+        try:
+            sender, recipient, data = self._composer.compose(
+                delivery.subscriber,
+                stories,
+                slot=delivery.digest_slot,
+                links=links,
+                message_id=delivery.message_id,
+            )
+        except Exception as exc:
+            if template_location(exc) is None:
+                raise  # not the template's: a bug of ours, with its traceback
+            raise TemplateProblem([describe(exc)]) from exc
         return Prepared(sender, (recipient,), data)
 
     def _stories(self, ids: Sequence[int]) -> list[Story]:
@@ -889,6 +921,9 @@ class Service:
         list rendered once; only templates that need a full rendering per message are
         rendered in worker processes for a large outbox, so that CPU-bound rendering
         runs beside the sending instead of taking turns with it on one core."""
+        # Before anything is claimed: a template the operator broke stops the run with
+        # a sentence and costs no delivery an attempt.
+        require_digest_templates(self.config)
         with self._story_lock:
             self._story_cache.clear()  # stories may have changed since the last run
         self._composer, self._run_secret = None, None  # and templates and the secret
@@ -909,8 +944,8 @@ class Service:
             pool = ProcessPoolExecutor(
                 max_workers=workers,
                 mp_context=context,
-                initializer=_start_renderer,
-                initargs=(self.config,),
+                initializer=start_worker,
+                initargs=(lifeline(), _start_renderer, self.config),
             )
             loop = asyncio.get_running_loop()
 

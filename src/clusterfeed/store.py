@@ -64,6 +64,7 @@ from clusterfeed.model import (
     Story,
     Subscriber,
 )
+from clusterfeed.planning import OutboxFacts
 from clusterfeed.stories import (
     Features,
     Match,
@@ -285,8 +286,11 @@ sent_stories = Table(
     Column("story_id", Integer, ForeignKey("stories.id"), primary_key=True),
     Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
 )
+# Schema version 6: planning a digest asks who already had the few stories that may go
+# into it, by story; the primary key only serves questions by subscriber.
+Index("ix_sent_stories_story", sent_stories.c.story_id)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -362,6 +366,11 @@ def _migrate_4_to_5(conn: Connection) -> None:
     _add_columns(conn, subscribers, ["hard_bounces", "bouncing_since"])
 
 
+def _migrate_5_to_6(conn: Connection) -> None:
+    for index in sent_stories.indexes:
+        index.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -369,7 +378,12 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_2_to_3,
     _migrate_3_to_4,
     _migrate_4_to_5,
+    _migrate_5_to_6,
 ]
+
+
+# One outbox row to write: the subscriber, the ids of its stories, its Message-ID.
+PlannedDelivery = tuple[Subscriber, Sequence[int], str]
 
 
 @dataclass(frozen=True)
@@ -1794,16 +1808,39 @@ class Store:
         self,
         key: str,
         slot: datetime,
-        plan: Sequence[tuple[Subscriber, Sequence[int], str]],
+        plan: Sequence[PlannedDelivery],
         now: datetime,
     ) -> bool:
-        """Record a digest and its outbox rows in one transaction.
+        """Record a digest with these outbox rows, decided beforehand; False when a
+        digest with this key exists already. A digest planned from the store's own
+        facts goes through ``build_digest`` instead."""
+        return self.build_digest(key, slot, now, (), lambda _facts: plan) is not None
 
-        Returns False when a digest with this key exists already (another worker or an
-        earlier run built it): building is then a no-op, which makes it idempotent.
+    def build_digest(
+        self,
+        key: str,
+        slot: datetime,
+        now: datetime,
+        story_ids: Iterable[int],
+        decide: Callable[[OutboxFacts], Sequence[PlannedDelivery]],
+    ) -> int | None:
+        """Plan a digest from the outbox's facts and write it, in one transaction.
+
+        ``decide`` gets the facts about ``story_ids`` (the stories that may go into it,
+        see ``OutboxFacts``) and returns the rows: (subscriber, story ids, Message-ID).
+        The facts are read after the writers' lock is taken (BEGIN IMMEDIATE on SQLite,
+        the advisory lock on PostgreSQL), so a run that plans while another writes its
+        digest waits, then sees that digest's rows and does not plan their stories
+        again. Returns the number of rows written, or None when a digest with this key
+        exists already (another worker or an earlier run built it): building is then a
+        no-op, which makes it idempotent.
         """
+        wanted = list(dict.fromkeys(story_ids))
         try:
             with self._tx() as conn:
+                if conn.execute(select(digests.c.id).where(digests.c.key == key)).first():
+                    return None
+                plan = decide(self._outbox_facts(conn, wanted))
                 digest_id = conn.execute(
                     insert(digests)
                     .values(key=key, created_at=now, slot_at=slot)
@@ -1817,16 +1854,86 @@ class Store:
                                 "digest_id": digest_id,
                                 "subscriber_id": subscriber.id,
                                 "state": "pending",
-                                "story_ids": list(story_ids),
+                                "story_ids": list(ids),
                                 "message_id": message_id,
                                 "attempts": 0,
                             }
-                            for subscriber, story_ids, message_id in plan
+                            for subscriber, ids, message_id in plan
                         ],
                     )
         except IntegrityError:
-            return False
-        return True
+            return None
+        return len(plan)
+
+    def outbox_facts(self, story_ids: Iterable[int]) -> OutboxFacts:
+        """The facts a digest would be planned from now (for a dry run or a preview:
+        nothing is locked, nothing written)."""
+        with self.engine.connect() as conn:
+            return self._outbox_facts(conn, list(dict.fromkeys(story_ids)))
+
+    @staticmethod
+    def _outbox_facts(conn: Connection, story_ids: Sequence[int]) -> OutboxFacts:
+        """Read ``OutboxFacts`` on ``conn``: a few queries for all subscribers, not a
+        few per subscriber, since a digest's planning holds the writers' lock."""
+        active = [
+            _row_to_subscriber(r)
+            for r in conn.execute(
+                select(subscribers)
+                .where(subscribers.c.status == "confirmed", subscribers.c.paused.is_(False))
+                .order_by(subscribers.c.id)
+            )
+        ]
+        bouncing = frozenset(
+            int(r[0])
+            for r in conn.execute(
+                select(subscribers.c.id).where(subscribers.c.bouncing_since.is_not(None))
+            )
+        )
+        last_sent = {
+            int(sid): when
+            for sid, value in conn.execute(
+                select(deliveries.c.subscriber_id, func.max(deliveries.c.sent_at))
+                .where(deliveries.c.state == "sent")
+                .group_by(deliveries.c.subscriber_id)
+            )
+            if (when := _utc(value)) is not None
+        }
+        waiting_since = {
+            int(sid): when
+            for sid, value in conn.execute(
+                select(deliveries.c.subscriber_id, func.max(digests.c.created_at))
+                .join(digests, digests.c.id == deliveries.c.digest_id)
+                .where(deliveries.c.state.in_(("pending", "sending")))
+                .group_by(deliveries.c.subscriber_id)
+            )
+            if (when := _utc(value)) is not None
+        }
+        # What unavailable_story_ids answers for one subscriber, for all of them and
+        # only for the stories that matter now.
+        wanted = set(story_ids)
+        had: dict[int, set[int]] = {}
+        for chunk in _chunks(list(wanted), 500):
+            for sid, story in conn.execute(
+                select(sent_stories.c.subscriber_id, sent_stories.c.story_id).where(
+                    sent_stories.c.story_id.in_(chunk)
+                )
+            ):
+                had.setdefault(int(sid), set()).add(int(story))
+        if wanted:
+            for sid, ids in conn.execute(
+                select(deliveries.c.subscriber_id, deliveries.c.story_ids).where(
+                    deliveries.c.state.in_(("pending", "sending", "failed"))
+                )
+            ):
+                if found := wanted.intersection(int(i) for i in ids):
+                    had.setdefault(int(sid), set()).update(found)
+        return OutboxFacts(
+            subscribers=active,
+            bouncing=bouncing,
+            last_sent=last_sent,
+            waiting_since=waiting_since,
+            had={sid: frozenset(ids) for sid, ids in had.items()},
+        )
 
     def sent_digests(self) -> list[DigestRecord]:
         """Digests with at least one outbox row, in the order they were created.
@@ -2017,6 +2124,17 @@ class Store:
                 .values(state="pending", claimed_by=None, claimed_at=None)
             )
             return int(result.rowcount or 0)
+
+    def release_claim(self, delivery: Delivery, error: str) -> None:
+        """Give one claimed delivery back as it was, noting ``error``, without counting
+        an attempt: the run stopped for a reason of ours (a refused login), not the
+        recipient's."""
+        with self._tx() as conn:
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery.id, deliveries.c.state == "sending")
+                .values(state="pending", claimed_by=None, claimed_at=None, last_error=error)
+            )
 
     def mark_retry(
         self, delivery: Delivery, error: str, next_attempt_at: datetime | None = None

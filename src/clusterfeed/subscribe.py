@@ -55,6 +55,7 @@ from clusterfeed.tokens import (
     read_token,
     suppression_hash,
 )
+from clusterfeed.webguard import SameOriginForms, local_location
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +489,19 @@ def routes(service: Service) -> list[Route]:
     subs = Subscriptions(service)
 
     def client(request: Request) -> str | None:
+        # Behind a trusted proxy, proxies.ForwardedClient has put the client here.
         return subs.client_hash(request.client.host if request.client else None)
+
+    from_our_pages = SameOriginForms(
+        service.config.web,
+        lambda: _message_page(
+            subs,
+            "This form came from another site",
+            "For your safety, our forms are only accepted from our own pages. Please "
+            "open the page from the link in your mail and send the form from there.",
+            403,
+        ),
+    )
 
     def signup_page(
         request: Request,
@@ -668,7 +681,9 @@ def routes(service: Service) -> list[Route]:
                     form_version=service.config.signup.form_version,
                     ip_hash=client(request),
                 )
-                return RedirectResponse(f"/preferences/{token}?saved=1", status_code=303)
+                return RedirectResponse(
+                    local_location(f"/preferences/{token}", "saved=1"), status_code=303
+                )
         saved = request.query_params.get("saved") == "1"
         sub = membership.subscriber
         return _page(
@@ -716,10 +731,14 @@ def routes(service: Service) -> list[Route]:
         )
 
     return [
-        Route("/subscribe", subscribe, methods=["GET", "POST"]),
-        Route("/confirm/{token}", confirm, methods=["GET", "POST"]),
-        Route("/preferences/{token}", preferences, methods=["GET", "POST"]),
-        Route("/unsubscribe/{token}", unsubscribe, methods=["GET", "POST"]),
+        Route("/subscribe", from_our_pages(subscribe), methods=["GET", "POST"]),
+        Route("/confirm/{token}", from_our_pages(confirm), methods=["GET", "POST"]),
+        Route("/preferences/{token}", from_our_pages(preferences), methods=["GET", "POST"]),
+        Route(
+            "/unsubscribe/{token}",
+            from_our_pages(unsubscribe, one_click=True),
+            methods=["GET", "POST"],
+        ),
     ]
 
 

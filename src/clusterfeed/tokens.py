@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -113,14 +114,28 @@ def form_token_matches(
     return hmac.compare_digest(value, nonce.encode())
 
 
+# What a token made here looks like: a subscriber id, then itsdangerous' base64 parts
+# (with a timestamp part for timed tokens). ASCII digits only: "²".isdigit() is true.
+_TOKEN = re.compile(r"([1-9][0-9]{0,9})\.[A-Za-z0-9_.-]{1,200}")
+# The largest id the store's integer column holds on every database (PostgreSQL's
+# integer is 32 bits); a larger one could not be looked up, only fail.
+MAX_ID = 2**31 - 1
+
+
+def token_id(token: str) -> int:
+    """The subscriber id a token claims, or ``InvalidToken`` for anything that is not
+    shaped like a token made here (checked before the store is asked)."""
+    match = _TOKEN.fullmatch(token)
+    if match is None or int(match.group(1)) > MAX_ID:
+        raise InvalidToken("malformed token")
+    return int(match.group(1))
+
+
 def _claimed_email(token: str, email_of: Callable[[int], str | None]) -> str:
     """The address of the id a token names, before its signature is checked against it.
     An unknown id fails like a bad signature, so tokens reveal nothing about which ids
     exist."""
-    head, sep, _ = token.partition(".")
-    if not sep or not head.isdigit():
-        raise InvalidToken("malformed token")
-    email = email_of(int(head))
+    email = email_of(token_id(token))
     if email is None:
         raise InvalidToken("token signature does not match")
     return email

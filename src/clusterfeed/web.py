@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -31,12 +30,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clusterfeed import subscribe
+from clusterfeed.proxies import ForwardedClient, networks
 from clusterfeed.service import Service
+from clusterfeed.webguard import LocalRedirectsOnly, PathTooLong, clean_path, local_location
 
 CONTENT_TYPES = {
     ".atom": "application/atom+xml; charset=utf-8",
@@ -146,22 +148,35 @@ class FileCache:
         self._paths: dict[str, Path] = {}
 
     def resolve(self, relative: str) -> Path | None:
-        """The file for a URL path, never outside the published folder."""
-        relative = relative.strip("/") or "index.html"
-        candidate = (self.root / relative).resolve()
-        if not candidate.is_relative_to(self.root):
+        """The file for a URL path in normal form (``webguard.clean_path``), never
+        outside the published folder; None for any other path."""
+        if clean_path(relative) is None:
             return None
-        if candidate.is_dir():
-            candidate = candidate / "index.html"
+        folder = relative.endswith("/")
+        relative = relative.strip("/") or "index.html"
+        try:
+            candidate = (self.root / relative).resolve()
+            if not candidate.is_relative_to(self.root):
+                return None
+            if candidate.is_dir():
+                candidate = candidate / "index.html"
+            elif folder:  # "feed.atom/" names a folder, and there is none
+                return None
+        except OSError:  # a name the file system refuses (too long, ...) is not ours
+            return None
         return candidate
 
     def get(self, relative: str) -> CachedFile | None:
+        """The published file at a URL path (without its leading ``/``), or None.
+
+        ``PathTooLong`` for a path longer than any published file's.
+        """
         path = self._paths.get(relative) or self.resolve(relative)
         if path is None:
             return None
         try:
             stat = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:
             self._paths.pop(relative, None)
             return None
         if relative not in self._paths and len(self._paths) < 10_000:
@@ -278,8 +293,11 @@ class PublishedFiles:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            path = scope["path"].lstrip("/")
-            file = self.cache.get(path)
+            path = scope["path"][1:]  # one "/": "//feed.atom" is not a normal path
+            try:
+                file = self.cache.get(path)
+            except PathTooLong:
+                file = None  # the app answers it
             if file is not None and not (
                 file.folder_index and path and not path.endswith(("/", "index.html"))
             ):
@@ -381,16 +399,16 @@ def create_app(service: Service) -> Starlette:
 
     async def published(request: Request) -> Response:
         path = request.path_params.get("path", "")
-        file = cache.get(path)
+        try:
+            file = cache.get(path)
+        except PathTooLong:
+            return JSONResponse({"error": "path too long"}, status_code=414)
         if file is None:
-            return Response(
-                json.dumps({"error": "not found", "path": "/" + path}),
-                status_code=404,
-                media_type="application/json",
-            )
+            return JSONResponse({"error": "not found", "path": "/" + path}, status_code=404)
         if file.folder_index and path and not path.endswith(("/", "index.html")):
-            # /digests → /digests/, so the page's relative links resolve inside it.
-            return RedirectResponse("/" + path + "/", status_code=301)
+            # /digests → /digests/, so the page's relative links resolve inside it; the
+            # path is in normal form (cache.get found it), so the answer stays on this site.
+            return RedirectResponse(local_location("/" + path + "/"), status_code=301)
         return file_response(request, file, path)
 
     app = Starlette(
@@ -399,8 +417,17 @@ def create_app(service: Service) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *subscribe.routes(service),
             Route("/{path:path}", published, methods=["GET", "HEAD"]),
-        ]
+        ],
+        middleware=[
+            Middleware(LocalRedirectsOnly),
+            Middleware(ForwardedClient, trusted=networks(service.config.web.trusted_proxies)),
+        ],
     )
+    # Starlette would answer a path it has no route for with a redirect to the same
+    # path with or without its trailing slash, built from the request's Host header:
+    # a way to send a browser to another site. The catch-all route leaves nothing
+    # unrouted today; this keeps it so.
+    app.router.redirect_slashes = False
     app.state.file_cache = cache
     return app
 
@@ -416,7 +443,12 @@ def make_server(service: Service, host: str | None = None, port: int | None = No
         port=port if port is not None else service.config.web.port,
         log_level="warning",
         access_log=False,
-        proxy_headers=True,
+        # The client's address behind a proxy is decided by ``proxies.ForwardedClient``
+        # from web.trusted_proxies alone. uvicorn's own handling would trust 127.0.0.1
+        # (or $FORWARDED_ALLOW_IPS) whatever the config says: off, and given the same
+        # list in case it is ever turned on.
+        proxy_headers=False,
+        forwarded_allow_ips=list(service.config.web.trusted_proxies),
         server_header=False,
     )
     return uvicorn.Server(config)

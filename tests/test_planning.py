@@ -1,0 +1,124 @@
+"""Planning a digest from what the outbox holds (pure; the store reads the facts in the
+transaction that writes the rows, see test_store and test_digest_race)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clusterfeed.model import Entry, Source, Story, Subscriber
+from clusterfeed.planning import OutboxFacts, plan_deliveries
+
+NOW = datetime(2026, 11, 26, 7, 0, tzinfo=UTC)
+TOPICS = ("research", "financing", "medtech")
+
+
+def story(number: int, topics: tuple[str, ...] = ()) -> Story:
+    published = NOW - timedelta(hours=number)
+    entry = Entry(
+        feed_name="Partner", identity=f"item-{number}", guid=None,
+        link=f"https://partner.example/{number}", link_key=None, title=f"Story {number}",
+        summary_html="", summary_text="", content_html="<p>Text</p>", image_url=None,
+        image_alt=None, author=None, topics=topics, language="en", published=published,
+        updated=published, content_hash=str(number),
+    )  # fmt: skip
+    source = Source(
+        feed_name="Partner", feed_title="Partner", feed_url="https://partner.example/feed",
+        site_url=None, entry_title=entry.title, entry_link=entry.link,
+    )  # fmt: skip
+    return Story(
+        id=number, key=f"s{number}", entry=entry, sources=(source,), topics=topics,
+        languages=("en",), first_seen=published, updated=published,
+    )  # fmt: skip
+
+
+def reader(number: int, frequency: str = "daily", topics: tuple[str, ...] = ()) -> Subscriber:
+    return Subscriber(
+        email=f"reader{number}@example.org", id=number, frequency=frequency, topics=topics
+    )
+
+
+def plan(
+    facts: OutboxFacts, stories: list[Story], *, send_when_empty: bool = False
+) -> dict[int, list[int]]:
+    planned = plan_deliveries(facts, stories, NOW, max_stories=50, send_when_empty=send_when_empty)
+    return {s.id or 0: [story.id for story in chosen] for s, chosen in planned}
+
+
+def test_stories_already_had_are_left_out_and_bouncing_addresses_skipped() -> None:
+    facts = OutboxFacts(
+        subscribers=[reader(1), reader(2), reader(3)],
+        bouncing=frozenset({3}),
+        had={1: frozenset({1})},
+    )
+
+    assert plan(facts, [story(1), story(2)]) == {1: [2], 2: [1, 2]}
+
+
+def test_nothing_new_while_another_digest_is_on_its_way_means_no_mail_at_all() -> None:
+    """A second run that finds the first one's rows waiting adds no "nothing new"
+    mail behind them; a subscriber with nothing waiting still gets one."""
+    facts = OutboxFacts(
+        subscribers=[reader(1), reader(2)],
+        waiting_since={1: NOW - timedelta(seconds=1)},
+        had={1: frozenset({1}), 2: frozenset({1})},
+    )
+
+    assert plan(facts, [story(1)], send_when_empty=True) == {2: []}
+    assert plan(facts, [story(1)]) == {}
+
+
+def test_a_digest_on_its_way_counts_as_the_weekly_one() -> None:
+    facts = OutboxFacts(
+        subscribers=[reader(1, "weekly"), reader(2, "weekly"), reader(3, "daily")],
+        last_sent={2: NOW - timedelta(days=8)},
+        waiting_since={1: NOW - timedelta(days=1), 3: NOW - timedelta(days=1)},
+        had={1: frozenset({1}), 3: frozenset({1})},
+    )
+
+    assert plan(facts, [story(1), story(2)]) == {2: [1, 2], 3: [2]}
+
+
+@given(
+    wants=st.lists(st.sets(st.sampled_from(TOPICS)), min_size=1, max_size=6),
+    first=st.lists(st.sampled_from(TOPICS), max_size=8),
+    later=st.lists(st.sampled_from(TOPICS), max_size=8),
+    had=st.sets(st.integers(min_value=0, max_value=7)),
+    weekly=st.sets(st.integers(min_value=0, max_value=5)),
+    send_when_empty=st.booleans(),
+)
+def test_a_run_planning_after_another_never_plans_a_story_twice(
+    wants: list[set[str]],
+    first: list[str],
+    later: list[str],
+    had: set[int],
+    weekly: set[int],
+    send_when_empty: bool,
+) -> None:
+    """What the lock guarantees, as plain data: the second run's facts hold the first
+    run's rows, so together they give every subscriber each story at most once, and
+    no one two mails."""
+    subs = [
+        reader(i, "weekly" if i in weekly else "daily", tuple(sorted(t)))
+        for i, t in enumerate(wants)
+    ]
+    stories = [story(i, (topic,)) for i, topic in enumerate(first)]
+    facts = OutboxFacts(subscribers=subs, had={s.id or 0: frozenset(had) for s in subs})
+    one = plan(facts, stories, send_when_empty=send_when_empty)
+
+    after = OutboxFacts(
+        subscribers=subs,
+        waiting_since={sid: NOW for sid in one},
+        had={s.id or 0: frozenset(had | set(one.get(s.id or 0, ()))) for s in subs},
+    )
+    more = stories + [story(100 + i, (topic,)) for i, topic in enumerate(later)]
+    two = plan(after, more, send_when_empty=send_when_empty)
+
+    for sid, ids in two.items():
+        assert not set(ids) & set(one.get(sid, ())), "a story planned twice"
+        assert not set(ids) & had
+        assert ids or sid not in one, "an empty mail behind one on its way"
+        if sid in one:
+            assert subs[sid].frequency == "daily" and ids
