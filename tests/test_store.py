@@ -122,17 +122,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 6
-    assert store.schema_version() == 6
+    assert store.migrate() == SCHEMA_VERSION == 7
+    assert store.schema_version() == 7
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 6  # a second start changes nothing and loses nothing
+    assert store.migrate() == 7  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [6]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [7]
     store.close()
 
 
@@ -148,8 +148,15 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_6(conn: Connection) -> None:
+    """Undo what schema version 7 added (stored story features)."""
+    conn.exec_driver_sql("DROP TABLE story_features")
+    conn.execute(update(schema_info).values(version=6))
+
+
 def _back_to_version_5(conn: Connection) -> None:
-    """Undo what schema version 6 added, leaving what version 5 wrote."""
+    """Undo what schema versions 7 and 6 added, leaving what version 5 wrote."""
+    _back_to_version_6(conn)
     conn.exec_driver_sql("DROP INDEX ix_sent_stories_story")
     conn.execute(update(schema_info).values(version=5))
 

@@ -36,6 +36,8 @@ from clusterfeed.config import (
 from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
+from clusterfeed.netguard import fetch_warnings
+from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
@@ -151,6 +153,9 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+main.add_command(init_command)
+
+
 @main.command()
 @config_option
 def check(config_path: Path | None) -> None:
@@ -174,6 +179,8 @@ def check(config_path: Path | None) -> None:
     subs = all_subscribers(config)
     out.print(f"{config.source}: OK", markup=False)
     for warning in advice(config):
+        out.print(f"warning: {warning}", markup=False)
+    for warning in fetch_warnings((f.name, f.url) for f in config.feeds if f.enabled):
         out.print(f"warning: {warning}", markup=False)
     out.print(
         f"  {plural(len(config.feeds), 'feed')}, {plural(len(subs), 'subscriber')}, "
@@ -432,13 +439,22 @@ def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     is_flag=True,
     help="Also serve the feeds over HTTP (web.host, web.port) in the same process.",
 )
+@click.option("--host", default=None, help="With --serve: address to listen on (not web.host).")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="With --serve: port (not web.port)."
+)
 @_handle_errors
-def run(config_path: Path | None, once: bool, with_web: bool) -> None:
+def run(
+    config_path: Path | None, once: bool, with_web: bool, host: str | None, port: int | None
+) -> None:
     """Start the scheduler (or run one cycle with --once)."""
+    if (host is not None or port is not None) and (once or not with_web):
+        _fail(["error: --host and --port are for the web server of `run --serve` "
+               "(not with --once); add --serve or leave them out."])  # fmt: skip
     with _service(config_path) as service:
         _warn_about_mail_settings(service.config)
         if not once:
-            asyncio.run(_run_service(service, with_web))
+            asyncio.run(_run_service(service, with_web, host, port))
             return
         outcomes = _fetch_with_progress(service)
         _print_outcomes(outcomes)
@@ -467,8 +483,14 @@ def run(config_path: Path | None, once: bool, with_web: bool) -> None:
         _print_delivery_notes(service, report)
 
 
-async def _run_service(service: Service, with_web: bool) -> None:
-    """The scheduler, and the web server beside it when asked; a stop ends both."""
+async def _run_service(
+    service: Service, with_web: bool, host: str | None = None, port: int | None = None
+) -> None:
+    """The scheduler, and the web server beside it when asked; a stop ends both.
+
+    ``host``/``port`` override web.host/web.port: a container listens on 0.0.0.0
+    whatever the mounted config says, since its port is only reachable that way.
+    """
     from clusterfeed.schedule import run_forever
 
     if not with_web:
@@ -476,7 +498,7 @@ async def _run_service(service: Service, with_web: bool) -> None:
         return
     from clusterfeed.web import make_server
 
-    server = make_server(service)
+    server = make_server(service, host, port)
     server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
     logging.getLogger("clusterfeed.web").info(
         "serving on http://%s:%d/", server.config.host, server.config.port

@@ -190,6 +190,9 @@ class FetchConfig(_Strict):
     per_host: int = Field(2, ge=1, le=20)
     parse_processes: int | None = Field(None, ge=0, le=64)
     user_agent: str | None = None
+    # Partners' redirects, moves and announced feeds may lead to private, loopback and
+    # link-local addresses (only for partners on an internal network; see netguard).
+    allow_private_addresses: bool = False
 
 
 class SelectorsConfig(_Strict):
@@ -265,6 +268,21 @@ class FeedConfig(_Strict):
             )
         if kind == "feed" and value is not None:
             raise ValueError('selectors are only used with kind = "html"')
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.startswith(("http://", "https://")):
+            try:
+                parts = urlsplit(value)
+                valid = bool(parts.hostname) and parts.port != 0 and _is_http_url(value)
+            except ValueError:  # "http://[::1", "http://host:port"
+                valid = False
+            if not valid:
+                raise ValueError(
+                    "not a valid web address (expected e.g. https://partner.example/feed.rss)"
+                )
         return value
 
     @field_validator("site")

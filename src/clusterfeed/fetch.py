@@ -24,6 +24,13 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from clusterfeed.model import FetchResult
+from clusterfeed.netguard import (
+    AddressCheck,
+    AddressRefused,
+    AddressRule,
+    address_problem,
+    guarded_transport,
+)
 
 MAX_REDIRECTS = 5
 
@@ -36,6 +43,13 @@ class FetchRequest:
     url: str
     etag: str | None = None
     last_modified: str | None = None
+    # The url the operator wrote in the config, when ``url`` is a move or a discovered
+    # feed: the address rule follows from it, and only it may be a local file.
+    configured_url: str | None = None
+
+    @property
+    def origin(self) -> str:
+        return self.configured_url or self.url
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class FetchLimits:
     max_bytes: int = 10_000_000
     user_agent: str = "clusterfeed"
     per_host: int = 2
+    allow_private_addresses: bool = False
 
 
 class _TooLarge(Exception):
@@ -53,7 +68,16 @@ class _TooLarge(Exception):
 
 
 def _is_remote(url: str) -> bool:
-    return url.startswith(("http://", "https://"))
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+def _split(url: str, part: str) -> str:
+    """A part of a url (``hostname``, ``netloc``), lower case; empty for a broken url,
+    which ``fetch_http`` then refuses with a reason instead of a traceback."""
+    try:
+        return (getattr(urlsplit(url), part) or "").lower()
+    except ValueError:
+        return ""
 
 
 def fetch_local(request: FetchRequest, limits: FetchLimits) -> FetchResult:
@@ -72,7 +96,17 @@ def fetch_local(request: FetchRequest, limits: FetchLimits) -> FetchResult:
                 error=f"file is {size} bytes, larger than the limit of {limits.max_bytes} "
                 "(fetch.max_bytes)",
             )
-        body = path.read_bytes()
+        # The size a file claims may be wrong (a device, a file in /proc, a file still
+        # growing): read one byte past the limit at most, whatever stat said.
+        with path.open("rb") as handle:
+            body = handle.read(limits.max_bytes + 1)
+        if len(body) > limits.max_bytes:
+            return FetchResult(
+                request.feed_name,
+                request.url,
+                error=f"file is larger than the limit of {limits.max_bytes} bytes "
+                "(fetch.max_bytes)",
+            )
     except OSError as exc:
         return FetchResult(
             request.feed_name, request.url, error=f"cannot read file: {exc.strerror}"
@@ -93,7 +127,7 @@ def fetch_local(request: FetchRequest, limits: FetchLimits) -> FetchResult:
 
 def describe_error(exc: BaseException) -> str:
     """A one-line reason an operator can act on, for any failure of one request."""
-    if isinstance(exc, _TooLarge):
+    if isinstance(exc, _TooLarge | AddressRefused):
         return str(exc)
     if isinstance(exc, httpx.ConnectTimeout):
         return "timed out connecting to the server"
@@ -158,32 +192,45 @@ def parse_max_age(cache_control: str | None) -> int | None:
 
 
 async def fetch_http(
-    client: httpx.AsyncClient, request: FetchRequest, limits: FetchLimits
+    client: httpx.AsyncClient,
+    request: FetchRequest,
+    limits: FetchLimits,
+    rule: AddressRule | None = None,
 ) -> FetchResult:
     """One conditional GET with redirects handled by hand and a streaming size cap.
 
     Redirects are followed here rather than by httpx so the operator can be told
     when a feed moved for good: the target of an unbroken chain of 301/308 answers is
-    reported as ``moved_to`` (a 302/307 in the chain ends it: that move is temporary).
+    reported as ``moved_to`` (a 302/307 in the chain ends it: that move is temporary),
+    once that target has answered. Every hop's address is checked against ``rule``
+    before it is asked (the client's connections are checked again when they are made,
+    see ``netguard``); a refused hop ends the fetch, and nothing is learnt from it.
     """
+    if rule is None:
+        rule = AddressRule.for_feed(request.origin, allow_private=limits.allow_private_addresses)
     headers = {}
     if request.etag:
         headers["If-None-Match"] = request.etag
     if request.last_modified:
         headers["If-Modified-Since"] = request.last_modified
     url = request.url
-    moved_to: str | None = None
+    moved_to: str | None = None  # a permanent new address that answered
+    pending: str | None = None  # one not asked yet
     permanent_so_far = True
     try:
         async with asyncio.timeout(limits.timeout_seconds):
             for _hop in range(MAX_REDIRECTS + 1):
+                problem = rule.url_problem(url)
+                if problem is not None:
+                    raise AddressRefused(problem)
                 async with client.stream("GET", url, headers=headers) as response:
+                    moved_to, pending = pending or moved_to, None
                     status = response.status_code
                     location = response.headers.get("location")
                     if status in PERMANENT_REDIRECTS | TEMPORARY_REDIRECTS and location:
                         url = urljoin(str(response.url), location)
                         if status in PERMANENT_REDIRECTS and permanent_so_far:
-                            moved_to = url
+                            pending = url
                         else:
                             permanent_so_far = False
                         continue
@@ -194,6 +241,17 @@ async def fetch_http(
                 error=f"more than {MAX_REDIRECTS} redirects (last to {url})",
                 moved_to=moved_to,
             )
+    except AddressRefused as exc:
+        return FetchResult(request.feed_name, request.url, error=str(exc), refused=True)
+    except httpx.InvalidURL as exc:
+        # httpx reads a redirect's Location before handing the answer over, and raises
+        # this (not an HTTPError) for one it cannot parse, e.g. "data:,x".
+        return FetchResult(
+            request.feed_name,
+            request.url,
+            error=f"not fetched: the server redirected to an invalid address ({exc})",
+            refused=True,
+        )
     except (httpx.HTTPError, _TooLarge, TimeoutError, OSError, ssl.SSLError) as exc:
         return FetchResult(
             request.feed_name, request.url, error=describe_error(exc), moved_to=moved_to
@@ -338,15 +396,25 @@ class _Decoder:
 
 
 def make_client(
-    limits: FetchLimits, *, connections: int | None = None, verify: ssl.SSLContext | bool = True
+    limits: FetchLimits,
+    *,
+    connections: int | None = None,
+    verify: ssl.SSLContext | bool = True,
+    rule: AddressRule | None = None,
 ) -> httpx.AsyncClient:
     """An HTTP client whose connections are reused within one fetch cycle.
 
     ``fetch_all`` gives each host a client of its own, with as many connections as the
     host may have requests in flight (``connections``), and one TLS context (``verify``)
     shared by all, since loading the trusted certificates takes tens of milliseconds.
+    Every connection the client makes obeys ``rule`` (by default: public addresses
+    only, unless ``limits.allow_private_addresses``). The client goes to partners
+    directly, never through a proxy named in the environment, since a proxy would
+    hide the addresses the rule must see.
     """
     size = connections or limits.concurrency
+    if rule is None:
+        rule = AddressRule(allow_private=limits.allow_private_addresses)
     return httpx.AsyncClient(
         headers={
             "User-Agent": limits.user_agent,
@@ -358,8 +426,7 @@ def make_client(
         },
         timeout=httpx.Timeout(limits.timeout_seconds, connect=limits.connect_timeout_seconds),
         follow_redirects=False,
-        verify=verify,
-        limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+        transport=guarded_transport(rule, verify=verify, connections=size),
     )
 
 
@@ -373,6 +440,8 @@ async def fetch_all(
     requests: Iterable[FetchRequest],
     limits: FetchLimits,
     on_result: Callable[[FetchResult], Awaitable[None] | None] | None = None,
+    *,
+    address_check: AddressCheck = address_problem,
 ) -> list[FetchResult]:
     """Fetch every feed with at most ``limits.concurrency`` in flight.
 
@@ -381,7 +450,11 @@ async def fetch_all(
     ``on_result`` sees each result as soon as it arrives (for progress and for storing
     early), so a slow feed does not hold back the others' processing.
 
-    Each host gets its own client, so its connections are kept for its next feeds. One
+    Each configured host (and port) gets its own client, so its connections are kept for
+    its next feeds, and all of them were made under that host's ``AddressRule`` (a feed moved
+    elsewhere keeps its configured host's client: a connection made for one rule is
+    never lent to a request under another). A local file is read only when it is the
+    path the operator configured, never a move or an announced address. One
     client for all hosts either closed a connection to open the next (when more hosts
     than its pool took turns: every request a new connection) or, with a pool as large
     as all hosts, searched every idle connection on every request (a system call
@@ -389,22 +462,39 @@ async def fetch_all(
     """
     semaphore = asyncio.Semaphore(limits.concurrency)
     per_host: dict[str, asyncio.Semaphore] = {}
-    clients: dict[str, httpx.AsyncClient] = {}
+    clients: dict[str, tuple[httpx.AsyncClient, AddressRule]] = {}
     results: list[FetchResult] = []
 
-    def client_for(host: str) -> httpx.AsyncClient:
-        client = clients.get(host)
-        if client is None:
-            client = make_client(limits, connections=limits.per_host, verify=tls_context())
-            clients[host] = client
-        return client
+    def client_for(request: FetchRequest) -> tuple[httpx.AsyncClient, AddressRule]:
+        key = _split(request.origin, "netloc")  # host and port: the rule's key
+        found = clients.get(key)
+        if found is None:
+            rule = AddressRule.for_feed(
+                request.origin,
+                allow_private=limits.allow_private_addresses,
+                check=address_check,
+            )
+            client = make_client(
+                limits, connections=limits.per_host, verify=tls_context(), rule=rule
+            )
+            found = clients[key] = (client, rule)
+        return found
 
     async def one(request: FetchRequest) -> None:
         if _is_remote(request.url):
-            host = (urlsplit(request.url).hostname or "").lower()
+            host = _split(request.url, "hostname")
             host_limit = per_host.setdefault(host, asyncio.Semaphore(limits.per_host))
+            client, rule = client_for(request)
             async with host_limit, semaphore:
-                result = await fetch_http(client_for(host), request, limits)
+                result = await fetch_http(client, request, limits, rule)
+        elif request.origin != request.url:
+            result = FetchResult(
+                request.feed_name,
+                request.url,
+                error=f"not read: {request.url} is not a web address, and a local file is "
+                "read only when the config names it",
+                refused=True,
+            )
         else:
             async with semaphore:
                 result = await asyncio.to_thread(fetch_local, request, limits)
@@ -417,6 +507,6 @@ async def fetch_all(
     try:
         await asyncio.gather(*(one(r) for r in requests))
     finally:
-        for client in clients.values():
+        for client, _rule in clients.values():
             await client.aclose()
     return results

@@ -37,6 +37,9 @@ class FetchResult:
     moved_to: str | None = None
     retry_after: float | None = None
     max_age: int | None = None
+    # The address rule (``netguard``) refused a hop: a scheme other than http(s), or
+    # an address a partner may not send clusterfeed to. Nothing of the chain is kept.
+    refused: bool = False
 
     @property
     def ok(self) -> bool:

@@ -63,6 +63,7 @@ from clusterfeed.mail import (
     make_transport,
 )
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
+from clusterfeed.netguard import AddressCheck, AddressRule, address_problem, check_stored
 from clusterfeed.opml import export_opml
 from clusterfeed.planning import OutboxFacts, plan_deliveries
 from clusterfeed.polling import next_poll
@@ -215,6 +216,10 @@ class Service:
         self._story_lock = threading.Lock()
         self._composer: DigestComposer | None = None  # one per sending run
         self._run_secret: str | None = None
+        # What counts as the public internet for fetching (``netguard``); tests, which
+        # have no internet, name a loopback address public here.
+        self.address_check: AddressCheck = address_problem
+        self._address_notes: dict[str, str] = {}  # feed -> a dropped address, this cycle
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
@@ -295,7 +300,39 @@ class Service:
             max_bytes=cfg.max_bytes,
             user_agent=self.config.user_agent,
             per_host=cfg.per_host,
+            allow_private_addresses=cfg.allow_private_addresses,
         )
+
+    def address_rule(self, feed: FeedConfig) -> AddressRule:
+        """Where the requests for ``feed`` may go (see ``netguard``)."""
+        return AddressRule.for_feed(
+            feed.url,
+            allow_private=self.config.fetch.allow_private_addresses,
+            check=self.address_check,
+        )
+
+    def _request(self, feed: FeedConfig, status: FeedStatus) -> FetchRequest:
+        """The request for ``feed``: at its remembered new address if today's address
+        rule still allows that, else (forgetting it, with a warning) at its url."""
+        if not (status.moved_to or status.discovered_url):
+            return FetchRequest(feed.name, feed.url, status.etag, status.last_modified, feed.url)
+        choice = check_stored(
+            feed.url,
+            status.moved_to,
+            status.discovered_url,
+            self.address_rule(feed) if feed.is_remote else None,
+        )
+        if choice.warning is None:
+            return FetchRequest(feed.name, choice.url, status.etag, status.last_modified, feed.url)
+        self.store.forget_moves(
+            feed.name,
+            moved_to=choice.forget_moved,
+            discovered_url=choice.forget_discovered,
+            warning=choice.warning,
+        )
+        self._address_notes[feed.name] = choice.warning
+        log.warning("feed %r: %s", feed.name, choice.warning)
+        return FetchRequest(feed.name, choice.url, configured_url=feed.url)
 
     async def fetch(
         self,
@@ -311,6 +348,7 @@ class Service:
         """
         now = self.clock()
         cycle_started = now
+        self._address_notes = {}
         statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
         requests = []
         for feed in self.config.feeds:
@@ -319,14 +357,17 @@ class Service:
                 continue
             if due_only and not status.is_due(now):
                 continue
-            requests.append(
-                FetchRequest(feed.name, status.fetch_url, status.etag, status.last_modified)
-            )
+            requests.append(self._request(feed, status))
+        if self._address_notes:
+            statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
         outcomes = await self._fetch_and_ingest(requests, statuses, on_feed)
         # A news page that announces its feed, for a feed configured with discover = true:
-        # fetch the announced feed in the same cycle instead of waiting for the next one.
+        # fetch the announced feed in the same cycle instead of waiting for the next one
+        # (and a feed whose remembered address was refused: its configured url).
         retries = [
-            FetchRequest(o.name, o.use_url, None, None) for o in outcomes if o.use_url is not None
+            FetchRequest(o.name, o.use_url, configured_url=self.config.feed(o.name).url)
+            for o in outcomes
+            if o.use_url is not None
         ]
         if retries:
             statuses = {s.name: s for s in self.store.feed_statuses(now, with_counts=False)}
@@ -399,7 +440,7 @@ class Service:
                 on_feed(outcome)
 
         try:
-            await fetch_all(requests, self.fetch_limits(), handle)
+            await fetch_all(requests, self.fetch_limits(), handle, address_check=self.address_check)
         finally:
             writer.shutdown(wait=True)
         return outcomes
@@ -500,6 +541,7 @@ class Service:
                 name,
                 result.moved_to,
             )
+        note = self._address_notes.get(name)
         if result.error is not None:
             poll = self._poll(result, previous, ok=False)
             message = result.error
@@ -508,9 +550,27 @@ class Service:
                     f"{result.error}: the partner removed this feed, so clusterfeed stopped "
                     "asking for it; remove it from the config or give it a new url"
                 )
+            retry = None
+            if result.refused and previous is not None and result.url != previous.url:
+                # A remembered move or discovered feed that leads somewhere refused now
+                # (its host's DNS changed): forget it, and ask the configured url.
+                note = (
+                    f"the remembered address {result.url} was dropped and the configured "
+                    "url is used again"
+                )
+                self.store.forget_moves(
+                    name,
+                    moved_to=previous.moved_to == result.url,
+                    discovered_url=previous.discovered_url == result.url,
+                    warning=f"{note}: {message}",
+                )
+                retry = previous.url
+                self._address_notes[name] = note
+            if note:
+                message = f"{message} ({note})"
             self.store.record_failure(name, status=result.status, error=message, now=now, poll=poll)
             log.warning("feed %r failed: %s", name, message)
-            return FeedOutcome(name, "failed", message=message)
+            return FeedOutcome(name, "failed", message=message, use_url=retry)
         poll = self._poll(result, previous, ok=True)
         if result.not_modified or result.body is None:
             self.store.record_not_modified(
@@ -536,7 +596,7 @@ class Service:
             etag=result.etag,
             last_modified=result.last_modified,
             title=name,
-            warning=read.warning,
+            warning="; ".join(w for w in (note, read.warning) if w) or None,
             now=now,
             poll=poll,
         )
@@ -561,8 +621,12 @@ class Service:
         use_url = None
         if links:
             message = f"{message}; the page announces: {', '.join(links)}"
-            if discover and (previous is None or previous.discovered_url != links[0]):
-                use_url = links[0]
+            rule = self.address_rule(self.config.feed(name))
+            allowed = [link for link in links if rule.url_problem(link) is None]
+            if discover and not allowed:
+                message += f" ({rule.url_problem(links[0])})"
+            elif discover and (previous is None or previous.discovered_url != allowed[0]):
+                use_url = allowed[0]
                 message += f" (discover = true: using {use_url})"
             else:
                 message += " (put one of them into the config as url, or set discover = true)"

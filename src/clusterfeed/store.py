@@ -13,7 +13,6 @@ next, and ``Store.migrate`` applies the missing ones at start-up, in order.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import secrets
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -34,6 +34,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -66,12 +67,11 @@ from clusterfeed.model import (
 )
 from clusterfeed.planning import OutboxFacts
 from clusterfeed.stories import (
-    Features,
     Match,
     StoryItem,
     StoryMatcher,
 )
-from clusterfeed.stories import join_batch as join_stories
+from clusterfeed.storymodel import ItemFeatures
 
 
 class StoreError(Exception):
@@ -290,7 +290,19 @@ sent_stories = Table(
 # into it, by story; the primary key only serves questions by subscriber.
 Index("ix_sent_stories_story", sent_stories.c.story_id)
 
-SCHEMA_VERSION = 6
+# Schema version 7: what story matching reads of an entry, computed once when the entry
+# is first matched: the embedding of its title and lead (float16) and the evidence
+# (names, numbers, links) as JSON. ``fingerprint`` says from which text and encoder.
+story_features = Table(
+    "story_features",
+    metadata,
+    Column("entry_id", Integer, ForeignKey("entries.id"), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("vector", LargeBinary, nullable=False),
+    Column("evidence", JSON, nullable=False),
+)
+
+SCHEMA_VERSION = 7
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -371,6 +383,12 @@ def _migrate_5_to_6(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
+def _migrate_6_to_7(conn: Connection) -> None:
+    # Features are computed on demand: entries stored before the upgrade get theirs the
+    # first time a new item's window reaches them.
+    story_features.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -379,6 +397,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_3_to_4,
     _migrate_4_to_5,
     _migrate_5_to_6,
+    _migrate_6_to_7,
 ]
 
 
@@ -782,6 +801,21 @@ class Store:
                 )
             )
 
+    def forget_moves(
+        self, name: str, *, moved_to: bool, discovered_url: bool, warning: str
+    ) -> None:
+        """Drop a remembered new address that may no longer be used, saying so.
+
+        The validators go too: they belong to the answers of the forgotten address.
+        """
+        values: dict[str, Any] = {"last_warning": warning, "etag": None, "last_modified": None}
+        if moved_to:
+            values["moved_to"] = None
+        if discovered_url:
+            values["discovered_url"] = None
+        with self._tx() as conn:
+            conn.execute(update(feeds).where(feeds.c.name == name).values(**values))
+
     def record_not_modified(
         self,
         name: str,
@@ -980,7 +1014,7 @@ class Store:
                     "story_id": story_ids[e.identity],
                     "identity": e.identity,
                     "first_seen_at": now,
-                    "join_reason": "the same GUID or page" if e.identity in matched else None,
+                    "join_reason": "the same page" if e.identity in matched else None,
                     **_entry_values(e),
                 }
                 for e in new
@@ -994,12 +1028,13 @@ class Store:
         Runs once after all feeds of a cycle are stored, over the new items in order of
         publication, so the result does not depend on which partner's server answered
         first. Only stories created in this cycle are folded into others: nothing that
-        readers or subscribers have already seen changes identity. The items around the
-        new ones are loaded once and indexed by their evidence, so each new item is
-        scored only against stories it shares a name, number, link or word with; a
-        first fetch of 15,000 backlog items stays a matter of seconds. Returns how many
-        items joined another story.
+        readers or subscribers have already seen changes identity. Each entry's
+        features (embedding and evidence) are computed the first time it is in a
+        window and stored (``story_features``); deciding reads only those
+        (``clusterfeed.storycluster.join_new``). Returns how many items joined.
         """
+        from clusterfeed.storycluster import join_new
+
         with self._tx() as conn:
             new_rows = conn.execute(
                 select(entries.c.id, entries.c.story_id, entries.c.published_at)
@@ -1008,55 +1043,114 @@ class Store:
             ).all()
             if not new_rows:
                 return 0
-            window = timedelta(days=matcher.rules.window_days)
+            window = timedelta(days=matcher.model.window_days)
             low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
             high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
-            # Read in batches and reduced to features as they come: the texts (and the
-            # HTML they are taken from) of every item in the window are never all held.
             rows = conn.execute(
                 select(
-                    entries.c.id, entries.c.story_id, entries.c.language, entries.c.title,
-                    entries.c.summary_text, entries.c.content_html, entries.c.link,
-                    entries.c.identity, entries.c.published_at, feeds.c.name.label("feed_name"),
+                    entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
+                    entries.c.published_at, entries.c.content_hash, entries.c.language,
+                    feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.published_at >= low, entries.c.published_at <= high)
-                .execution_options(yield_per=1000)
-            )  # fmt: skip
-            items: dict[int, StoryItem] = {}
-            feats: dict[int, Features] = {}
-            story_of: dict[int, int] = {}
-            order: dict[int, tuple[datetime, str, str]] = {}
-            for row in rows:
-                item = _story_item(row)
-                feats[row.id] = matcher.features_of(item)
-                # Deciding reads the features, never the text again.
-                items[row.id] = dataclasses.replace(item, title="", text="", links=())
-                story_of[row.id] = int(row.story_id)
-                order[row.id] = (item.published, row.feed_name, row.identity)
+            ).all()  # fmt: skip
+            feats = self._story_features(conn, rows, matcher)
+            story_of = {int(r.id): int(r.story_id) for r in rows}
+            links = {int(r.id): r.link for r in rows}
+            order = {
+                int(r.id): (_utc(r.published_at) or r.published_at, r.feed_name, r.identity)
+                for r in rows
+            }
             sizes = Counter(story_of.values())
             new_ids = sorted(
-                (r.id for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in items),
+                (int(r.id) for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in feats),
                 key=lambda i: order[i],
             )
-            decisions = join_stories(
-                items,
-                feats,
-                story_of,
-                new_ids,
-                matcher.rules,
-                forced=matcher.forced if matcher.forces_pairs else None,
-            )
+            forced = None
+            if matcher.forces_pairs:
+
+                def forced(a: int, b: int) -> str | None:
+                    return matcher.forced_links(links[a], links[b])
+
+            ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
+            decisions = join_new(ordered, story_of, new_ids, matcher.model, forced=forced)
             if decisions:
-                self._write_joins(conn, decisions, new_rows, items, since)
+                published = {i: f.published for i, f in feats.items()}
+                self._write_joins(conn, decisions, new_rows, published, since)
         return len(decisions)
+
+    @staticmethod
+    def _story_features(
+        conn: Connection, rows: Sequence[Any], matcher: StoryMatcher
+    ) -> dict[int, ItemFeatures]:
+        """Every row's stored features; those missing or computed from another text or
+        encoder are computed now (in one batch) and stored."""
+        from clusterfeed.storymodel import Evidence, item_features
+
+        prints = {
+            int(r.id): _short_hash(f"{r.content_hash}\x1f{matcher.encoder.name}") for r in rows
+        }
+        by_id = {int(r.id): r for r in rows}
+        stored: dict[int, Any] = {}
+        for chunk in _chunks(sorted(prints), 500):
+            for row in conn.execute(
+                select(story_features).where(story_features.c.entry_id.in_(chunk))
+            ):
+                stored[int(row.entry_id)] = row
+        result: dict[int, ItemFeatures] = {}
+        missing: list[int] = []
+        for i, fingerprint in prints.items():
+            found = stored.get(i)
+            if found is None or found.fingerprint != fingerprint:
+                missing.append(i)
+                continue
+            r = by_id[i]
+            result[i] = ItemFeatures(
+                feed=r.feed_name,
+                language=r.language,
+                published=_utc(r.published_at) or r.published_at,
+                vector=np.frombuffer(found.vector, dtype=np.float16).astype(np.float32),
+                evidence=Evidence.from_json(found.evidence),
+            )
+        if not missing:
+            return result
+        stale = [i for i in missing if i in stored]
+        for chunk in _chunks(stale, 500):
+            conn.execute(story_features.delete().where(story_features.c.entry_id.in_(chunk)))
+        for chunk in _chunks(missing, 500):
+            texts = conn.execute(
+                select(
+                    entries.c.id, entries.c.language, entries.c.title, entries.c.summary_text,
+                    entries.c.summary_html, entries.c.content_html, entries.c.link,
+                    entries.c.published_at, feeds.c.name.label("feed_name"),
+                )
+                .join(feeds, feeds.c.id == entries.c.feed_id)
+                .where(entries.c.id.in_(chunk))
+                .order_by(entries.c.id)
+            ).all()  # fmt: skip
+            computed = item_features([_story_item(t) for t in texts], matcher.encoder)
+            conn.execute(
+                insert(story_features),
+                [
+                    {
+                        "entry_id": int(t.id),
+                        "fingerprint": prints[int(t.id)],
+                        "vector": np.asarray(f.vector, dtype=np.float16).tobytes(),
+                        "evidence": f.evidence.to_json(),
+                    }
+                    for t, f in zip(texts, computed, strict=True)
+                ],
+            )
+            result.update({int(t.id): f for t, f in zip(texts, computed, strict=True)})
+        return result
 
     @staticmethod
     def _write_joins(
         conn: Connection,
         decisions: Sequence[tuple[int, int, Match]],
         new_rows: Sequence[Any],
-        items: Mapping[int, StoryItem],
+        published: Mapping[int, datetime],
         since: datetime,
     ) -> None:
         """Move the joined items to their stories and drop the stories they leave.
@@ -1086,7 +1180,7 @@ class Store:
         conn.execute(
             _STMT.earlier_story,
             [
-                {"b_id": story_id, "b_published": items[entry_id].published}
+                {"b_id": story_id, "b_published": published[entry_id]}
                 for entry_id, story_id, _ in decisions
             ],
         )
@@ -1117,35 +1211,28 @@ class Store:
 
     @staticmethod
     def _matching_stories(conn: Connection, feed_id: int, new: Sequence[Entry]) -> dict[str, int]:
-        """The story another feed already holds for each new entry (same GUID or page).
+        """The story another feed already holds for each new entry (the same page).
 
-        Per entry, the earliest other-feed entry sharing its GUID or its link key wins,
-        as one ``ORDER BY id LIMIT 1`` per entry would say; found by chunks of keys.
+        Per entry, the earliest other-feed entry with its link key wins, as one
+        ``ORDER BY id LIMIT 1`` per entry would say; found by chunks of keys. GUIDs are
+        not compared across feeds: many CMSs number items per feed (``news-2861``,
+        ``?p=123``), so two feeds' equal GUIDs say nothing about the event.
         """
-        first: dict[tuple[str, str], tuple[int, int]] = {}
-        for column, name in ((entries.c.guid, "guid"), (entries.c.link_key, "link")):
-            values = sorted({v for e in new if (v := e.guid if name == "guid" else e.link_key)})
-            for chunk in _chunks(values, 500):
-                for row in conn.execute(
-                    select(column.label("value"), entries.c.id, entries.c.story_id).where(
-                        entries.c.feed_id != feed_id, column.in_(chunk)
-                    )
-                ):
-                    key = (name, row.value)
-                    if key not in first or row.id < first[key][0]:
-                        first[key] = (int(row.id), int(row.story_id))
+        first: dict[str, tuple[int, int]] = {}
+        values = sorted({e.link_key for e in new if e.link_key})
+        for chunk in _chunks(values, 500):
+            for row in conn.execute(
+                select(entries.c.link_key, entries.c.id, entries.c.story_id).where(
+                    entries.c.feed_id != feed_id, entries.c.link_key.in_(chunk)
+                )
+            ):
+                if row.link_key not in first or row.id < first[row.link_key][0]:
+                    first[row.link_key] = (int(row.id), int(row.story_id))
         found: dict[str, int] = {}
         for entry in new:
-            hits = [
-                hit
-                for hit in (
-                    first.get(("guid", entry.guid)) if entry.guid else None,
-                    first.get(("link", entry.link_key)) if entry.link_key else None,
-                )
-                if hit is not None
-            ]
-            if hits:
-                found[entry.identity] = min(hits)[1]
+            hit = first.get(entry.link_key) if entry.link_key else None
+            if hit is not None:
+                found[entry.identity] = hit[1]
         return found
 
     def feed_statuses(
@@ -2397,7 +2484,7 @@ def _story_item(row: Any) -> StoryItem:
         text=_matching_text(row.summary_text, row.content_html),
         link=row.link,
         published=_utc(row.published_at) or row.published_at,
-        links=_hrefs(row.content_html),
+        links=_hrefs(f"{row.summary_html or ''} {row.content_html or ''}"),
     )
 
 

@@ -2007,8 +2007,13 @@ class StoryMatcher:
         together: Iterable[tuple[str, str]] = (),
         apart: Iterable[tuple[str, str]] = (),
         cache_size: int = 50_000,
+        encoder: str | None = None,
+        model: Any = None,
     ) -> None:
         from clusterfeed.normalize import link_key, normalize_url
+
+        self._encoder_spec = encoder
+        self._model = model
 
         def key(url: str) -> str:
             return link_key(normalize_url(url) or url) or url
@@ -2037,6 +2042,33 @@ class StoryMatcher:
             self._cache.pop(next(iter(self._cache)))
         self._cache[item.id] = (fingerprint, result)
         return result
+
+    @property
+    def model(self) -> Any:
+        """The pair model (``clusterfeed.storymodel.PairModel``), loaded once."""
+        if self._model is None:
+            from clusterfeed.storymodel import default_model
+
+            self._model = default_model()
+        return self._model
+
+    @property
+    def encoder(self) -> Any:
+        """The sentence encoder (``clusterfeed.encoder.Encoder``), shared by the process."""
+        from clusterfeed.encoder import load_encoder
+
+        return load_encoder(self._encoder_spec)
+
+    def forced_links(self, a: str | None, b: str | None) -> str | None:
+        """ "together", "apart" or None for the items at two links (the config's pairs)."""
+        if not a or not b:
+            return None
+        pair = frozenset((self._key(a), self._key(b)))
+        if pair in self._apart:
+            return "apart"
+        if pair in self._together:
+            return "together"
+        return None
 
     @property
     def forces_pairs(self) -> bool:

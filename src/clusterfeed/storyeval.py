@@ -34,10 +34,14 @@ class LabelledSet:
     hard_negatives: list[tuple[str, str, str]]
 
 
-def load_labelled(folder: Path) -> LabelledSet:
+def load_labelled(folder: Path, sets: Iterable[str] | None = None) -> LabelledSet:
+    """The labelled items of ``folder`` (of the named ``sets`` only, if given)."""
+    wanted = set(sets) if sets is not None else None
     items: list[StoryItem] = []
     truth: dict[str, str] = {}
     for path in sorted(folder.glob("labelled-*.jsonl")):
+        if wanted is not None and path.stem.removeprefix("labelled-") not in wanted:
+            continue
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
@@ -60,7 +64,8 @@ def load_labelled(folder: Path) -> LabelledSet:
     negatives: list[tuple[str, str, str]] = []
     for path in sorted(folder.glob("hard-negatives-*.json")):
         for a, b, why in json.loads(path.read_text(encoding="utf-8")):
-            negatives.append((a, b, why))
+            if a in truth and b in truth:
+                negatives.append((a, b, why))
     return LabelledSet(items, truth, negatives)
 
 
