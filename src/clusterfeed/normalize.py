@@ -419,13 +419,8 @@ def normalize_entry(
     content_html = sanitize_html(content_raw, base)
     if summary_html and content_html and html_to_text(summary_html) == html_to_text(content_html):
         content_html = ""
-    from clusterfeed.teaser import teaser_text  # it builds on this module
-
     text = html_to_text(summary_html) or html_to_text(content_html)
-    # The teaser readers see: the article's text without captions, credits and links
-    # to subscribe or share; the identity below keeps the full text, as before.
-    teaser = teaser_text(summary_html) or teaser_text(content_html)
-    title = clean_title(_first_text(raw, "title")) or truncate(teaser, 80) or (link or "Untitled")
+    title = clean_title(_first_text(raw, "title")) or truncate(text, 80) or (link or "Untitled")
 
     topics = {t.strip() for t in feed_topics}
     for tag in raw.get("tags") or []:
@@ -448,7 +443,7 @@ def normalize_entry(
         link_key=link_key(link),
         title=title,
         summary_html=summary_html,
-        summary_text=teaser,
+        summary_text=text,
         content_html=content_html,
         image_url=image_url,
         image_alt=image_alt,

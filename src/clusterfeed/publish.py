@@ -27,6 +27,7 @@ from feedgen.util import xml_elem
 
 from clusterfeed import __version__
 from clusterfeed.model import Source, Story
+from clusterfeed.teaser import entry_teaser
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 HISTORY_NS = "http://purl.org/syndication/history/1.0"  # RFC 5005
@@ -270,8 +271,8 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta, paging: Paging | None =
         )
         for other in story.also_reported_by:
             fe.contributor({"name": other.feed_title})
-        if entry.summary_text:
-            fe.summary(_truncate(entry.summary_text, SUMMARY_CHARS))
+        if teaser := entry_teaser(entry):
+            fe.summary(_truncate(teaser, SUMMARY_CHARS))
         fe.content(story_html(story), type="html")
         for topic in story.topics:
             fe.category(term=topic, label=topic)
@@ -319,8 +320,8 @@ def build_rss(stories: Sequence[Story], meta: FeedMeta) -> bytes:
             fe.link(href=entry.link)
         fe.guid(story_id(meta.site_url, story), permalink=False)
         fe.published(entry.published)
-        if entry.summary_text:
-            fe.description(_truncate(entry.summary_text, SUMMARY_CHARS))
+        if teaser := entry_teaser(entry):
+            fe.description(_truncate(teaser, SUMMARY_CHARS))
         fe.content(story_html(story))
         fe.dc.dc_creator(source.feed_title)
         for topic in story.topics:
@@ -398,7 +399,7 @@ def _json_item(story: Story, meta: FeedMeta) -> dict[str, Any]:
         url=entry.link,
         title=entry.title,
         content_html=story_html(story),
-        summary=_truncate(entry.summary_text, SUMMARY_CHARS) if entry.summary_text else None,
+        summary=_truncate(teaser, SUMMARY_CHARS) if (teaser := entry_teaser(entry)) else None,
         image=entry.image_url,
         date_published=entry.published.isoformat(),
         date_modified=story_updated(story).isoformat(),

@@ -16,11 +16,13 @@ a whole page and drop a one-paragraph summary altogether):
 
 from __future__ import annotations
 
+import functools
 import re
 
 import lxml.html  # type: ignore[import-untyped]
 from lxml import etree
 
+from clusterfeed.model import Entry
 from clusterfeed.normalize import html_to_text
 
 _FURNITURE_TAGS = ("figcaption", "nav", "aside", "footer", "header", "form", "button")
@@ -45,6 +47,20 @@ _MAYBE_FURNITURE = re.compile(
 )
 
 
+def entry_teaser(entry: Entry) -> str:
+    """What readers see of an item below its headline (digest, site, feeds).
+
+    Applied when shown, not when stored: the stored text stays what story matching
+    compares.
+    """
+    return (
+        teaser_text(entry.summary_html)
+        or teaser_text(entry.content_html)
+        or ("" if entry.summary_html or entry.content_html else entry.summary_text)
+    )
+
+
+@functools.lru_cache(maxsize=4096)  # a publish shows each story in several files
 def teaser_text(fragment: str) -> str:
     """Plain text of an item's (sanitized) HTML with captions, credits and navigation
     removed; empty if that was all there was (the caller then tries the item's other
