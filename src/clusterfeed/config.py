@@ -11,6 +11,7 @@ the checks that need the file system (local feeds, templates, CSV) run afterward
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import logging
@@ -35,6 +36,7 @@ from pydantic import (
     field_validator,
 )
 
+from clusterfeed.configwords import located, sentence, shown
 from clusterfeed.proxies import check_proxy
 
 if TYPE_CHECKING:
@@ -54,9 +56,13 @@ class Problem:
     file: Path
     key: str
     message: str
+    # The key as the operator knows it (a feed by its name, not its index); see
+    # configwords.located. None: the key itself.
+    where: str | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        place = self.key if self.where is None else self.where
+        where = f"{self.file}: {place}" if place else str(self.file)
         return f"{where}: {self.message}"
 
 
@@ -627,12 +633,20 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         # The file checks read the raw values, so a missing feed file is reported in the
         # same round as a type error elsewhere ("all problems at once").
         problems.extend(_file_problems(file, raw))
-        raise ConfigError(problems) from None
+        raise ConfigError(_named(problems, raw)) from None
     config = _resolve_paths(config, file)
     problems.extend(_file_problems(file, raw))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_named(problems, raw))
     return config
+
+
+def _named(problems: list[Problem], raw: dict[str, Any]) -> list[Problem]:
+    """Name each entry of a list of tables by its name, not its index (feeds[0])."""
+    return [
+        p if p.where is not None else dataclasses.replace(p, where=located(p.key, raw))
+        for p in problems
+    ]
 
 
 def _resolve_paths(config: Config, file: Path) -> Config:
@@ -691,7 +705,7 @@ def _duplicate_name_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                         Problem(
                             file,
                             f"feeds[{i}].name",
-                            f"{name!r} is already the name of feeds[{seen[name]}]; "
+                            f"{shown(name)} is already the name of entry {seen[name] + 1}; "
                             "every feed needs its own name",
                         )
                     )
@@ -726,7 +740,7 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                 Problem(
                     file,
                     f"feeds[{i}].url",
-                    f"{url!r} is neither an http(s) URL nor an existing file "
+                    f"{shown(url)} is neither an http(s) URL nor an existing file "
                     "(local paths are relative to the config file's folder)",
                 )
             )
@@ -867,7 +881,7 @@ def read_subscribers_csv(
                         Problem(
                             path,
                             f"line {line}, column {column}",
-                            f"{_clean_msg(err['msg'])} (found {err['input']!r})",
+                            sentence(err["type"], err["msg"], err.get("ctx"), err["input"]),
                         )
                     )
     if problems:
@@ -944,10 +958,6 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _clean_msg(msg: str) -> str:
-    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-
-
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     """The keys allowed in the table that holds ``loc``, by walking the model."""
     model: Any = Config
@@ -983,20 +993,22 @@ def _explain(file: Path, raw: dict[str, Any], exc: ValidationError) -> list[Prob
         loc = tuple(err["loc"])
         key = _key_path(loc)
         kind = err["type"]
+        where = None
         if kind == "extra_forbidden":
             allowed = _allowed_keys(loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            message = f"unknown key; {hint}allowed here: {', '.join(allowed)}"
+            hint = f" — did you mean {shown(close[0])}?" if close else ""
+            message = (
+                f"unknown key {shown(str(loc[-1]))}{hint} Keys allowed here: {', '.join(allowed)}"
+            )
+            where = located(_key_path(loc[:-1]), raw)
         elif kind == "missing":
-            message = "required key is missing"
+            table = located(_key_path(loc[:-1]), raw) or "the top of the file"
+            message = f"required key is missing: add {loc[-1]} = ... to {table}"
         else:
             value = _lookup(raw, loc) if loc else None
-            shown = f"found {value!r}; " if value is not None else ""
-            message = f"{shown}{_clean_msg(err['msg'])}"
-            if err.get("ctx", {}).get("expected"):
-                message = f"{shown}expected {err['ctx']['expected']}"
-        problems.append(Problem(file, key, message))
+            message = sentence(kind, err["msg"], err.get("ctx"), value)
+        problems.append(Problem(file, key, message, where))
     return problems
 
 

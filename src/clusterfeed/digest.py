@@ -40,6 +40,7 @@ from clusterfeed.config import Config
 from clusterfeed.model import Story, Subscriber
 from clusterfeed.normalize import single_line, truncate
 from clusterfeed.sections import assign_sections, topic_label, topic_order
+from clusterfeed.teaser import entry_teaser
 
 # RFC 5322 allows 998 characters a line; 78 is only a recommendation. Python folds a
 # long header without spaces (a List-Unsubscribe URL) by turning it into RFC 2047
@@ -200,7 +201,7 @@ def story_view(story: Story, *, summary_chars: int, tz: str) -> StoryView:
         id=story.id,
         title=entry.title,
         url=entry.link,
-        summary=truncate(entry.summary_text, summary_chars),
+        summary=truncate(entry_teaser(entry), summary_chars),
         image_url=entry.image_url,
         image_alt=entry.image_alt or entry.title,
         source_name=story.sources[0].feed_title,

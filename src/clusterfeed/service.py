@@ -26,6 +26,7 @@ from urllib.parse import urljoin
 import jinja2
 from sqlalchemy.exc import SQLAlchemyError
 
+from clusterfeed.cadence import apply_interval
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
     DigestComposer,
@@ -68,7 +69,13 @@ from clusterfeed.netguard import AddressCheck, AddressRule, address_problem, che
 from clusterfeed.opml import export_opml
 from clusterfeed.planning import OutboxFacts, PlannedDigest, plan_deliveries
 from clusterfeed.polling import next_poll
-from clusterfeed.publish import SourceFeed, newest_update, write_atomic
+from clusterfeed.publish import (
+    SourceFeed,
+    newest_update,
+    reading_order,
+    remove_stale,
+    write_atomic,
+)
 from clusterfeed.site import (
     DigestPage,
     digest_page_url,
@@ -87,6 +94,7 @@ from clusterfeed.templatecheck import (
     template_location,
 )
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
+from clusterfeed.words import plural
 
 if TYPE_CHECKING:
     # Reading (feedparser, BeautifulSoup) is imported where a body is parsed: a command
@@ -145,10 +153,11 @@ class PublishReport:
     folder: Path
     written: list[Path] = field(default_factory=list)
     unchanged: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # of vanished topics and languages
 
     @property
     def changed(self) -> bool:
-        return bool(self.written)
+        return bool(self.written or self.removed)
 
     def __bool__(self) -> bool:
         return self.changed
@@ -267,6 +276,8 @@ class Service:
         """Bring the store up to date with the schema and the config's feeds and subscribers."""
         self.store.migrate()
         self.store.sync_feeds((f.name, f.url, f.site) for f in self.config.feeds if f.enabled)
+        # A shortened schedule.fetch_interval_minutes applies now, not after the old waits.
+        apply_interval(self.store, self.config.schedule.fetch_interval_minutes)
         subs = [
             Subscriber(
                 email=s.email,
@@ -380,7 +391,7 @@ class Service:
                 self.store.join_new_stories, cycle_started, self.matcher
             )
             if joined:
-                log.info("%d new items joined stories told by other partners", joined)
+                log.info("%s joined stories told by other partners", plural(joined, "new item"))
         order = {f.name: i for i, f in enumerate(self.config.feeds)}
         outcomes.sort(key=lambda o: order.get(o.name, 0))
         return outcomes
@@ -528,7 +539,7 @@ class Service:
                 f"not modified, but the database refused to record it ({reason}); the next "
                 "cycle asks again"
             )
-            log.error("%d unchanged feeds: %s", len(rows), message)
+            log.error("%s: %s", plural(len(rows), "unchanged feed"), message)
             return [FeedOutcome(r.feed_name, "failed", message=message) for r, _ in answers]
         return [FeedOutcome(r.feed_name, "unchanged") for r, _ in answers]
 
@@ -668,7 +679,7 @@ class Service:
                 ]
             )
         folder = out_dir if out_dir is not None else cfg.publish.output_dir
-        stories = self.store.recent_stories()
+        stories = reading_order(self.store.recent_stories())
         site = SiteMeta(
             title=cfg.feed_title,
             feed_url=cfg.feed_url,
@@ -703,7 +714,9 @@ class Service:
             for path, render in site_pages(env, cfg, stories, cfg.publish.max_entries)
         ]
         planned = self._digest_files(env) + pages + planned
-        return self._write_files(folder, planned)
+        report = self._write_files(folder, planned)
+        report.removed = remove_stale(folder, [f.path for f in planned])
+        return report
 
     def _write_files(self, folder: Path, planned: list[PlannedFile]) -> PublishReport:
         report = PublishReport(folder)
@@ -983,12 +996,23 @@ class Service:
             cache = self._story_cache
             return [s for i in ids if (s := cache.get(i) or found.get(i)) is not None]
 
-    def preview(self) -> str:
-        """The HTML the first matching subscriber would get now, for ``digest --preview``."""
+    def preview(self, email: str | None = None) -> tuple[Subscriber, str]:
+        """Whose digest ``digest --preview`` shows, and its HTML, as they would get it now.
+
+        The subscriber named by ``email``, else the first who has something new; with
+        nobody to show, a sample of recent stories for a made-up reader. Raises
+        LookupError for an address that is not a subscriber.
+        """
         env = make_environment(template_dir(self.config))
         now = self.clock()
         plan = self.plan_digest(now)
-        if plan:
+        if email is not None:
+            membership = self.store.membership(email=email)
+            if membership is None:
+                raise LookupError(email)
+            subscriber = membership.subscriber
+            stories = next((st for sub, st in plan if sub.id == subscriber.id), [])
+        elif plan:
             subscriber, stories = plan[0]
         else:
             subscriber = Subscriber(email="preview@example.org", name="Preview", id=0)
@@ -996,7 +1020,7 @@ class Service:
         rendered = render_digest(
             env, self.config, subscriber, stories, slot=now, links=self.links_for(subscriber)
         )
-        return rendered.html
+        return subscriber, rendered.html
 
     async def send_pending(
         self,

@@ -736,6 +736,23 @@ class Store:
         assert value is not None
         return value
 
+    def put_setting(self, key: str, value: str) -> None:
+        """Set a setting, replacing what it held."""
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(settings).where(settings.c.key == key).values(value=value)
+            )
+            if not changed.rowcount:
+                conn.execute(insert(settings).values(key=key, value=value))
+
+    def reschedule(self, next_attempts: Mapping[str, datetime]) -> None:
+        """Move feeds' next attempts (by feed name), e.g. after the interval changed."""
+        if not next_attempts:
+            return
+        with self._tx() as conn:
+            for name, when in next_attempts.items():
+                conn.execute(update(feeds).where(feeds.c.name == name).values(next_attempt_at=when))
+
     def secret(self) -> str:
         """A signing secret that survives restarts when none is configured."""
         return self.setting_or_create("signing_secret", lambda: secrets.token_urlsafe(32))
