@@ -3,9 +3,11 @@
 One run generates a synthetic stream of partner items from the labelled set, then
 measures, each in a fresh subprocess (cold imports and a memory peak of its own):
 
-1. ``scratch``: ``Clusterer().add(items)`` on all N items (default 100,000);
-2. ``incremental``: a Clusterer that already holds those N items, then the timed
-   ``add()`` of the 1,000 items that come after them in time;
+1. ``scratch``: the production engine (items stored through the real store, then
+   ``Store.join_new_stories``, as ``fetch`` does; ``storybench.production_labels``)
+   on all N items (default 100,000) in one cycle;
+2. ``incremental``: the same store holding those N items, then the timed cycle of
+   the 1,000 items that come after them in time;
 3. ``naive``: the naive baseline of ``storyeval.naive_labels`` (exact URL plus title
    word Jaccard >= 0.5) on the same N items, with an inverted index on title words
    (the same rule and the same result, see ``naive_indexed``), and the literal
@@ -61,7 +63,6 @@ from clusterfeed.stories import (
     latin_skeleton,
 )
 from clusterfeed.storyeval import (
-    clusterfeed_labels,
     load_labelled,
     measure,
     naive_labels,
@@ -770,7 +771,7 @@ def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[
 
 
 def pairwise(predicted: Mapping[str, object], truth: Mapping[str, object]) -> tuple[float, float]:
-    """``stories.pairwise_scores`` by counting, not listing pairs: the naive baseline
+    """``storyeval.pairwise_scores`` by counting, not listing pairs: the naive baseline
     makes groups of thousands at this scale, whose pairs would not fit in memory."""
 
     def pairs(sizes: Iterable[int]) -> int:
@@ -826,29 +827,34 @@ def _load(path: Path) -> tuple[list[StoryItem], dict[str, str]]:
 
 def run_child(kind: str, data: Path, n: int, extra: int, sample: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process; the figures as a dict."""
-    from clusterfeed.stories import Clusterer
+    # The production engine: the items stored through the real store and matched by
+    # ``Store.join_new_stories`` after each cycle, as ``fetch`` does.
+    from clusterfeed.stories import StoryMatcher
+    from clusterfeed.storybench import production_labels, row_of
 
     items, truth = _load(data)
     base, later = items[:n], items[n : n + extra]
     gc.collect()
     out: dict[str, Any] = {"kind": kind, "rss_before_mb": _rss_mb()}
     if kind == "scratch":
-        clusterer = Clusterer()
-        timing, _ = timed(lambda: clusterer.add(base))
+        rows = [row_of(i, truth[i.id]) for i in base]
+        timing, labels = timed(lambda: production_labels([rows], StoryMatcher()))
         out["items"] = len(base)
-        labels: Mapping[str, object] = clusterer.story_of
         out["stories"] = len(set(labels.values()))
         out["precision"], out["recall"] = pairwise(labels, {i.id: truth[i.id] for i in base})
     elif kind == "incremental":
-        clusterer = Clusterer()
-        clusterer.add(base)
-        out["rss_before_mb"] = _rss_mb()
-        before = set(clusterer.story_of.values())
-        timing, _ = timed(lambda: clusterer.add(later))
+        marks: list[tuple[float, float, float]] = []
+
+        def mark() -> None:
+            marks.append((time.perf_counter(), time.process_time(), _machine_busy_s()))
+
+        cycles = [[row_of(i, truth[i.id]) for i in part] for part in (base, later)]
+        _, labels = timed(lambda: production_labels(cycles, StoryMatcher(), after_cycle=mark))
+        (wall0, cpu0, busy0), (wall1, cpu1, busy1) = marks
+        timing = Timing(wall1 - wall0, cpu1 - cpu0, max(0.0, busy1 - busy0 - (cpu1 - cpu0)))
         out["items"] = len(later)
-        joined = sum(1 for i in later if clusterer.story_of[i.id] in before)
-        out["joined_existing"] = joined
-        labels = clusterer.story_of
+        before = {labels[i.id] for i in base}
+        out["joined_existing"] = sum(1 for i in later if labels[i.id] in before)
         out["precision"], out["recall"] = pairwise(labels, {i.id: truth[i.id] for i in items})
     elif kind == "naive":
         timing, labels = timed(lambda: naive_indexed(base))
@@ -970,8 +976,13 @@ def _count_between(times: Sequence[float], low: float, high: float) -> int:
 
 
 def labelled_quality() -> dict[str, Any]:
+    """The labelled sets a-c through the production path (as ``bench/stories.py``)."""
+    from clusterfeed.stories import StoryMatcher
+    from clusterfeed.storybench import cycles_of, load_rows, production_labels, score
+
     data = load_labelled(LABELLED)
-    ours = measure("clusterfeed", clusterfeed_labels(data.items), data)
+    rows, negatives = load_rows(LABELLED)
+    ours = score(production_labels(cycles_of(rows, 1), StoryMatcher()), rows, negatives)
     naive = measure("naive", naive_labels(data.items), data)
     return {
         "precision": ours.precision,
@@ -1027,8 +1038,8 @@ def report(
             f"| {run['peak_mb']:.0f} | {run['rss_before_mb']:.0f} | {p} | {r} | {others(run)} |"
         )
 
-    lines.append(row("clusterfeed, from scratch: `Clusterer().add(items)`", scratch))
-    lines.append(row(f"clusterfeed, {args.new:,} more to {n:,}: the timed `add()`", incremental))
+    lines.append(row("clusterfeed, from scratch: one cycle, store + `join_new_stories`", scratch))
+    lines.append(row(f"clusterfeed, {args.new:,} more to {n:,}: the timed cycle", incremental))
     if naive is not None:
         lines.append(row("naive baseline (exact URL + title Jaccard >= 0.5), indexed", naive))
     if sample is not None:
@@ -1078,7 +1089,8 @@ def report(
         lines.append(f"- {text}: {'met' if met else '**not met**'} ({figure})")
     lines += [
         "",
-        f"Labelled set (`tests/data/stories`, the quality test's figures): precision "
+        f"Labelled sets a-c (`tests/data/stories`, tuning and held-out parts in one "
+        f"store, production path): precision "
         f"{quality['precision']:.3f}, recall {quality['recall']:.3f}, "
         f"{quality['merged_hard_negatives']} hard negative pairs merged (goals: >= 0.98, "
         f">= 0.90, 0); the naive baseline there: {quality['naive_precision']:.3f} / "

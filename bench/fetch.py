@@ -1031,49 +1031,10 @@ def run_clusterfeed(manifest: dict[str, Any]) -> ClientRun:
 # -- client 2: minimal ------------------------------------------------------------------
 
 
-async def minimal_cycle(
-    urls: list[str], concurrency: int, validators: dict[str, tuple[str | None, str | None]]
-) -> tuple[Counter[int], int, int]:
-    """GET every feed with at most ``concurrency`` in flight; parse in the event loop.
-
-    Parsing inline is the point: it is what a straightforward client does, and it is
-    what clusterfeed should beat by parsing off the loop while the network waits.
-    Returns (statuses, entries parsed, feeds feedparser flagged as broken).
-    """
-    import feedparser
-    import httpx
-
-    statuses: Counter[int] = Counter()
-    entries = bozo = 0
-    semaphore = asyncio.Semaphore(concurrency)
-    # httpx's default pool (100 connections, 20 kept alive): what a first client uses.
-    async with httpx.AsyncClient(timeout=30.0) as client:
-
-        async def one(url: str) -> None:
-            nonlocal entries, bozo
-            headers = {}
-            etag, modified = validators.get(url, (None, None))
-            if etag:
-                headers["If-None-Match"] = etag
-            if modified:
-                headers["If-Modified-Since"] = modified
-            async with semaphore:
-                response = await client.get(url, headers=headers)
-            statuses[response.status_code] += 1
-            if response.status_code != 200:
-                return
-            validators[url] = (response.headers.get("etag"), response.headers.get("last-modified"))
-            parsed = feedparser.parse(response.content)
-            entries += len(parsed.entries)
-            bozo += bool(parsed.bozo)
-
-        await asyncio.gather(*(one(url) for url in urls))
-    return statuses, entries, bozo
-
-
 def run_minimal(manifest: dict[str, Any]) -> ClientRun:
     import feedparser
     import httpx
+    from minimal_client import minimal_cycle  # bench/, the script's own folder
 
     urls: list[str] = manifest["urls"]
     expected = len(urls) * manifest["items"]
@@ -1559,7 +1520,7 @@ def write_results(section: str) -> None:
 
 def orchestrate(args: argparse.Namespace) -> int:
     settings = Settings(args.feeds, args.items, args.latency_ms, args.concurrency)
-    clients = [c for c in args.clients.split(",") if c != "reader" or not args.skip_reader]
+    clients = [c for c in args.clients.split(",") if c and (c != "reader" or not args.skip_reader)]
     notes = []
     if "reader" in clients:
         problem = ensure_reader_venv()
@@ -1572,6 +1533,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     runs: dict[str, list[ClientRun]] = {c: [] for c in clients}
     failures: list[str] = []
     profile = None
+    whole = ""
     with (
         tempfile.TemporaryDirectory(prefix="fetch-bench-") as tmp,
         running_server(settings) as (port, feed_facts),
@@ -1599,6 +1561,8 @@ def orchestrate(args: argparse.Namespace) -> int:
                     print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
                     failures.append(f"run {repeat}: {exc}")
                     failed.add(name)
+        if args.whole_rounds:
+            whole = measure_whole(settings, manifest, Path(tmp), args)
         if args.profile and "clusterfeed" in clients and "clusterfeed" not in failed:
             print("profiling clusterfeed (an extra run, not timed) …", file=sys.stderr)
             try:
@@ -1625,11 +1589,42 @@ def orchestrate(args: argparse.Namespace) -> int:
         profile,
         args.retries,
     )
+    if whole:
+        section = section.rstrip("\n") + "\n\n" + whole
     print(section)
     if args.write:
         write_results(section)
         print(f"appended to {RESULTS.relative_to(REPO)}", file=sys.stderr)
-    return 1 if failures or any(s.failed_checks for s in summaries) else 0
+    whole_failed = "check failed" in whole
+    return 1 if failures or whole_failed or any(s.failed_checks for s in summaries) else 0
+
+
+def measure_whole(
+    settings: Settings, manifest: dict[str, Any], tmp: Path, args: argparse.Namespace
+) -> str:
+    """Time ``clusterfeed fetch`` as a whole process (see ``whole_command.py``)."""
+    from whole_command import load_average, measure_whole_commands, whole_command_markdown
+
+    folder = tmp / "whole-command"
+    folder.mkdir(exist_ok=True)
+    # The first cycle only fills the store (not timed): without story matching, which at
+    # 15,000 new items takes minutes and leaves an unchanged cycle nothing to do.
+    priming = write_clusterfeed_config(
+        folder, manifest["urls"], manifest["languages"], settings.concurrency, story_matching=False
+    ).rename(folder / "priming.toml")
+    config = write_clusterfeed_config(
+        folder,
+        manifest["urls"],
+        manifest["languages"],
+        settings.concurrency,
+        story_matching=not args.no_story_matching,
+    )
+    print(f"whole commands, {args.whole_rounds} rounds …", file=sys.stderr, flush=True)
+    if args.quiet_wait > 0:
+        wait_for_quiet(args.quiet_wait)
+    before = load_average()
+    timed, problems = measure_whole_commands(config, priming, manifest, folder, args.whole_rounds)
+    return whole_command_markdown(timed, problems, settings.floor_s, (before, load_average()))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1680,7 +1675,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3,
         metavar="N",
         help="measure a client again, up to N times, when other processes used more than "
-        f"{DISTURBED_SHARE:.0%} of the cores during its cycles (3)",
+        f"{DISTURBED_SHARE:.0%}% of the cores during its cycles (3)",
     )
     parser.add_argument(
         "--profile",
@@ -1692,6 +1687,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also profile clusterfeed's two cycles (an extra run, not counted) and show "
         "the top N functions by cumulative CPU (25)",
     )
+    parser.add_argument(
+        "--whole-rounds",
+        type=int,
+        default=5,
+        metavar="N",
+        help="also time N unchanged cycles of the whole `clusterfeed fetch` command and of "
+        "the minimal client as processes, with their start-up (5; 0 = do not)",
+    )
     # Internal: how the orchestrator starts a client subprocess.
     parser.add_argument("--client", choices=sorted(CLIENT_FUNCTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
@@ -1699,7 +1702,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.feeds < 1 or args.items < 1 or args.concurrency < 1 or args.repeat < 1:
         parser.error("--feeds, --items, --concurrency and --repeat must be at least 1")
-    unknown = set(args.clients.split(",")) - set(CLIENTS)
+    unknown = set(args.clients.split(",")) - {*CLIENTS, ""}  # "" measures no client
     if unknown:
         parser.error(f"unknown client(s) {', '.join(sorted(unknown))}; choose from {CLIENTS}")
     return args

@@ -13,7 +13,6 @@ the generator's labels. Run on a quiet machine; figures go to bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import html
 import resource
 import sys
 import time
@@ -26,24 +25,9 @@ sys.path.insert(0, str(HERE))
 
 from dedup import generate  # noqa: E402
 
-from clusterfeed.stories import StoryItem, StoryMatcher  # noqa: E402
+from clusterfeed.stories import StoryMatcher  # noqa: E402
 from clusterfeed.storybench import Row, production_labels, score  # noqa: E402
-
-
-def as_row(item: StoryItem, story: str) -> Row:
-    links = "".join(f' <a href="{html.escape(u)}">link</a>' for u in item.links)
-    return Row(
-        id=item.id,
-        story=story,
-        domain="generated",
-        feed=item.feed,
-        language=item.language,
-        title=item.title,
-        summary=f"<p>{html.escape(item.text)}{links}</p>",
-        link=item.link,
-        guid=None,
-        published=item.published,
-    )
+from clusterfeed.storybench import row_of as as_row  # noqa: E402
 
 
 def run(cycles: Sequence[Sequence[Row]], label: str) -> None:

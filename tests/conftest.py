@@ -31,6 +31,14 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
+from hypothesis import settings
+
+# No test may depend on the machine's speed: hypothesis's default deadline (200 ms per
+# example) failed a property test whenever the CI machine was busy. Speed goals live in
+# bench/, so the whole suite runs without deadlines. HYPOTHESIS_PROFILE picks another
+# registered profile for a local run.
+settings.register_profile("clusterfeed", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "clusterfeed"))
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_FEEDS = REPO / "config" / "example-feeds"
@@ -331,13 +339,12 @@ def write_config(
 
 
 # The bundled example's 47 items form 36 stories by its answer key
-# (config/example-feeds/README.md). The matcher makes 33: it now joins KristallWerk's
-# English and German lab opening (D), but also makes three false merges (NordBio
-# Newsletter 11/2026 with Kansai's mail magazine of the same month, a hard negative;
-# Newsletter 10/2026 with the Keiko Brandt item it mentions; the Summit programme with
-# KristallWerk's "meet us at the Summit"). Known and open (issue 15): this constant
-# says what the pipeline stores today, not what is right.
-EXAMPLE_STORIES = 33
+# (config/example-feeds/README.md). The matcher makes 35: it joins KristallWerk's
+# English and German lab opening (D) and keeps newsletter issues apart from other
+# publishers' issues and from the items they list (clusterfeed.storykinds), but still
+# joins the Summit programme with KristallWerk's "meet us at the Summit". Known and
+# open (issue 15): this constant says what the pipeline stores today, not what is right.
+EXAMPLE_STORIES = 35
 
 EXAMPLE_FEED_META = [
     ("NordBio Cluster", "nordbio-en.atom", "en", ["cluster"]),

@@ -40,7 +40,8 @@ def _status_table(config: Path) -> str:
 
 
 def _row(table: str, name: str) -> list[str]:
-    (line,) = [line for line in table.splitlines() if f" {name} " in line]
+    rows = [line for line in table.splitlines() if "│" in line or "┃" in line]
+    (line,) = [line for line in rows if f" {name} " in line]
     cells = line.replace("┃", "│").strip().strip("│").split("│")
     return [cell.strip() for cell in cells]
 
@@ -120,6 +121,50 @@ def test_status_json_lists_every_feed(one_broken: Path, feed_server: FeedServer,
         0,
     )
     assert repaired["items"] > 0
+
+
+def test_status_shows_the_last_attempt_after_a_server_stops(
+    tmp_path: Path, database_url: str, run_cli
+) -> None:
+    # The operator's own feed: read once while its server ran, then the server stopped.
+    own = FeedServer()
+    try:
+        feeds = served_example_feeds(own)[2:3]  # Helix Vektor
+        config = write_config(tmp_path, feeds, database_url=database_url)
+        assert run_cli("fetch", "--config", config).exit_code == 0
+        first = _status_table(config)
+        assert (
+            dict(zip(_row(first, "feed"), _row(first, "Helix Vektor"), strict=True))["HTTP"]
+            == "200"
+        )
+    finally:
+        own.close()
+
+    refused = run_cli("fetch", "--config", config)
+
+    assert "1 failed" in refused.stdout
+    table = _status_table(config)
+    cells = dict(zip(_row(table, "feed"), _row(table, "Helix Vektor"), strict=True))
+    assert cells["HTTP"] == "–"  # no answer at all; it was never a file
+    assert (cells["state"], cells["errors"]) == ("failing", "1")
+    assert "refused" in cells["problem"] or "connect" in cells["problem"]
+    assert cells["last success"] != "never"  # history, and says so by its column
+    (feed,) = json.loads(run_cli("status", "--config", config, "--json").stdout)
+    assert (feed["http_status"], feed["state"]) == (None, "failing")
+
+
+def test_a_file_feed_shows_file_in_the_http_column(tmp_path: Path, run_cli) -> None:
+    from tests.conftest import EXAMPLE_FEEDS
+
+    feed = {"name": "Helix Vektor", "url": str(EXAMPLE_FEEDS / "helix-vektor.rss")}
+    config = write_config(tmp_path, [feed])
+    run_cli("fetch", "--config", config)
+
+    table = _status_table(config)
+
+    assert dict(zip(_row(table, "feed"), _row(table, "Helix Vektor"), strict=True))["HTTP"] == (
+        "file"
+    )
 
 
 def test_status_before_any_fetch(one_broken: Path, run_cli) -> None:

@@ -29,11 +29,13 @@ from clusterfeed.digest import (
     fold_unsubscribe,
     message_bytes,
     message_id,
+    section_key,
 )
 from clusterfeed.mail import prepare
 from clusterfeed.service import Service
 from clusterfeed.store import Store
 from tests.conftest import TEMPLATES, Clock, FeedServer, served_example_feeds, write_config
+from tests.test_planning import NOW
 
 TOPICS = ["cluster", "gene-therapy", "financing", "drug-discovery", "research", "medtech"]
 HOSTILE_NAMES = [
@@ -130,11 +132,22 @@ def test_the_outbox_is_written_grouped_by_story_list(
 ) -> None:
     """So a sending run renders each story list once and keeps only a few rendered."""
     service = _service(tmp_path, feed_server, database_url, TEMPLATES)
+    deliveries = service.store.pending_deliveries()
+    stories = {s.id: s for s in service.store.recent_stories()}
+    # What a rendering depends on: the stories, their sections (the subscriber's
+    # topics decide them), how many the cap left out, and whether there is a name.
     order = [
-        (tuple(d.story_ids), bool(d.subscriber.name)) for d in service.store.pending_deliveries()
+        (
+            tuple(d.story_ids),
+            section_key(service.config, d.subscriber, [stories[i] for i in d.story_ids]),
+            len(d.left_out),
+            bool(d.subscriber.name),
+        )
+        for d in deliveries
     ]
     groups = [key for i, key in enumerate(order) if i == 0 or order[i - 1] != key]
     assert len(set(order)) > 3  # the subscribers' choices give several story lists
+
     assert len(groups) == len(set(order))  # each one comes in one run of rows
     service.close()
     service.store.close()
@@ -280,3 +293,52 @@ def test_an_internationalized_sender_domain_gives_an_ascii_message_id() -> None:
     made = message_id("scheduled:2026-11-26", 7, "Nachrichten <news@bücher.example>")
     assert made.endswith(".7@xn--bcher-kva.example>")
     assert fold_message_id(made) == f"Message-ID: {made}\r\n".encode("ascii")
+
+
+def test_subscribers_sharing_stories_but_not_sections_or_a_cap_get_their_own(
+    tmp_path: Path, feed_server: FeedServer
+) -> None:
+    """The sections depend on the subscriber's topics, the closing line on how many
+    stories the cap left out: the shortcut renders once per all of that, not once per
+    story list, and still gives the very bytes of a full rendering."""
+    from clusterfeed.digest import (
+        DigestComposer,
+        DigestLinks,
+        build_message,
+        make_environment,
+        render_digest,
+        template_dir,
+    )
+    from clusterfeed.model import Subscriber
+    from tests.test_planning import story
+
+    path = write_config(tmp_path, served_example_feeds(feed_server))
+    config = load_config(path)
+    env = make_environment(template_dir(config))
+    stories = [story(1, ("medtech", "research")), story(2, ("events", "medtech", "research"))]
+    links = DigestLinks(
+        unsubscribe_url="https://news.nordbio.example/unsubscribe/t",
+        preferences_url="https://news.nordbio.example/preferences/t",
+        feed_url="https://news.nordbio.example/feed.atom",
+        site_url="https://www.nordbio.example",
+        web_url="https://news.nordbio.example/digests/2026-11-26.html",
+    )
+    composer = DigestComposer(env, config)
+    readers = [
+        (Subscriber("a@example.org", "Anke", id=1, topics=("research",)), 0, "== Research =="),
+        (Subscriber("b@example.org", "Bodo", id=2, topics=("medtech",)), 0, "== Medtech =="),
+        (Subscriber("c@example.org", "Carl", id=3, topics=("medtech",)), 5, "== Medtech =="),
+        (Subscriber("d@example.org", "Dora", id=4, topics=("research",)), 0, "== Research =="),
+    ]
+    for subscriber, more, section in readers:
+        mid = message_id("test:sections", subscriber.id or 0, config.digest.from_address)
+        _sender, _to, fast = composer.compose(
+            subscriber, stories, slot=NOW, links=links, message_id=mid, more=more
+        )
+        full = render_digest(env, config, subscriber, stories, slot=NOW, links=links, more=more)
+        slow = build_message(config, full, to=subscriber, message_id=mid, slot=NOW, links=links)
+        assert fast == message_bytes(slow), subscriber
+        text = full.text
+        assert section in text and text.count("==") == 2
+        assert ("… and 5 more stories on the website" in text) == (more == 5)
+    assert composer.shared_hits == 4

@@ -191,18 +191,32 @@ topics = "gene-therapy"
 
 # key path -> fragments its message must contain: the value found and what is expected.
 EXPECTED = {
-    "schedule.fetch_interval_minutes": ["'often'", "integer"],
-    "schedule.digest_cron": ["'0 7 * *'", "five fields", "minute hour day month weekday"],
-    "schedule.timezone": ["'Europe/Hamburg'", "IANA time zone", "Europe/Berlin"],
-    "digest.from": ["required key is missing"],
-    "mial": ["unknown key", "did you mean 'mail'?"],
+    "schedule.fetch_interval_minutes": ['"often"', "whole number without quotes"],
+    "schedule.digest_cron": ['"0 7 * *"', "five fields", "minute hour day month weekday"],
+    "schedule.timezone": ['"Europe/Hamburg"', "IANA time zone", "Europe/Berlin"],
+    "digest.from": ["required key is missing: add from = ... to digest"],
+    "mial": ['unknown key "mial" — did you mean "mail"?'],
     "mail.host": ['transport "smtp" needs host'],
-    "feeds[0].url": ["'", "missing.rss", "neither an http(s) URL nor an existing file"],
-    "feeds[1].lanugage": ["unknown key", "did you mean 'language'?", "allowed here:"],
-    "feeds[2].language": ["'japanese'", 'language code such as "de", "en" or "ja"'],
-    "feeds[3].name": ["'Helix Vektor'", "already the name of feeds[0]"],
-    "feeds[3].topics": ["'gene-therapy'", "list"],
+    "feeds[0].url": ['"feeds/missing.rss"', "neither an http(s) URL nor an existing file"],
+    "feeds[1].lanugage": ['unknown key "lanugage" — did you mean "language"?', "allowed here:"],
+    "feeds[2].language": ['"japanese"', 'language code such as "de", "en" or "ja"'],
+    "feeds[3].name": ['"Helix Vektor"', "already the name of entry 1"],
+    "feeds[3].topics": ['"gene-therapy"', "write a list in square brackets"],
 }
+# How each problem's place is named for the operator: feeds by name and position.
+PLACES = {
+    "mial": "",
+    "feeds[0].url": 'feeds "Helix Vektor" (entry 1), url',
+    "feeds[1].lanugage": 'feeds "Elbmed Pharma" (entry 2)',
+    "feeds[2].language": 'feeds "Kansai Bio Frontier" (entry 3), language',
+    "feeds[3].name": 'feeds "Helix Vektor" (entry 4), name',
+    "feeds[3].topics": 'feeds "Helix Vektor" (entry 4), topics',
+}
+
+
+def _line(path: Path, key: str) -> str:
+    place = PLACES.get(key, key)
+    return f"{path}: {place}: " if place else f"{path}: "
 
 
 def test_invalid_config_lists_every_problem_at_once(tmp_path: Path) -> None:
@@ -218,7 +232,9 @@ def test_invalid_config_lists_every_problem_at_once(tmp_path: Path) -> None:
             assert fragment in by_key[key], f"{key}: {by_key[key]!r} lacks {fragment!r}"
     for problem in problems:
         assert problem.file == path
-        assert str(problem).startswith(f"{path}: {problem.key}: ")
+        assert str(problem) == _line(path, problem.key) + problem.message
+        assert "[" not in str(problem).removeprefix(str(path)).split(":")[1]  # no feeds[0]
+    assert "Input should be" not in "\n".join(map(str, problems))
 
 
 def test_check_prints_every_problem_and_fails(tmp_path: Path, run_cli) -> None:
@@ -232,8 +248,12 @@ def test_check_prints_every_problem_and_fails(tmp_path: Path, run_cli) -> None:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == len(EXPECTED)
     for key in EXPECTED:
-        assert any(line.startswith(f"error: {path}: {key}: ") for line in lines), key
-    assert f"{len(EXPECTED)} problem(s) in the config." in result.stderr
+        assert any(line.startswith(f"error: {_line(path, key)}") for line in lines), key
+    assert (
+        f'error: {path}: feeds "Elbmed Pharma" (entry 2): unknown key "lanugage" — '
+        'did you mean "language"? Keys allowed here: ' in result.stderr
+    )
+    assert f"{len(EXPECTED)} problems in the config." in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -332,6 +352,21 @@ def test_subscriber_csv_problem_names_the_line(tmp_path: Path) -> None:
     assert "not a valid e-mail address" in problems[0].message
 
 
+def test_a_csv_value_of_the_wrong_kind_says_what_to_write(tmp_path: Path) -> None:
+    csv_file = tmp_path / "subscribers.csv"
+    csv_file.write_text(
+        "email,name,topics,languages,frequency\nnina@example.org,Nina,,,monthly\n",
+        encoding="utf-8",
+    )
+    path = write_config(tmp_path, [{"name": "Partner", "url": "https://partner.example/feed"}])
+    path.write_text('subscribers_csv = "subscribers.csv"\n' + path.read_text())
+
+    (problem,) = _problems(path)
+
+    assert problem.key == "line 2, column frequency"
+    assert problem.message == "found \"monthly\"; use one of 'daily' or 'weekly'"
+
+
 def test_subscribers_from_csv_and_config_are_merged(tmp_path: Path) -> None:
     (tmp_path / "subscribers.csv").write_text(
         "email,name,topics,languages,frequency\n"
@@ -422,7 +457,7 @@ def test_without_config_option_or_variable_the_default_path_is_named(tmp_path: P
     [
         ("0 7 * * 8", "0 and 7 are Sunday"),
         ("0 7 * * 5-1", "rising range"),
-        ("0 25 * * *", "'0 25 * * *'"),
+        ("0 25 * * *", '"0 25 * * *"'),
     ],
 )
 def test_a_bad_cron_day_or_hour_is_refused(tmp_path: Path, cron: str, fragment: str) -> None:
@@ -437,3 +472,27 @@ def test_a_bad_cron_day_or_hour_is_refused(tmp_path: Path, cron: str, fragment: 
     assert set(by_key) == {"schedule.digest_cron"}
     assert fragment in by_key["schedule.digest_cron"]
     assert "five fields" in by_key["schedule.digest_cron"]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "words"),
+    [
+        ("fetch_interval_minutes = 0", "found 0; use a number at least 1"),
+        (
+            "fetch_interval_minutes = 2.5",
+            "found 2.5; write a whole number without quotes, such as 30",
+        ),
+        ('timezone = ["Europe/Berlin"]', "found ['Europe/Berlin']; write text in double quotes"),
+    ],
+)
+def test_type_errors_read_as_what_to_write(tmp_path: Path, schedule: str, words: str) -> None:
+    path = write_config(
+        tmp_path,
+        [{"name": "Partner", "url": "https://partner.example/feed"}],
+        extra=f"[schedule]\n{schedule}\n",
+    )
+
+    (problem,) = _problems(path)
+
+    assert problem.message == words, problem.message
+    assert str(problem).startswith(f"{path}: schedule.")

@@ -931,7 +931,7 @@ def test_a_smtp_sender_killed_20_times_at_random_points_delivers_each_digest_onc
 ) -> None:
     """SIGKILL ``clusterfeed digest`` at random points, start it again, 20 times.
 
-    Duplicates are allowed only inside the window the README documents, and counted
+    Duplicates are allowed only inside the window docs/delivery.md documents, and counted
     exactly: after each kill, the deliveries the store still has as "sending" although
     the server already holds their message are the only ones that may arrive twice.
     """

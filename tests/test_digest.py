@@ -7,7 +7,9 @@ read from the Maildir they were delivered to.
 from __future__ import annotations
 
 import email
+import json
 import re
+import shutil
 import subprocess
 from datetime import UTC, datetime, timedelta
 from email import policy
@@ -20,10 +22,12 @@ from typing import Any
 import pytest
 
 from clusterfeed.config import load_config
+from clusterfeed.digest import format_date
 from clusterfeed.store import Store
 from clusterfeed.tokens import UNSUBSCRIBE, InvalidToken, make_token, read_token
 from tests.conftest import (
     REALCLIENTS,
+    TEMPLATES,
     FeedServer,
     Route,
     digest_titles,
@@ -205,9 +209,10 @@ def test_digest_message_has_both_parts_and_every_header(digest_config: Path, run
     (to,) = msg["To"].addresses
     assert (to.display_name, to.addr_spec) == ("Rita Reader", "rita@example.org")
     assert msg["Reply-To"].addresses[0].addr_spec == "presse@nordbio.example"
-    assert msg["Subject"].startswith("NordBio Cluster news, ")
-    # The newest story names the mail; the others are counted.
-    assert msg["Subject"].endswith(": Helix Vektor opens vector plant in Kiel and 3 more")
+    # Short, in the digest's language: the count and the date, no partner's headline.
+    assert msg["Subject"] == (
+        f"NordBio Cluster news: 4 new stories, {format_date(datetime.now(UTC), 'Europe/Berlin')}"
+    )
     assert msg["List-Id"] == '"NordBio Cluster digest" <digest.news.nordbio.example>'
     assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
@@ -335,6 +340,19 @@ def test_a_title_with_line_breaks_never_creates_a_header(
         "date": "Fri, 21 Nov 2025 09:00:00 +0000",
     }
     feed_server.routes["/helix.rss"] = Route(rss_feed("Helix Vektor", [hostile, *HELIX]))
+    # The default subject names no headline; an operator's template that does must not
+    # let one add a header either.
+    own = digest_config.parent / "own-templates"
+    shutil.copytree(TEMPLATES, own)
+    (own / "digest_subject.txt").write_text("{{ stories[0].title }}", encoding="utf-8")
+    text = digest_config.read_text(encoding="utf-8")
+    digest_config.write_text(
+        text.replace(
+            f"templates_dir = {json.dumps(str(TEMPLATES))}",
+            f"templates_dir = {json.dumps(str(own))}",
+        ),
+        encoding="utf-8",
+    )
 
     _send_digest(run_cli, digest_config)
 
@@ -432,7 +450,25 @@ def test_send_when_empty_mails_everyone(digest_config: Path, run_cli) -> None:
     empty = got["medtech@example.org"][0]
     assert digest_titles(empty) == set()
     assert "There is nothing new from our partners" in mail_text(empty)
-    assert empty["Subject"].endswith(": no new stories")
+    assert empty["Subject"].startswith("NordBio Cluster news: nothing new, ")
+
+
+def test_a_first_digest_has_a_short_subject_and_no_last_digest(
+    example_config: Path, run_cli
+) -> None:
+    # The bundled example: 36 stories in English, German and Japanese.
+    assert run_cli("fetch", "--config", example_config).exit_code == 0
+    assert run_cli("digest", "--config", example_config).exit_code == 0
+
+    mails = _mails(example_config)
+    assert mails
+    for _raw, msg in mails:
+        subject = msg["Subject"]
+        assert len(subject) <= 78, subject
+        assert not digest_titles(msg) & {t for t in digest_titles(msg) if t in subject}
+        assert re.fullmatch(r"NordBio Cluster news: (\d+ new stories|1 new story), .+", subject)
+        for body in (mail_text(msg), mail_html(msg)):
+            assert "since your last" not in body  # nobody had a digest before
 
 
 # -- preview and dry run --------------------------------------------------------------------
@@ -445,7 +481,7 @@ def test_preview_writes_html_and_sends_nothing(digest_config: Path, run_cli) -> 
     result = run_cli("digest", "--config", digest_config, "--preview", out)
 
     assert result.exit_code == 0, result.output
-    assert f"wrote preview: {out}" in result.stdout
+    assert f"preview of the digest for rita@example.org: {out}" in result.stdout
     page = _Html(out.read_text(encoding="utf-8"))
     assert {t for _h, t in page.links} >= ALL_TITLES
     assert "font-size: 18px" in page.find("p", class_="headline")[0]["style"]
@@ -459,6 +495,41 @@ def test_preview_writes_html_and_sends_nothing(digest_config: Path, run_cli) -> 
     assert digest_titles(_by_recipient(digest_config)["rita@example.org"][0]) == ALL_TITLES
 
 
+def test_preview_of_a_chosen_subscriber_says_whose_it_is(digest_config: Path, run_cli) -> None:
+    assert run_cli("fetch", "--config", digest_config).exit_code == 0
+    out = digest_config.parent / "gene.html"
+
+    result = run_cli(
+        "digest", "--config", digest_config, "--preview", out, "--subscriber", "gene@example.org"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"preview of the digest for gene@example.org: {out}"
+    titles = {t for _h, t in _Html(out.read_text(encoding="utf-8")).links}
+    assert titles & ALL_TITLES == {i["title"] for i in HELIX}
+    assert _mails(digest_config) == []
+
+
+def test_a_preview_without_a_file_name_says_what_is_missing(digest_config: Path, run_cli) -> None:
+    forgot = run_cli("digest", "--preview", "--config", digest_config)
+
+    assert forgot.exit_code == 2
+    assert "unexpected extra argument" not in forgot.output
+    assert "--preview" in forgot.stderr and "needs the name of a file" in forgot.stderr
+    assert not Path("--config").exists()
+
+    stranger = run_cli(
+        "digest", "--config", digest_config, "--preview", digest_config.parent / "x.html",
+        "--subscriber", "nobody@example.org",
+    )  # fmt: skip
+    assert stranger.exit_code == 2
+    assert "nobody@example.org is not a subscriber" in stranger.stderr
+
+    alone = run_cli("digest", "--config", digest_config, "--subscriber", "gene@example.org")
+    assert alone.exit_code == 2 and "add --preview FILE" in alone.stderr
+    assert _mails(digest_config) == []
+
+
 def test_dry_run_lists_who_would_get_what_and_sends_nothing(digest_config: Path, run_cli) -> None:
     assert run_cli("fetch", "--config", digest_config).exit_code == 0
 
@@ -469,8 +540,8 @@ def test_dry_run_lists_who_would_get_what_and_sends_nothing(digest_config: Path,
     assert {
         "rita@example.org: 4 stories",
         "gene@example.org: 2 stories",
-        "deutsch@example.org: 1 stories",
-        "kansai@example.org: 1 stories",
+        "deutsch@example.org: 1 story",
+        "kansai@example.org: 1 story",
         "4 subscribers would get a digest (dry run, nothing sent)",
     } <= lines
     assert _mails(digest_config) == []

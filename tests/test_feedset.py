@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from clusterfeed.config import ConfigError
-from clusterfeed.feedset import archive_pages, file_slug
+from clusterfeed.feedset import archive_pages, file_slug, stale_files
 from clusterfeed.model import Entry, Source, Story
 from clusterfeed.opml import parse_opml
 from clusterfeed.publish import image_type
@@ -414,3 +414,59 @@ def test_a_feed_file_name_that_another_file_uses_is_refused(
     result = run_cli("publish", "--config", path)
     assert result.exit_code == 2
     assert "publish.filename: 'feed.rss' is the name of another published file" in result.stderr
+
+
+# -- files that no longer belong -----------------------------------------------------------
+
+
+def test_stale_files_are_only_generated_feed_files_no_plan_includes() -> None:
+    existing = [
+        "topics/messe.atom", "topics/messe.html", "topics/campus.rss", "languages/fr.json",
+        "archive/7.atom", "archive/1.atom", "topics/notes.txt", "own/page.atom", "feed.atom",
+        "topics/deeper/x.atom",
+    ]  # fmt: skip
+    planned = ["topics/campus.rss", "archive/1.atom", "feed.atom"]
+
+    assert stale_files(existing, planned) == [
+        "archive/7.atom", "languages/fr.json", "topics/messe.atom", "topics/messe.html",
+    ]  # fmt: skip
+
+
+def test_the_files_of_a_vanished_topic_are_removed(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, open_service: Any, run_cli
+) -> None:
+    def partner(category: str, text: str = "Text") -> bytes:
+        return (
+            '<?xml version="1.0" encoding="utf-8"?><rss version="2.0"><channel>'
+            "<title>Partner</title><link>https://partner.example/</link>"
+            "<description>News</description><item><title>Messe in Kiel</title>"
+            "<link>https://partner.example/messe</link>"
+            "<pubDate>Fri, 20 Nov 2026 09:30:00 +0000</pubDate>"
+            f"<category>{category}</category><description>{text}</description></item>"
+            "</channel></rss>"
+        ).encode()
+
+    feed_server.routes["/partner.rss"] = Route(partner("Messe"), "application/rss+xml")
+    feeds = [{"name": "Partner", "url": feed_server.url("/partner.rss"), "topics": ["campus"]}]
+    config = write_config(tmp_path, feeds, database_url=database_url)
+    public = tmp_path / "public"
+    (public / "topics").mkdir(parents=True)
+    (public / "topics" / "README.txt").write_text("the operator's own note\n")
+    assert run_cli("fetch", "--config", config).exit_code == 0
+    assert run_cli("publish", "--config", config).exit_code == 0
+    messe = {p.name for p in (public / "topics").glob("messe.*")}
+    assert messe == {"messe.atom", "messe.rss", "messe.json", "messe.html"}
+
+    # The partner revises the item and files it under another category: "messe" is no
+    # topic any more.
+    revised = partner("Veranstaltungen", "Text, revised")
+    feed_server.routes["/partner.rss"] = Route(revised, "application/rss+xml")
+    assert run_cli("fetch", "--config", config).exit_code == 0
+    result = run_cli("publish", "--config", config)
+
+    assert result.exit_code == 0
+    assert ", 4 removed" in result.stdout
+    assert not list((public / "topics").glob("messe.*"))
+    assert (public / "topics" / "veranstaltungen.atom").is_file()
+    assert (public / "topics" / "campus.atom").is_file()
+    assert (public / "topics" / "README.txt").is_file()  # not ours: left alone

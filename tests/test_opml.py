@@ -319,9 +319,12 @@ def test_an_import_that_would_break_the_config_writes_nothing(
     lines = result.stderr.splitlines()
     # Nordlicht Labor has language="de" in the OPML; the other two take the option.
     assert len(lines) == 3
-    assert lines[0].startswith(f"error: {example_copy}: feeds[10].language: found 'German'")
+    assert lines[0].startswith(
+        f'error: {example_copy}: feeds "Elbe Diagnostics & Co. <Kiel>" (entry 11), language: '
+        'found "German"'
+    )
     assert "'Elbe Diagnostics & Co. <Kiel>' from the OPML file" in lines[0]
-    assert lines[-1] == "nothing written: 2 problem(s) in the config."
+    assert lines[-1] == "nothing written: 2 problems in the config."
 
 
 def test_feeds_written_as_an_inline_array_are_not_rewritten(tmp_path: Path, run_cli) -> None:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clusterfeed.polling import MAX_DELAY, backoff, next_poll
+from clusterfeed.polling import MAX_DELAY, backoff, next_poll, rescheduled
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 INTERVAL = timedelta(minutes=30)
@@ -77,3 +77,72 @@ def test_backoff_is_never_shorter_than_the_interval_nor_longer_than_a_day(
     interval = timedelta(minutes=minutes)
     wait = backoff(interval, failures, random.Random(failures))
     assert min(interval, MAX_DELAY) <= wait <= MAX_DELAY
+
+
+# -- a shorter configured interval ---------------------------------------------------------
+
+MINUTE = timedelta(minutes=1)
+
+
+def _moved(
+    waited: timedelta, *, state: str = "ok", status: int | None = 200, failures: int = 0
+) -> datetime | None:
+    return rescheduled(
+        next_attempt=NOW + waited,
+        last_attempt=NOW,
+        state=state,
+        last_status=status,
+        failures=failures,
+        old_interval=INTERVAL,
+        new_interval=MINUTE,
+    )
+
+
+def test_a_shorter_interval_brings_a_waiting_feed_forward() -> None:
+    assert _moved(INTERVAL) == NOW + MINUTE
+
+
+def test_a_wait_the_server_asked_for_is_kept_under_a_shorter_interval() -> None:
+    # Cache-Control: max-age=7200 made the wait two hours; that was the server's wish.
+    assert _moved(timedelta(hours=2)) == NOW + timedelta(hours=2)
+    # A failing feed told 429 or 503 may have been given a Retry-After: kept.
+    assert _moved(timedelta(minutes=33), state="failing", status=503, failures=1) == (
+        NOW + timedelta(minutes=33)
+    )
+    # A Retry-After longer than any back-off of ours: kept, whatever the status.
+    assert _moved(timedelta(hours=5), state="failing", status=None, failures=1) == (
+        NOW + timedelta(hours=5)
+    )
+
+
+def test_a_failing_feed_keeps_backing_off_from_the_new_interval() -> None:
+    # Third failure under 30 minutes: about two hours; under one minute: about four.
+    moved = _moved(timedelta(minutes=120), state="failing", status=None, failures=3)
+    assert moved == NOW + timedelta(minutes=4)
+
+
+def test_a_longer_interval_or_a_gone_feed_changes_nothing() -> None:
+    longer = rescheduled(
+        next_attempt=NOW + INTERVAL,
+        last_attempt=NOW,
+        state="ok",
+        last_status=200,
+        failures=0,
+        old_interval=INTERVAL,
+        new_interval=timedelta(hours=1),
+    )
+    assert longer == NOW + INTERVAL
+    assert _moved(INTERVAL, state="gone", status=410) == NOW + INTERVAL
+
+
+@given(
+    st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=2)),
+    st.sampled_from(["ok", "failing", "new", "gone"]),
+    st.sampled_from([None, 200, 304, 429, 500, 503]),
+    st.integers(min_value=0, max_value=30),
+)
+def test_rescheduling_never_makes_a_feed_wait_longer(
+    waited: timedelta, state: str, status: int | None, failures: int
+) -> None:
+    moved = _moved(waited, state=state, status=status, failures=failures)
+    assert (moved is not None and NOW < moved <= NOW + waited) or waited == timedelta(0)

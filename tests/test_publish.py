@@ -647,3 +647,56 @@ def test_write_atomic_replaces_only_when_bytes_change(tmp_path: Path) -> None:
     assert path.read_bytes() == b"<feed>zwei</feed>"
     assert path.stat().st_mtime != 1_700_000_000
     assert sorted(p.name for p in path.parent.iterdir()) == ["feed.atom"]
+
+
+# -- the order readers see ---------------------------------------------------------------
+
+
+def test_every_published_list_follows_the_dates_it_shows(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, run_cli
+) -> None:
+    """The example's EU approval is shown with the cluster's own version (29 Oct) but
+    was first reported on 27 Oct; it was listed below "Zweiter Fonds" of 28 Oct."""
+    import json as jsonlib
+    import re as regex
+    from datetime import datetime as dt
+
+    import feedparser as fp
+
+    feeds = served_example_feeds(feed_server)
+    for feed in feeds:
+        feed["own"] = feed["name"].startswith("NordBio Cluster")  # as in the example
+    example_config = write_config(
+        tmp_path, feeds, database_url=database_url, extra='[stories]\nrepresentative = "own"\n'
+    )
+    assert run_cli("fetch", "--config", example_config).exit_code == 0
+    assert run_cli("publish", "--config", example_config).exit_code == 0
+    public = example_config.parent / "public"
+
+    def newest_first(dates: list[dt], where: str) -> None:
+        assert len(dates) > 1, where
+        assert dates == sorted(dates, reverse=True), where
+
+    checked = 0
+    for path in [
+        public / "feed.atom",
+        *public.glob("topics/*.atom"),
+        *public.glob("languages/*.atom"),
+    ]:
+        newest_first([dt.fromisoformat(e.published) for e in fp.parse(path).entries], str(path))
+        checked += 1
+    for path in [public / "feed.rss", *public.glob("topics/*.rss")]:
+        entries = fp.parse(path).entries
+        newest_first([dt(*e.published_parsed[:6]) for e in entries], str(path))
+    for path in [public / "feed.json", *public.glob("languages/*.json")]:
+        items = jsonlib.loads(path.read_text(encoding="utf-8"))["items"]
+        newest_first([dt.fromisoformat(i["date_published"]) for i in items], str(path))
+    page = (public / "index.html").read_text(encoding="utf-8")
+    shown = [dt.fromisoformat(d) for d in regex.findall(r'<time datetime="([^"]+)"', page)]
+    newest_first(shown, "index.html")
+    assert checked >= 5
+    titles = [e.title for e in fp.parse(public / "feed.atom").entries]
+    approval = next(i for i, t in enumerate(titles) if t.startswith("EU approval for Elbmed"))
+    assert approval < titles.index(
+        "Zweiter Fonds: Hanse Innovationsfonds II startet mit 120 Mio. Euro"
+    )

@@ -729,7 +729,8 @@ def test_check_refuses_a_feed_url_that_is_no_web_address(
     result = run_cli("check", "--config", config)
 
     assert result.exit_code == 1
-    assert "feeds[0].url" in result.output and "not a valid web address" in result.output
+    assert 'feeds "Broken" (entry 1), url' in result.output
+    assert "not a valid web address" in result.output
 
 
 # -- check ----------------------------------------------------------------------------------------

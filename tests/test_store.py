@@ -15,9 +15,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select, update
+from sqlalchemy import event, inspect, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.config import load_config
@@ -31,6 +32,7 @@ from clusterfeed.store import (
     Store,
     StoreError,
     deliveries,
+    feeds,
     schema_info,
     sent_stories,
     subscribers,
@@ -122,17 +124,17 @@ def test_migrate_creates_the_current_schema_and_is_idempotent(database_url: str)
     store = Store(database_url)
     assert store.schema_version() == 0
 
-    assert store.migrate() == SCHEMA_VERSION == 7
-    assert store.schema_version() == 7
+    assert store.migrate() == SCHEMA_VERSION == 9
+    assert store.schema_version() == 9
     tables = set(inspect(store.engine).get_table_names())
     assert {"feeds", "entries", "stories", "subscribers", "digests", "deliveries"} <= tables
     assert "alerts" in tables
 
     store.sync_feeds([("Helix Vektor", "https://www.helixvektor.example/feed", None)])
-    assert store.migrate() == 7  # a second start changes nothing and loses nothing
+    assert store.migrate() == 9  # a second start changes nothing and loses nothing
     assert [s.name for s in store.feed_statuses()] == ["Helix Vektor"]
     with store.engine.connect() as conn:
-        assert conn.execute(select(schema_info.c.version)).scalars().all() == [7]
+        assert conn.execute(select(schema_info.c.version)).scalars().all() == [9]
     store.close()
 
 
@@ -148,8 +150,22 @@ V5_DELIVERY_COLUMNS = (
 )
 
 
+def _back_to_version_8(conn: Connection) -> None:
+    """Undo what schema version 9 added (story corrections from ``stories split``)."""
+    conn.exec_driver_sql("DROP TABLE story_corrections")
+    conn.execute(update(schema_info).values(version=8))
+
+
+def _back_to_version_7(conn: Connection) -> None:
+    """Undo what schema versions 9 and 8 added, leaving what version 7 wrote."""
+    _back_to_version_8(conn)
+    conn.exec_driver_sql("ALTER TABLE deliveries DROP COLUMN left_out_ids")
+    conn.execute(update(schema_info).values(version=7))
+
+
 def _back_to_version_6(conn: Connection) -> None:
-    """Undo what schema version 7 added (stored story features)."""
+    """Undo what schema versions 9 to 7 added (corrections, the cap's record, features)."""
+    _back_to_version_7(conn)
     conn.exec_driver_sql("DROP TABLE story_features")
     conn.execute(update(schema_info).values(version=6))
 
@@ -293,6 +309,32 @@ def test_a_version_5_store_is_upgraded_and_keeps_what_each_subscriber_was_sent(
     facts = upgraded.outbox_facts(delivery.story_ids)
     assert facts.had == {delivery.subscriber.id: frozenset(delivery.story_ids)}
     assert facts.last_sent == {delivery.subscriber.id: NOW}
+    upgraded.close()
+
+
+def test_a_version_6_outbox_is_upgraded_and_records_stories_the_cap_left_out(
+    store: Store, database_url: str
+) -> None:
+    delivery = _one_digest(store)
+    with store.engine.begin() as conn:
+        _back_to_version_6(conn)
+    store.close()
+    upgraded = Store(database_url)
+
+    assert upgraded.migrate() == SCHEMA_VERSION
+
+    # The waiting mail is as it was, with nothing left out.
+    (due,) = upgraded.pending_deliveries(now=NOW)
+    assert (due.id, due.story_ids, due.left_out) == (delivery.id, delivery.story_ids, ())
+    # A new digest records what the cap left out; planning and its web version see it.
+    _apply(upgraded, "Helix Vektor", [_entry("Helix Vektor", "guid:b", title="B", guid="b")])
+    (sub,) = _subscribers(upgraded, "rita@example.org")
+    new = [s.id for s in upgraded.recent_stories() if s.id not in delivery.story_ids]
+    row = PlannedDelivery(sub, [], "<m2@nordbio.example>", new)
+    assert upgraded.create_digest("manual:b", NOW, [row], NOW)
+    assert upgraded.outbox_facts(new).offered == {sub.id: frozenset(new)}
+    (digest,) = [d for d in upgraded.sent_digests() if d.key == "manual:b"]
+    assert upgraded.digest_story_ids(digest.id) == new
     upgraded.close()
 
 
@@ -697,3 +739,44 @@ def test_many_304s_are_recorded_in_one_go_as_one_by_one(store: Store) -> None:
     # An answer that learnt nothing new keeps what an earlier one learnt.
     assert elbmed.etag == '"a2"' and elbmed.moved_to == "https://www.elbmed.example/new.atom"
     assert kansai.discovered_url == "https://kansai-bio.example/feed"
+
+
+def test_sync_feeds_writes_only_what_the_config_changed(database_url: str) -> None:
+    store = Store(database_url)
+    store.migrate()
+    config = [
+        ("Helix Vektor", "https://www.helixvektor.example/feed", None),
+        ("Elbmed Pharma", "https://www.elbmed.example/feed", "https://www.elbmed.example/"),
+    ]
+    store.sync_feeds(config)
+    with store.engine.begin() as conn:
+        conn.execute(update(feeds).values(etag='"v1"', last_modified="Fri, 20 Nov 2026"))
+    writes: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+            writes.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    store.sync_feeds(config)  # every start of every command does this
+    assert writes == []
+    assert store.feed_validators("Helix Vektor") == ('"v1"', "Fri, 20 Nov 2026")
+
+    store.sync_feeds(
+        [
+            ("Helix Vektor", "https://www.helixvektor.example/news.rss", None),  # moved
+            ("Elbmed Pharma", "https://www.elbmed.example/feed", "https://elbmed.example/"),
+            ("Kansai Bio Frontier", "https://kansai-bio.example/rss", None),  # new
+        ]
+    )
+    assert len(writes) == 3
+    assert store.feed_validators("Helix Vektor") == (None, None)  # a new URL starts afresh
+    assert store.feed_validators("Elbmed Pharma") == ('"v1"', "Fri, 20 Nov 2026")
+    with store.engine.connect() as conn:
+        rows = dict(conn.execute(select(feeds.c.name, feeds.c.site_url)).all())
+    assert rows == {
+        "Helix Vektor": None,
+        "Elbmed Pharma": "https://elbmed.example/",
+        "Kansai Bio Frontier": None,
+    }
+    store.close()

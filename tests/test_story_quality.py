@@ -18,9 +18,9 @@ from clusterfeed.stories import (
     katakana_skeletons,
     latin_skeleton,
 )
+from clusterfeed.storybench import production_labels, row_of
 from clusterfeed.storyeval import (
     LabelledSet,
-    clusterfeed_labels,
     load_labelled,
     measure,
     naive_labels,
@@ -68,10 +68,21 @@ def test_the_production_path_holds_on_the_held_out_part(
     assert quality.merged_hard_negatives <= 2
 
 
+def _production(labelled: LabelledSet) -> dict[str, object]:
+    """The labelled items through the store and ``join_new_stories``, one cycle."""
+    from clusterfeed.stories import StoryMatcher
+
+    rows = sorted(
+        (row_of(i, labelled.truth[i.id]) for i in labelled.items),
+        key=lambda r: (r.published, r.id),
+    )
+    return production_labels([rows], StoryMatcher())
+
+
 def test_clusterfeed_beats_both_baselines() -> None:
-    # The evidence scorer of stories.py, on the sets it was tuned on (a and b).
+    # The production engine, on sets a and b.
     labelled = load_labelled(LABELLED, sets=("a", "b"))
-    ours = measure("clusterfeed", clusterfeed_labels(labelled.items), labelled)
+    ours = measure("clusterfeed", _production(labelled), labelled)
     naive = measure("naive", naive_labels(labelled.items), labelled)
     newsblur = measure("newsblur", newsblur_labels(labelled.items), labelled)
     assert ours.recall > 2 * max(naive.recall, newsblur.recall)
@@ -132,7 +143,7 @@ def _templated(company: str, device: str, feed: str, day: int, *, rename: str = 
 def test_templated_announcements_about_different_subjects_stay_apart() -> None:
     """The same regulation, city and agency in both texts; a different company in each
     title: two events, however alike the wording (issue 9, point 3)."""
-    from clusterfeed.stories import DEFAULT_RULES, Corpus, different_protagonists, features
+    from clusterfeed.stories import StoryMatcher
 
     filler = [
         _templated(f"Filler{n}", "a test", f"other{n}", 1 + n % 9, rename="The firm")
@@ -142,19 +153,7 @@ def test_templated_announcements_about_different_subjects_stay_apart() -> None:
     second = _templated("Vidaser", "a sepsis test", "partner-b", 11)
     same_as_first = _templated("Nolonos", "a sepsis test", "partner-c", 11)
     items = [*filler, first, second, same_as_first]
-    corpus = Corpus()
-    for item in items:
-        corpus.add(features(item))
-    reason = different_protagonists(
-        features(first), features(second), corpus, DEFAULT_RULES.rare_name_idf
-    )
-    assert reason is not None and "nolonos" in reason and "vidaser" in reason
-    assert (
-        different_protagonists(
-            features(first), features(same_as_first), corpus, DEFAULT_RULES.rare_name_idf
-        )
-        is None
-    )
-    labels = clusterfeed_labels(items)
+    rows = [row_of(i, i.id) for i in sorted(items, key=lambda i: (i.published, i.id))]
+    labels = production_labels([rows], StoryMatcher())
     assert labels[first.id] != labels[second.id]
     assert labels[first.id] == labels[same_as_first.id]

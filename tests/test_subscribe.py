@@ -460,6 +460,56 @@ def test_sign_up_is_closed_unless_enabled(
         service.store.close()
 
 
+def _menu(page: str) -> list[tuple[str, str]]:
+    nav = re.search(r'<nav aria-label="Topics">(.*?)</nav>', page, flags=re.S)
+    assert nav is not None
+    return re.findall(r'<a href="[^"]*topics/([^"/]+)\.html"[^>]*>([^<]+)</a>', nav.group(1))
+
+
+def test_the_news_page_and_digest_pages_lead_to_the_sign_up_form(
+    service: Service, web: RunningServer
+) -> None:
+    import asyncio
+
+    asyncio.run(service.fetch())
+    now = service.clock()
+    asyncio.run(service.digest("manual:test", now))
+    service.publish()
+    form_url = "https://news.nordbio.example/subscribe"  # web.base_url: where the form is
+
+    index = web.get("/").text
+    assert f'href="{form_url}"' in index
+    (digest_page,) = (service.config.publish.output_dir / "digests").glob("2*.html")
+    assert f'href="{form_url}"' in web.get(f"/digests/{digest_page.name}").text
+
+    # The form offers the topics the page's menu shows, named alike, in the same order.
+    form = web.get("/subscribe").text
+    offered = re.findall(
+        r'<input type="checkbox" name="topics" value="([^"]+)"[^>]*>([^<]+)</label>', form
+    )
+    menu = _menu(index)
+    assert menu and offered == menu
+    for topic, _title in menu:  # every menu entry leads to a page
+        assert web.get(f"/topics/{topic}.html").status_code == 200
+
+
+def test_no_sign_up_link_while_sign_up_is_off(
+    tmp_path: Path, feed_server: FeedServer, database_url: str, clock: Clock
+) -> None:
+    import asyncio
+
+    service = _service(tmp_path, feed_server, database_url, clock, extra="")
+    try:
+        asyncio.run(service.fetch())
+        service.publish()
+        index = (service.config.publish.output_dir / "index.html").read_text(encoding="utf-8")
+    finally:
+        service.close()
+        service.store.close()
+
+    assert "/subscribe" not in index
+
+
 # -- the pure decisions --------------------------------------------------------------------
 
 CHOICES = Choices(topics=("medtech", "research"), languages=("de", "en"))

@@ -75,7 +75,7 @@ def test_import_without_confirmed_makes_pending_subscribers_and_mails_them(
     assert all("/confirm/" in m for m in mails)
     listed = run_cli("subscribers", "list", "--config", example_config)
     assert "nina@example.org" in listed.stdout and "pending" in listed.stdout
-    assert "1 receive the digest" in listed.stdout  # only the config's reader so far
+    assert "1 receives the digest" in listed.stdout  # only the config's reader so far
 
 
 def test_import_errors_name_the_file_line_and_column_and_import_nothing(

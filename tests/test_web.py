@@ -162,3 +162,37 @@ def test_health_and_metrics(service: Service, web: RunningServer) -> None:
     assert 'clusterfeed_feeds{state="ok"} 9.0' in text
     assert "clusterfeed_items 47.0" in text
     assert "clusterfeed_last_publish_timestamp_seconds" in text
+
+
+def test_only_complete_archive_pages_are_cached_long(
+    tmp_path: Path, feed_server: FeedServer
+) -> None:
+    path = write_config(tmp_path, served_example_feeds(feed_server))
+    path.write_text(
+        path.read_text().replace("max_entries = 100", "max_entries = 5\narchive_size = 5")
+    )
+    config = load_config(path)
+    service = Service(config, Store(config.database_url))
+    service.prepare()
+    running = RunningServer(service)
+    try:
+        _publish(service)
+        pages = sorted(
+            (config.publish.output_dir / "archive").glob("*.atom"), key=lambda p: int(p.stem)
+        )
+        assert len(pages) >= 3
+
+        ages = {
+            page.stem: running.get(f"/archive/{page.name}").headers["cache-control"]
+            for page in pages
+        }
+        feed = running.get("/feed.atom").headers["cache-control"]
+    finally:
+        running.stop()
+        service.close()
+        service.store.close()
+
+    newest = pages[-1].stem
+    # The newest page still takes the stories that leave the feed: cached like the feed.
+    assert ages.pop(newest) == feed == "public, max-age=300"
+    assert set(ages.values()) == {"public, max-age=86400"}  # complete: they never change

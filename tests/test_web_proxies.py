@@ -146,7 +146,7 @@ def test_trusted_proxies_are_checked_with_a_clear_message(
         "web.trusted_proxies[3]",
     }
     assert "did you mean 10.0.0.0/8?" in problems["web.trusted_proxies[1]"]
-    assert "'proxy.internal'" in problems["web.trusted_proxies[2]"]
+    assert '"proxy.internal"' in problems["web.trusted_proxies[2]"]
     assert "host names are not accepted" in problems["web.trusted_proxies[2]"]
     assert str(caught.value).startswith(str(path))
 

@@ -9,10 +9,19 @@ loaded the whole service for nothing.
 
 from __future__ import annotations
 
+import gc
+
 
 def main() -> None:
     from clusterfeed.cli import main as command
 
+    # What the imports made (about 80,000 objects: modules, classes, SQLAlchemy's and
+    # pydantic's structures) lives as long as the process. Frozen, the garbage collector
+    # no longer walks it at every full collection: one of those stopped the event loop
+    # of a 304-only fetch cycle for 0.1-0.5 s, and the interpreter's collections at
+    # exit took as long again (issue 16, point 15; bench/RESULTS.md). Objects the
+    # command makes afterwards are collected as before.
+    gc.freeze()
     command()
 
 

@@ -37,10 +37,12 @@ from clusterfeed.health import Alert
 from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.netguard import fetch_warnings
+from clusterfeed.retired import retired_story_settings
 from clusterfeed.scaffold import init_command
 from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
 from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
+from clusterfeed.words import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,7 +68,9 @@ def _setup_logging(verbose: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "apscheduler.executors", "aiosmtplib"):
+    # APScheduler tells at INFO how it adds and starts jobs ("Adding job tentatively");
+    # our own lines say what runs when, so only its warnings and errors are shown.
+    for noisy in ("httpx", "httpcore", "apscheduler", "aiosmtplib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -94,7 +98,7 @@ def _service(config_path: Path | None) -> Iterator[Service]:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."]
+            + [f"{plural(len(exc.problems), 'problem')} in the config."]
         )
     store = Store(config.database_url)
     service = Service(config, store)
@@ -162,14 +166,14 @@ def check(config_path: Path | None) -> None:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."],
+            + [f"{plural(len(exc.problems), 'problem')} in the config."],
             1,
         )
     problems = template_problems(config)
     if problems:
         _fail(
             [f"error: {p}" for p in problems]
-            + [f"{len(problems)} problem(s) in the templates (every template is rendered "
+            + [f"{plural(len(problems), 'problem')} in the templates (every template is rendered "
                "with sample data; fix these before the next digest)."],
             1,
         )  # fmt: skip
@@ -179,8 +183,10 @@ def check(config_path: Path | None) -> None:
         out.print(f"warning: {warning}", markup=False)
     for warning in fetch_warnings((f.name, f.url) for f in config.feeds if f.enabled):
         out.print(f"warning: {warning}", markup=False)
+    for warning in retired_story_settings(config.stories):
+        out.print(f"warning: {warning} ({config.source})", markup=False)
     out.print(
-        f"  {len(config.feeds)} feeds, {len(subs)} subscribers, "
+        f"  {plural(len(config.feeds), 'feed')}, {plural(len(subs), 'subscriber')}, "
         f"digest '{config.schedule.digest_cron}' ({config.schedule.timezone}), "
         f"mail via {config.mail.transport}, store {config.database_url.split('://')[0]}",
         markup=False,
@@ -221,7 +227,10 @@ def _fetch_with_progress(service: Service) -> list[FeedOutcome]:
 def _print_outcomes(outcomes: list[FeedOutcome]) -> None:
     new = sum(o.new_entries for o in outcomes)
     failed = [o for o in outcomes if o.state == "failed"]
-    out.print(f"fetched {len(outcomes)} feeds: {new} new items, {len(failed)} failed", markup=False)
+    out.print(
+        f"fetched {plural(len(outcomes), 'feed')}: {plural(new, 'new item')}, {len(failed)} failed",
+        markup=False,
+    )
     for o in failed:
         out.print(f"  FAILED {o.name}: {o.message}", markup=False)
     for o in outcomes:
@@ -269,8 +278,9 @@ def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = F
     else:
         out.print(f"{'wrote' if written else 'unchanged'}: {main_feed}", markup=False)
     out.print(
-        f"published {report.folder}: {len(report.written)} files written, "
-        f"{len(report.unchanged)} unchanged",
+        f"published {report.folder}: {plural(len(report.written), 'file')} written, "
+        f"{len(report.unchanged)} unchanged"
+        + (f", {len(report.removed)} removed" if report.removed else ""),
         markup=False,
     )
 
@@ -290,29 +300,70 @@ def _send_with_progress(service: Service) -> Any:
         return asyncio.run(service.send_pending(on_progress=lambda d, o: progress.advance(task)))
 
 
+def _file_name_not_option(
+    ctx: click.Context, param: click.Parameter, value: Path | None
+) -> Path | None:
+    """``--preview --config X`` took "--config" as the file name: say what is missing."""
+    if value is not None and str(value).startswith("-"):
+        raise click.BadParameter(
+            f"needs the name of a file to write the HTML to, such as "
+            f"--preview digest.html; {str(value)!r} is an option, not a file name",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
 @main.command()
 @config_option
 @click.option(
     "--preview",
     type=click.Path(dir_okay=False, path_type=Path),
+    callback=_file_name_not_option,
+    metavar="FILE",
     help="Write the HTML a subscriber would get to this file; send nothing.",
+)
+@click.option(
+    "--subscriber",
+    "preview_for",
+    metavar="EMAIL",
+    help="With --preview: whose digest to show (default: the first with something new).",
 )
 @click.option("--dry-run", is_flag=True, help="Show who would get how many stories; send nothing.")
 @_handle_errors
-def digest(config_path: Path | None, preview: Path | None, dry_run: bool) -> None:
+def digest(
+    config_path: Path | None, preview: Path | None, preview_for: str | None, dry_run: bool
+) -> None:
     """Send the digest now to every subscriber who has something new."""
+    if preview_for is not None and preview is None:
+        _fail(["error: --subscriber chooses whose digest --preview FILE shows; add --preview FILE"])
     with _service(config_path) as service:
         _warn_about_mail_settings(service.config)
         if preview is not None:
-            preview.write_text(service.preview(), encoding="utf-8")
-            out.print(f"wrote preview: {preview}", markup=False)
+            try:
+                subscriber, html = service.preview(preview_for)
+            except LookupError:
+                _fail(
+                    [
+                        f"error: {preview_for} is not a subscriber; "
+                        "`clusterfeed subscribers list` shows who is"
+                    ]
+                )
+            preview.write_text(html, encoding="utf-8")
+            whose = (
+                f"the digest for {subscriber.email}"
+                if subscriber.id
+                else "a sample digest (nobody has new stories now)"
+            )
+            out.print(f"preview of {whose}: {preview}", markup=False)
             return
         if dry_run:
             plan = service.plan_digest(service.clock())
             for subscriber, stories in plan:
-                out.print(f"{subscriber.email}: {len(stories)} stories", markup=False)
+                out.print(f"{subscriber.email}: {plural(len(stories), 'story')}", markup=False)
             out.print(
-                f"{len(plan)} subscribers would get a digest (dry run, nothing sent)", markup=False
+                f"{plural(len(plan), 'subscriber')} would get a digest (dry run, nothing sent)",
+                markup=False,
             )
             return
         earlier = _send_with_progress(service)  # finish what an earlier run left
@@ -452,6 +503,9 @@ async def _run_service(
 
     server = make_server(service, host, port)
     server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
+    logging.getLogger("clusterfeed.web").info(
+        "serving on http://%s:%d/", server.config.host, server.config.port
+    )
     web = asyncio.ensure_future(server.serve())
     try:
         await run_forever(service)
@@ -471,6 +525,18 @@ def _when(value: datetime | None, missing: str = "never") -> str:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+def http_cell(s: FeedStatus) -> str:
+    """The HTTP column of ``status``: what the server said to the last attempt.
+
+    A file is read, not asked, so it has no status; a web feed whose last attempt got
+    no answer at all (connection refused, timeout) shows "–", whatever an earlier
+    attempt got. Deciding by the last success instead called such a feed "file".
+    """
+    if not s.fetch_url.startswith(("http://", "https://")):
+        return "file"
+    return str(s.last_status) if s.last_status else "–"
 
 
 def _status_json(s: FeedStatus) -> dict[str, object]:
@@ -526,7 +592,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
         if as_json:
             click.echo(json.dumps([_status_json(s) for s in rows], indent=2, ensure_ascii=False))
             return
-        table = Table(title=f"{len(rows)} feeds")
+        table = Table(title=plural(len(rows), "feed"))
         for column in (
             "feed", "state", "last attempt", "last success", "HTTP", "errors",
             "next attempt", "items (30 d)", "problem",
@@ -543,7 +609,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
                 s.state,
                 _when(s.last_attempt_at),
                 _when(s.last_success_at),
-                str(s.last_status) if s.last_status else ("file" if s.last_success_at else "–"),
+                http_cell(s),
                 str(s.consecutive_failures),
                 "stopped" if s.state == "gone" else _when(s.next_attempt_at, "now"),
                 f"{s.entries} ({s.entries_30_days})",
@@ -567,13 +633,14 @@ def _print_bouncing(service: Service) -> None:
     if not bouncing:
         return
     out.print(
-        f"bouncing addresses ({len(bouncing)}; digests skip them until "
+        f"bouncing addresses ({len(bouncing)}; digests skip "
+        f"{'it' if len(bouncing) == 1 else 'them'} until "
         "`clusterfeed bounces clear EMAIL`):",
         markup=False,
     )
     for b in bouncing:
         out.print(
-            f"  {b.email}: since {_when(b.since)}, {b.refusals} refusals in a row"
+            f"  {b.email}: since {_when(b.since)}, {plural(b.refusals, 'refusal')} in a row"
             + (f"; last: {b.last_error}" if b.last_error else ""),
             markup=False,
         )
@@ -606,7 +673,7 @@ def bounces_clear(config_path: Path | None, email: str) -> None:
         out.print(f"{email} is no longer bouncing; the next digest includes it", markup=False)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @config_option
 @click.option(
     "--limit",
@@ -621,9 +688,12 @@ def bounces_clear(config_path: Path | None, email: str) -> None:
     is_flag=True,
     help="Print every story with the GUID and link of each member item.",
 )
+@click.pass_context
 @_handle_errors
-def stories(config_path: Path | None, limit: int, as_json: bool) -> None:
+def stories(ctx: click.Context, config_path: Path | None, limit: int, as_json: bool) -> None:
     """List recent stories with their sources and why each source was joined."""
+    if ctx.invoked_subcommand is not None:
+        return
     with _service(config_path) as service:
         if as_json:
             data = [_story_json(story) for story in service.store.recent_stories()]
@@ -640,6 +710,32 @@ def stories(config_path: Path | None, limit: int, as_json: bool) -> None:
                     f"      joined because: {reason}",
                     markup=False,
                 )
+
+
+@stories.command("split")
+@config_option
+@click.argument("url")
+@_handle_errors
+def stories_split(config_path: Path | None, url: str) -> None:
+    """Take the item at URL out of the story it was wrongly joined to, for good."""
+    with _service(config_path) as service:
+        result = service.store.split_story(url, service.clock())
+    if not result.found:
+        _fail(
+            [
+                f"error: no stored item has the link {url}",
+                "  copy the link of the item from `clusterfeed stories` (its line below the title)",
+            ]
+        )
+    if not result.moved:
+        out.print(f"{url} is already a story of its own; nothing to split", markup=False)
+        return
+    out.print(
+        f'split: "{result.title}" is now a story of its own; {result.left} other '
+        f"item(s) stay in the story it left. They will not be joined again, also after "
+        f"restarts; the published files change with the next publish or cycle.",
+        markup=False,
+    )
 
 
 def _story_json(story: Story) -> dict[str, object]:
@@ -690,7 +786,7 @@ def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_r
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"nothing written: {len(exc.problems)} problem(s) in the config."]
+            + [f"nothing written: {plural(len(exc.problems), 'problem')} in the config."]
         )
     plan = result.plan
     if dry_run and result.appended:
@@ -710,9 +806,13 @@ def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_r
         out.print(f"  - {ignored.name}: not imported, {ignored.reason}", markup=False)
     names = f" ({', '.join(s.name for s in plan.skipped)})" if plan.skipped else ""
     out.print(
-        f"{'would add' if dry_run else 'added'} {len(plan.added)} feeds, "
+        f"{'would add' if dry_run else 'added'} {plural(len(plan.added), 'feed')}, "
         f"skipped {len(plan.skipped)} already present{names}"
-        + (f", ignored {len(plan.ignored)} outlines that are not feeds" if plan.ignored else ""),
+        + (
+            f", ignored {plural(len(plan.ignored), 'outline')} that are not feeds"
+            if plan.ignored
+            else ""
+        ),
         markup=False,
     )
     if dry_run:
@@ -742,7 +842,7 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"{len(exc.problems)} problem(s) in the config."]
+            + [f"{plural(len(exc.problems), 'problem')} in the config."]
         )
     export = export_opml(config, datetime.now(UTC))
     for note in export.notes:
@@ -754,7 +854,7 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
         write_atomic(out_file, export.data)
     except OSError as exc:
         _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
-    out.print(f"wrote {out_file}: {export.exported} feeds", markup=False)
+    out.print(f"wrote {out_file}: {plural(export.exported, 'feed')}", markup=False)
 
 
 # -- subscribers --------------------------------------------------------------------------
@@ -827,7 +927,8 @@ def subscribers_list(config_path: Path | None, show_all: bool) -> None:
             out.print(line.rstrip(), markup=False)
         receiving = sum(1 for m in members if m.receives_digests)
         out.print(
-            f"{receiving} receive the digest; {len(shown)} listed of {len(members)} known",
+            f"{receiving} {'receives' if receiving == 1 else 'receive'} the digest; "
+            f"{len(shown)} listed of {len(members)} known",
             markup=False,
         )
 
@@ -969,7 +1070,7 @@ def subscribers_import(
     except ConfigError as exc:
         _fail(
             [f"error: {p}" for p in exc.problems]
-            + [f"nothing imported: {len(exc.problems)} problem(s) in {csv_file}"]
+            + [f"nothing imported: {plural(len(exc.problems), 'problem')} in {csv_file}"]
         )
     with _service(config_path) as service:
         subs = Subscriptions(service)
@@ -997,7 +1098,7 @@ def subscribers_import(
             _fail(
                 [
                     f"error: {csv_file}: a confirmation mail could not be sent ({exc}); "
-                    f"{counts['confirm']} addresses were imported before it. Check [mail] and "
+                    f"{plural(counts['confirm'], 'address')} imported before it. Check [mail] and "
                     "import the file again (pending addresses get a new mail)"
                 ]
             )
@@ -1087,7 +1188,7 @@ def subscribers_export(
         write_atomic(out_file, data.encode("utf-8"))
     except OSError as exc:
         _fail([f"error: {out_file}: cannot write ({exc.strerror or exc})"])
-    out.print(f"wrote {out_file}: {len(rows)} rows", markup=False)
+    out.print(f"wrote {out_file}: {plural(len(rows), 'row')}", markup=False)
 
 
 @subscribers.command("erase")

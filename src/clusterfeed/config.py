@@ -11,6 +11,7 @@ the checks that need the file system (local feeds, templates, CSV) run afterward
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import logging
@@ -35,11 +36,11 @@ from pydantic import (
     field_validator,
 )
 
+from clusterfeed.configwords import located, sentence, shown
 from clusterfeed.proxies import check_proxy
 
 if TYPE_CHECKING:
     from clusterfeed.filters import FilterRules
-    from clusterfeed.stories import MatchRules
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
 CONFIG_ENV = "CLUSTERFEED_CONFIG"
@@ -55,9 +56,13 @@ class Problem:
     file: Path
     key: str
     message: str
+    # The key as the operator knows it (a feed by its name, not its index); see
+    # configwords.located. None: the key itself.
+    where: str | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        place = self.key if self.where is None else self.where
+        where = f"{self.file}: {place}" if place else str(self.file)
         return f"{where}: {self.message}"
 
 
@@ -113,7 +118,10 @@ class ClusterConfig(_Strict):
 
 class ScheduleConfig(_Strict):
     fetch_interval_minutes: int = Field(30, ge=1, le=24 * 60)
-    """How often `clusterfeed run` fetches and publishes."""
+    """How often `clusterfeed run` fetches and publishes. A shorter interval applies at the next
+    start; waits a partner's server asked for (Retry-After, max-age) and back-off after errors
+    are kept.
+    """
     digest_cron: str = "0 7 * * *"
     """When the digest goes out: a five-field cron expression (minute hour day month weekday), e.g.
     `"0 7 * * 1-5"` for weekdays at 07:00.
@@ -328,8 +336,8 @@ class FeedConfig(_Strict):
     filters: FiltersConfig = FiltersConfig()
     """Filters for this feed only, with the same keys as `[filters]`."""
     selectors: SelectorsConfig | None = Field(None, validate_default=True)
-    """For `kind = "html"`: the CSS selectors that read the news listing page (see below).
-    Required there, not allowed otherwise.
+    """For `kind = "html"`: the CSS selectors that read the news listing page (see below). Required
+    there, not allowed otherwise.
     """
 
     @field_validator("selectors")
@@ -420,9 +428,8 @@ class PublishConfig(_Strict):
         return None if value is None else _http_url(value)
 
     archive_size: int = Field(100, ge=1, le=10_000)
-    """How many stories each Atom archive page holds (see
-    [Archive](serving.md#archive-rfc-5005)). Changing it renumbers the archive: every page
-    is written anew once.
+    """How many stories each Atom archive page holds (see [Archive](serving.md#archive-rfc-5005)).
+    Changing it renumbers the archive: every page is written anew once.
     """
 
     @field_validator("feed_url")
@@ -446,17 +453,33 @@ class DigestConfig(_Strict):
     text_template: str = "digest.txt"
     """The plain-text body template."""
     subject_template: str = "digest_subject.txt"
-    """The subject template (its output is folded into one line)."""
+    """The subject template (its output is folded into one line). The default is short and in the
+    digest's language ("NordBio Cluster news: 12 new stories, 26 Nov 2026"); mail programs cut
+    subjects longer than about 78 characters.
+    """
     from_address: str = Field(alias="from")
     """The From address, e.g. `"NordBio Cluster News <news@nordbio.example>"`."""
     reply_to: str | None = None
     """The Reply-To address."""
     group_by: Literal["topic", "source"] = "topic"
-    """Group stories by `"topic"` or by `"source"`."""
+    """Group stories by `"topic"` (sections named after the subscriber's own topics) or by
+    `"source"`.
+    """
     send_when_empty: bool = False
     """Also mail subscribers who have nothing new (a "nothing new" digest)."""
     max_stories: int = Field(40, ge=1, le=500)
-    """The most stories in one digest; stories over the limit wait for the next one."""
+    """The most stories in one subscriber's digest. The newest are kept (by the date each story
+    shows); the mail ends "… and N more stories on the website", linking the digest's web
+    version, which lists them all. The ones left out count as offered: they are not mailed later
+    on their own.
+    """
+    # Stories over max_stories are listed on the digest's web version only; with
+    # carry_over they also go into the subscriber's next digest that has news.
+    carry_over: bool = False
+    """With `true`, stories `max_stories` left out also go into the subscriber's next digest that
+    has news of its own, in the room the new stories leave under the cap (never into a mail of
+    their own).
+    """
     summary_chars: int = Field(300, ge=40, le=5000)
     """How long a story's summary may be in the digest."""
     lookback_days: int = Field(14, ge=1, le=365)
@@ -678,8 +701,8 @@ class StoriesConfig(_Strict):
     """How items of different partners are joined into one story (see docs/stories.md)."""
 
     match: bool = True
-    """Join items of different partners that tell one event (see
-    [One story, many sources](stories.md)). `false` joins only the same page.
+    """Join items of different partners that tell one event (see [One story, many
+    sources](stories.md)). `false` joins only the same page.
     """
     representative: Literal["own", "complete", "earliest"] = "own"
     """Which version leads a story (its title, link and text in the feed and the digest): `"own"`
@@ -727,18 +750,6 @@ class StoriesConfig(_Strict):
             _http_url(a)
             _http_url(b)
         return value
-
-    def rules(self) -> MatchRules:
-        from clusterfeed.stories import MatchRules
-
-        return MatchRules(
-            window_days=self.window_days, threshold=self.threshold,
-            name_weight=self.name_weight, name_saturation=self.name_saturation,
-            text_weight=self.text_weight, min_text_similarity=self.min_text_similarity,
-            link_weight=self.link_weight, amount_weight=self.amount_weight,
-            code_weight=self.code_weight, date_weight=self.date_weight,
-            percent_weight=self.percent_weight, rare_name_idf=self.rare_name_idf,
-        )  # fmt: skip
 
 
 class AlertsConfig(_Strict):
@@ -873,12 +884,20 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         # The file checks read the raw values, so a missing feed file is reported in the
         # same round as a type error elsewhere ("all problems at once").
         problems.extend(_file_problems(file, raw))
-        raise ConfigError(problems) from None
+        raise ConfigError(_named(problems, raw)) from None
     config = _resolve_paths(config, file)
     problems.extend(_file_problems(file, raw))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(_named(problems, raw))
     return config
+
+
+def _named(problems: list[Problem], raw: dict[str, Any]) -> list[Problem]:
+    """Name each entry of a list of tables by its name, not its index (feeds[0])."""
+    return [
+        p if p.where is not None else dataclasses.replace(p, where=located(p.key, raw))
+        for p in problems
+    ]
 
 
 def _resolve_paths(config: Config, file: Path) -> Config:
@@ -937,7 +956,7 @@ def _duplicate_name_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                         Problem(
                             file,
                             f"feeds[{i}].name",
-                            f"{name!r} is already the name of feeds[{seen[name]}]; "
+                            f"{shown(name)} is already the name of entry {seen[name] + 1}; "
                             "every feed needs its own name",
                         )
                     )
@@ -972,7 +991,7 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                 Problem(
                     file,
                     f"feeds[{i}].url",
-                    f"{url!r} is neither an http(s) URL nor an existing file "
+                    f"{shown(url)} is neither an http(s) URL nor an existing file "
                     "(local paths are relative to the config file's folder)",
                 )
             )
@@ -1113,7 +1132,7 @@ def read_subscribers_csv(
                         Problem(
                             path,
                             f"line {line}, column {column}",
-                            f"{_clean_msg(err['msg'])} (found {err['input']!r})",
+                            sentence(err["type"], err["msg"], err.get("ctx"), err["input"]),
                         )
                     )
     if problems:
@@ -1190,10 +1209,6 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _clean_msg(msg: str) -> str:
-    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-
-
 def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     """The keys allowed in the table that holds ``loc``, by walking the model."""
     model: Any = Config
@@ -1229,20 +1244,22 @@ def _explain(file: Path, raw: dict[str, Any], exc: ValidationError) -> list[Prob
         loc = tuple(err["loc"])
         key = _key_path(loc)
         kind = err["type"]
+        where = None
         if kind == "extra_forbidden":
             allowed = _allowed_keys(loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            message = f"unknown key; {hint}allowed here: {', '.join(allowed)}"
+            hint = f" — did you mean {shown(close[0])}?" if close else ""
+            message = (
+                f"unknown key {shown(str(loc[-1]))}{hint} Keys allowed here: {', '.join(allowed)}"
+            )
+            where = located(_key_path(loc[:-1]), raw)
         elif kind == "missing":
-            message = "required key is missing"
+            table = located(_key_path(loc[:-1]), raw) or "the top of the file"
+            message = f"required key is missing: add {loc[-1]} = ... to {table}"
         else:
             value = _lookup(raw, loc) if loc else None
-            shown = f"found {value!r}; " if value is not None else ""
-            message = f"{shown}{_clean_msg(err['msg'])}"
-            if err.get("ctx", {}).get("expected"):
-                message = f"{shown}expected {err['ctx']['expected']}"
-        problems.append(Problem(file, key, message))
+            message = sentence(kind, err["msg"], err.get("ctx"), value)
+        problems.append(Problem(file, key, message, where))
     return problems
 
 

@@ -39,6 +39,8 @@ import jinja2
 from clusterfeed.config import Config
 from clusterfeed.model import Story, Subscriber
 from clusterfeed.normalize import single_line, truncate
+from clusterfeed.sections import assign_sections, topic_label, topic_order
+from clusterfeed.teaser import entry_teaser
 
 # RFC 5322 allows 998 characters a line; 78 is only a recommendation. Python folds a
 # long header without spaces (a List-Unsubscribe URL) by turning it into RFC 2047
@@ -81,12 +83,13 @@ def select_stories(
     subscriber: Subscriber,
     already_had: set[int],
     *,
-    max_stories: int,
+    max_stories: int | None = None,
 ) -> list[Story]:
-    """The stories for one subscriber's next digest, newest first."""
+    """The stories for one subscriber's next digest, newest first (by the date the
+    digest shows), at most ``max_stories`` of them: a cap keeps the newest."""
     chosen = [s for s in stories if s.id not in already_had and matches(s, subscriber)]
     chosen.sort(key=lambda s: (s.entry.published, s.id), reverse=True)
-    return chosen[:max_stories]
+    return chosen if max_stories is None else chosen[:max_stories]
 
 
 def message_id(digest_key: str, subscriber_id: int, from_address: str) -> str:
@@ -198,7 +201,7 @@ def story_view(story: Story, *, summary_chars: int, tz: str) -> StoryView:
         id=story.id,
         title=entry.title,
         url=entry.link,
-        summary=truncate(entry.summary_text, summary_chars),
+        summary=truncate(entry_teaser(entry), summary_chars),
         image_url=entry.image_url,
         image_alt=entry.image_alt or entry.title,
         source_name=story.sources[0].feed_title,
@@ -213,24 +216,40 @@ def story_view(story: Story, *, summary_chars: int, tz: str) -> StoryView:
 
 
 def group_stories(
-    views: Sequence[StoryView], by: str, topic_order: Sequence[str] = ()
+    views: Sequence[StoryView],
+    by: str,
+    topic_order: Sequence[str] = (),
+    chosen: Sequence[str] = (),
 ) -> list[StoryGroup]:
-    """Group for the reader: by topic (each story once, under its first topic) or by source."""
+    """Group for the reader: by topic (each story once, in the section of the first of
+    the subscriber's ``chosen`` topics it has, see ``sections``) or by source."""
+    if by == "topic":
+        return [
+            StoryGroup(topic_label(topic), [views[i] for i in positions])
+            for topic, positions in assign_sections([v.topics for v in views], chosen, topic_order)
+        ]
     groups: dict[str, list[StoryView]] = {}
-    order = {t: i for i, t in enumerate(topic_order)}
     for view in views:
-        if by == "source":
-            key = view.source_name
-        else:
-            ranked = sorted(view.topics, key=lambda t: (order.get(t, len(order)), t))
-            key = ranked[0] if ranked else "news"
-        groups.setdefault(key, []).append(view)
-    titles = sorted(groups, key=lambda k: (order.get(k, len(order)), k.lower()))
-    return [StoryGroup(_topic_title(t) if by == "topic" else t, groups[t]) for t in titles]
+        groups.setdefault(view.source_name, []).append(view)
+    return [StoryGroup(t, groups[t]) for t in sorted(groups, key=str.lower)]
 
 
-def _topic_title(topic: str) -> str:
-    return topic.replace("-", " ").replace("_", " ").capitalize()
+def config_topic_order(config: Config) -> list[str]:
+    """The topics in the order the config's feeds name them."""
+    return topic_order(t for f in config.feeds for t in f.topics)
+
+
+def section_key(config: Config, subscriber: Subscriber, stories: Sequence[Story]) -> Any:
+    """What decides a digest's sections besides its stories (equal keys, equal sections):
+    subscribers with the same stories share one rendering only when this is equal."""
+    if config.digest.group_by != "topic":
+        return ()
+    return tuple(
+        (topic, tuple(positions))
+        for topic, positions in assign_sections(
+            [s.topics for s in stories], subscriber.topics, config_topic_order(config)
+        )
+    )
 
 
 def render_digest(
@@ -242,15 +261,19 @@ def render_digest(
     slot: datetime,
     links: DigestLinks,
     reason: str | None = None,
+    more: int = 0,
 ) -> RenderedDigest:
     """Render subject, HTML (CSS inlined) and plain text for one subscriber's digest.
 
+    ``more`` is how many of the subscriber's stories the cap (``digest.max_stories``)
+    left out: the mail says so and points to the web version, which lists them.
     ``reason`` replaces the line saying why the subscriber gets the mail (only
     ``render_shared`` passes it, for its probe)."""
     tz = config.schedule.timezone
     views = [story_view(s, summary_chars=config.digest.summary_chars, tz=tz) for s in stories]
-    topic_order = [t for f in config.feeds for t in f.topics]
-    groups = group_stories(views, config.digest.group_by, topic_order)
+    groups = group_stories(
+        views, config.digest.group_by, config_topic_order(config), subscriber.topics
+    )
     local = slot.astimezone(ZoneInfo(tz))
     count = len(views)
     preheader = truncate(" · ".join(v.title for v in views[:3]), 140) if views else ""
@@ -260,6 +283,7 @@ def render_digest(
         "stories": views,
         "groups": groups,
         "count": count,
+        "more": more,
         "date": local,
         "date_text": format_date(local),
         "preheader": preheader,
@@ -519,6 +543,8 @@ def render_shared(
     named: bool,
     marker: str,
     empty_name: str | None = None,
+    topics: tuple[str, ...] = (),
+    more: int = 0,
 ) -> SharedDigest | None:
     """Render a story list once, personal values left blank; None if that cannot be
     done faithfully (then every subscriber's digest is rendered in full).
@@ -526,12 +552,16 @@ def render_shared(
     Each personal value is rendered as a probe: ``marker`` and the field's number
     around every special character, so the output shows how each spot escaped each
     of them. ``named`` says whether the subscribers have a name; if not, their
-    ``empty_name`` (None or "") is rendered as it is. ``marker`` must not occur in any
-    story (random letters do not; the composer checks its first filling anyway).
+    ``empty_name`` (None or "") is rendered as it is. ``topics`` (the subscribers'
+    chosen topics) decide the sections, ``more`` the line about stories left out.
+    ``marker`` must not occur in any story (random letters do not; the composer checks
+    its first filling anyway).
     """
     tokens = {f: f"{marker}{i}q" for i, f in enumerate(PERSONAL_FIELDS)}
     probes = {f: t + t.join(_SPECIALS) + t for f, t in tokens.items()}
-    subscriber = Subscriber(email=probes["email"], name=probes["name"] if named else empty_name)
+    subscriber = Subscriber(
+        email=probes["email"], name=probes["name"] if named else empty_name, topics=topics
+    )
     probe_links = DigestLinks(
         unsubscribe_url=probes["unsubscribe_url"],
         preferences_url=probes["preferences_url"],
@@ -540,7 +570,14 @@ def render_shared(
         web_url=links.web_url,
     )
     rendered = render_digest(
-        env, config, subscriber, stories, slot=slot, links=probe_links, reason=probes["reason"]
+        env,
+        config,
+        subscriber,
+        stories,
+        slot=slot,
+        links=probe_links,
+        reason=probes["reason"],
+        more=more,
     )
     if marker in rendered.subject or marker in rendered.preheader:
         return None
@@ -847,13 +884,17 @@ class DigestComposer:
         slot: datetime,
         links: DigestLinks,
         message_id: str,
+        more: int = 0,
     ) -> tuple[str, str, bytes]:
-        """(sender, recipient, message bytes) for one subscriber."""
+        """(sender, recipient, message bytes) for one subscriber; ``more`` stories of
+        theirs were left out by the cap (see ``render_digest``)."""
         to = recipient(subscriber)
         if not to.username.isascii():
             # An internationalized mailbox: its headers are UTF-8 (see needs_utf8).
             # Rare enough to compose the long way.
-            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            full = render_digest(
+                self.env, self.config, subscriber, stories, slot=slot, links=links, more=more
+            )
             message = build_message(
                 self.config, full, to=subscriber, message_id=message_id, slot=slot, links=links
             )
@@ -864,9 +905,11 @@ class DigestComposer:
             fits_a_blank(v) for f, v in values.items() if f != "name" or subscriber.name
         ):
             with self._lock:
-                shared = self._shared_for(subscriber, stories, slot, links, values)
+                shared = self._shared_for(subscriber, stories, slot, links, values, more)
         if shared is None:
-            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            full = render_digest(
+                self.env, self.config, subscriber, stories, slot=slot, links=links, more=more
+            )
             subject = full.subject
             text_qp, html_qp = quoted_printable(full.text), quoted_printable(full.html)
         else:
@@ -892,11 +935,16 @@ class DigestComposer:
         slot: datetime,
         links: DigestLinks,
         values: dict[str, str],
+        more: int,
     ) -> SharedDigest | None:
+        # Everything the rendering depends on besides the personal values: the stories,
+        # how they fall into the subscriber's sections, how many the cap left out.
         key = (
             slot,
             links.web_url,
             tuple(s.id for s in stories),
+            section_key(self.config, subscriber, stories),
+            more,
             (True, None) if subscriber.name else (False, subscriber.name),
         )
         if key in self._shared:
@@ -911,9 +959,13 @@ class DigestComposer:
             named=bool(subscriber.name),
             empty_name=None if subscriber.name else subscriber.name,
             marker=self._marker,
+            topics=subscriber.topics,
+            more=more,
         )
         if shared is not None:
-            full = render_digest(self.env, self.config, subscriber, stories, slot=slot, links=links)
+            full = render_digest(
+                self.env, self.config, subscriber, stories, slot=slot, links=links, more=more
+            )
             filled = (shared.subject, fill(shared.text, values), fill(shared.html, values))
             if filled != (full.subject, full.text, full.html):
                 log.warning(

@@ -93,8 +93,9 @@ command before a message goes out unsigned. To make a key pair:
         before="""\
 `window_days`, `threshold`, the weights below and `rare_name_idf` are settings of the
 hand-weighted evidence scorer that story matching used before the trained pair model
-(see [One story, many sources](stories.md)); the live matcher no longer reads them (its
-14-day window and thresholds come with the model).
+(see [One story, many sources](stories.md)); the live matcher no longer reads them (its 14-day
+window and thresholds come with the model), and `clusterfeed check` warns about each one
+a config sets.
 """,
     ),
     Section(

@@ -244,6 +244,29 @@ def plan_files(
     return files
 
 
+# The folders whose every feed file publish writes: a file there that no plan includes
+# belongs to a topic or language no story has any more, or to an archive page beyond
+# the last (after a change of archive_size).
+GENERATED_DIRS = (TOPICS_DIR, LANGUAGES_DIR, ARCHIVE_DIR)
+_FEED_SUFFIXES = (".atom", ".rss", ".json", ".html")  # .html: a topic's web page
+
+
+def stale_files(existing: Iterable[str], planned: Iterable[str]) -> list[str]:
+    """The published files (paths relative to the folder) that no longer belong there.
+
+    Only feed files directly in the generated folders count, so an operator's own file
+    elsewhere in the folder is never touched.
+    """
+    keep = set(planned)
+    stale = []
+    for path in existing:
+        folder, _, name = path.partition("/")
+        ours = folder in GENERATED_DIRS and "/" not in name and name.endswith(_FEED_SUFFIXES)
+        if ours and path not in keep:
+            stale.append(path)
+    return sorted(stale)
+
+
 def _three_formats(
     stories: Sequence[Story],
     site: SiteMeta,

@@ -395,7 +395,7 @@ def _problems_for(
             index = int(match.group(1)) - first_new
             if index < len(new):
                 message = f"{message} (in the feed {new[index].name!r} from the OPML file)"
-        mapped.append(Problem(file, p.key, message))
+        mapped.append(Problem(file, p.key, message, p.where))
     return mapped
 
 

@@ -62,3 +62,48 @@ def next_poll(
     if status in (429, 503) and retry_after is not None:
         wait = min(max(wait, timedelta(seconds=retry_after)), MAX_DELAY)
     return PollDecision("failing", now + wait)
+
+
+# Stored times lose nothing, but leave a second for rounding in databases that do.
+_SLACK = timedelta(seconds=1)
+
+
+def rescheduled(
+    *,
+    next_attempt: datetime | None,
+    last_attempt: datetime | None,
+    state: str,
+    last_status: int | None,
+    failures: int,
+    old_interval: timedelta,
+    new_interval: timedelta,
+) -> datetime | None:
+    """A stored next attempt under a shorter configured interval.
+
+    The next attempt is stored when a feed is asked, so an operator who shortens
+    ``schedule.fetch_interval_minutes`` would otherwise wait out every time computed
+    with the old one. Only the part of the wait that came from our own interval
+    shrinks: a wait longer than the old interval (or the old back-off) can only have
+    come from the server (Cache-Control max-age, Retry-After) and is kept; a feed that
+    was told 429 or 503 keeps its wait, which Retry-After may have set; a failing feed
+    keeps backing off, doubled from the new interval. Never later than it was.
+    """
+    if (
+        next_attempt is None
+        or last_attempt is None
+        or state == "gone"
+        or new_interval >= old_interval
+    ):
+        return next_attempt
+    waited = next_attempt - last_attempt
+    if state != "failing":
+        if waited > old_interval + _SLACK:
+            return next_attempt  # the server's max-age decided
+        return min(next_attempt, last_attempt + new_interval)
+    if last_status in (429, 503):
+        return next_attempt
+    longest = min(old_interval * (1 << min(max(failures - 1, 0), 20)) * (1 + JITTER), MAX_DELAY)
+    if waited > longest + _SLACK:
+        return next_attempt
+    scaled = max(waited * (new_interval / old_interval), new_interval)
+    return min(next_attempt, last_attempt + scaled)

@@ -14,7 +14,7 @@ import json
 import mimetypes
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ from feedgen.util import xml_elem
 
 from clusterfeed import __version__
 from clusterfeed.model import Source, Story
+from clusterfeed.teaser import entry_teaser
 
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 HISTORY_NS = "http://purl.org/syndication/history/1.0"  # RFC 5005
@@ -270,8 +271,8 @@ def build_atom(stories: Sequence[Story], meta: FeedMeta, paging: Paging | None =
         )
         for other in story.also_reported_by:
             fe.contributor({"name": other.feed_title})
-        if entry.summary_text:
-            fe.summary(_truncate(entry.summary_text, SUMMARY_CHARS))
+        if teaser := entry_teaser(entry):
+            fe.summary(_truncate(teaser, SUMMARY_CHARS))
         fe.content(story_html(story), type="html")
         for topic in story.topics:
             fe.category(term=topic, label=topic)
@@ -319,8 +320,8 @@ def build_rss(stories: Sequence[Story], meta: FeedMeta) -> bytes:
             fe.link(href=entry.link)
         fe.guid(story_id(meta.site_url, story), permalink=False)
         fe.published(entry.published)
-        if entry.summary_text:
-            fe.description(_truncate(entry.summary_text, SUMMARY_CHARS))
+        if teaser := entry_teaser(entry):
+            fe.description(_truncate(teaser, SUMMARY_CHARS))
         fe.content(story_html(story))
         fe.dc.dc_creator(source.feed_title)
         for topic in story.topics:
@@ -398,7 +399,7 @@ def _json_item(story: Story, meta: FeedMeta) -> dict[str, Any]:
         url=entry.link,
         title=entry.title,
         content_html=story_html(story),
-        summary=_truncate(entry.summary_text, SUMMARY_CHARS) if entry.summary_text else None,
+        summary=_truncate(teaser, SUMMARY_CHARS) if (teaser := entry_teaser(entry)) else None,
         image=entry.image_url,
         date_published=entry.published.isoformat(),
         date_modified=story_updated(story).isoformat(),
@@ -422,6 +423,17 @@ def _drop_none(**values: Any) -> dict[str, Any]:
 def story_id(site_url: str, story: Story) -> str:
     """A story's permanent id, the same in every format and every file it appears in."""
     return tag_uri(site_url, "story", story.key)
+
+
+def reading_order(stories: Iterable[Story]) -> list[Story]:
+    """Stories newest first by the date readers see: their representative's.
+
+    The store orders by a story's first report (the earliest of its versions), but the
+    feeds and the site show the representative version's date; a story told first by a
+    partner on 27 Oct and shown with the cluster's own version of 29 Oct was listed
+    below one of 28 Oct. Ties keep the newer story first.
+    """
+    return sorted(stories, key=lambda s: (s.entry.published, s.id), reverse=True)
 
 
 def story_updated(story: Story) -> datetime:
@@ -449,6 +461,25 @@ def _truncate(text: str, limit: int) -> str:
     from clusterfeed.normalize import truncate
 
     return truncate(text, limit)
+
+
+def remove_stale(folder: Path, planned: Iterable[str]) -> list[Path]:
+    """Delete the feed files of topics and languages that no longer exist (and archive
+    pages beyond the last); see ``feedset.stale_files``. Returns what was removed."""
+    from clusterfeed.feedset import GENERATED_DIRS, stale_files
+
+    existing = [
+        f"{sub}/{entry.name}"
+        for sub in GENERATED_DIRS
+        if (folder / sub).is_dir()
+        for entry in (folder / sub).iterdir()
+        if entry.is_file()
+    ]
+    removed = []
+    for relative in stale_files(existing, planned):
+        (folder / relative).unlink(missing_ok=True)
+        removed.append(folder / relative)
+    return removed
 
 
 def write_atomic(path: Path, data: bytes) -> bool:

@@ -24,9 +24,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from clusterfeed.cadence import cycle_line
 from clusterfeed.config import cron_trigger
 from clusterfeed.service import Service
 from clusterfeed.templatecheck import TemplateProblem, describe
+from clusterfeed.words import plural
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +87,20 @@ async def _fetch_and_publish(service: Service) -> None:
         await service.notify_hub(published)
         await _send_due_retries(service)
         failed = sum(1 for o in outcomes if o.state == "failed")
-        log.info(
-            "fetch cycle: %d feeds, %d failed, feed %s (%d files written, %d unchanged)",
-            len(outcomes),
+        statuses = await asyncio.to_thread(service.store.feed_statuses, None, with_counts=False)
+        due = cycle_line(
+            statuses,
+            {f.name for f in service.config.feeds if f.enabled},
+            {o.name for o in outcomes},
             failed,
+            service.clock(),
+            service.config.schedule.timezone,
+        )
+        log.info(
+            "fetch cycle: %s; feed %s (%s written, %d unchanged)",
+            due,
             "updated" if service.feed_path() in published.written else "unchanged",
-            len(published.written),
+            plural(len(published.written), "file"),
             len(published.unchanged),
         )
     except (TemplateProblem, jinja2.TemplateError) as exc:  # the operator's to fix
@@ -117,10 +127,10 @@ async def _digest(service: Service, slot: datetime) -> None:
     try:
         created, planned, report = await service.digest(slot_key(slot), slot)
         log.info(
-            "digest %s: %s, %d deliveries planned, %d sent, %d deferred, %d failed",
+            "digest %s: %s, %s planned, %d sent, %d deferred, %d failed",
             slot.isoformat(),
             "built" if created else "already built",
-            planned,
+            plural(planned, "delivery"),
             report.sent,
             report.retry,
             report.failed,

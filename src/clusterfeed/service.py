@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
 
 import jinja2
 from sqlalchemy.exc import SQLAlchemyError
 
+from clusterfeed.cadence import apply_interval
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.digest import (
     DigestComposer,
@@ -35,6 +37,7 @@ from clusterfeed.digest import (
     make_environment,
     message_id,
     render_digest,
+    section_key,
     template_dir,
 )
 from clusterfeed.feedset import (
@@ -64,11 +67,15 @@ from clusterfeed.mail import (
 from clusterfeed.model import FeedStatus, FetchResult, PollFacts, Story, Subscriber
 from clusterfeed.netguard import AddressCheck, AddressRule, address_problem, check_stored
 from clusterfeed.opml import export_opml
-from clusterfeed.planning import OutboxFacts, plan_deliveries
+from clusterfeed.planning import OutboxFacts, PlannedDigest, plan_deliveries
 from clusterfeed.polling import next_poll
-from clusterfeed.publish import SourceFeed, newest_update, write_atomic
-from clusterfeed.reading import ReadFeed, ReadSpec, read_feed
-from clusterfeed.scrape import ListingSelectors
+from clusterfeed.publish import (
+    SourceFeed,
+    newest_update,
+    reading_order,
+    remove_stale,
+    write_atomic,
+)
 from clusterfeed.site import (
     DigestPage,
     digest_page_url,
@@ -87,6 +94,13 @@ from clusterfeed.templatecheck import (
     template_location,
 )
 from clusterfeed.tokens import UNSUBSCRIBE, make_token, suppression_hash, suppression_key
+from clusterfeed.words import plural
+
+if TYPE_CHECKING:
+    # Reading (feedparser, BeautifulSoup) is imported where a body is parsed: a command
+    # that parses nothing (an all-304 fetch, publish, digest) does not load it, and the
+    # parse workers load it once in their forkserver.
+    from clusterfeed.reading import ReadFeed, ReadSpec
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +153,11 @@ class PublishReport:
     folder: Path
     written: list[Path] = field(default_factory=list)
     unchanged: list[Path] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)  # of vanished topics and languages
 
     @property
     def changed(self) -> bool:
-        return bool(self.written)
+        return bool(self.written or self.removed)
 
     def __bool__(self) -> bool:
         return self.changed
@@ -179,8 +194,12 @@ def _settle(
 
 def read_spec(feed: FeedConfig) -> ReadSpec:
     """The part of a feed's config that reading its document needs, as plain data."""
+    from clusterfeed.reading import ReadSpec
+
     selectors = None
     if feed.kind == "html" and feed.selectors is not None:
+        from clusterfeed.scrape import ListingSelectors
+
         selectors = ListingSelectors(**feed.selectors.model_dump())
     return ReadSpec(
         url=feed.url,
@@ -214,9 +233,7 @@ class Service:
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
-            StoryMatcher(stories.rules(), together=stories.together, apart=stories.apart)
-            if stories.match
-            else None
+            StoryMatcher(together=stories.together, apart=stories.apart) if stories.match else None
         )
 
     def close(self) -> None:
@@ -233,6 +250,10 @@ class Service:
         that imports the reading module once and forks cheap workers, never a fork of this
         threaded process) and kept for later cycles. Small cycles, like the bundled
         example's nine feeds, parse in a thread and start no processes at all.
+
+        Called when a feed's body is ready to parse, not when the cycle begins: a cycle
+        where every feed answers 304 has nothing to parse and starts no process at all
+        (not even multiprocessing's resource tracker, which a pool's queues start).
         """
         wanted = self.config.fetch.parse_processes
         if wanted is None:
@@ -255,6 +276,8 @@ class Service:
         """Bring the store up to date with the schema and the config's feeds and subscribers."""
         self.store.migrate()
         self.store.sync_feeds((f.name, f.url, f.site) for f in self.config.feeds if f.enabled)
+        # A shortened schedule.fetch_interval_minutes applies now, not after the old waits.
+        apply_interval(self.store, self.config.schedule.fetch_interval_minutes)
         subs = [
             Subscriber(
                 email=s.email,
@@ -368,7 +391,7 @@ class Service:
                 self.store.join_new_stories, cycle_started, self.matcher
             )
             if joined:
-                log.info("%d new items joined stories told by other partners", joined)
+                log.info("%s joined stories told by other partners", plural(joined, "new item"))
         order = {f.name: i for i, f in enumerate(self.config.feeds)}
         outcomes.sort(key=lambda o: order.get(o.name, 0))
         return outcomes
@@ -380,7 +403,7 @@ class Service:
         on_feed: Callable[[FeedOutcome], None] | None,
     ) -> list[FeedOutcome]:
         outcomes: list[FeedOutcome] = []
-        pool = self._parse_pool(len(requests))
+        feeds = len(requests)
         loop = asyncio.get_running_loop()
         timezone = self.config.schedule.timezone
         # One thread writes, in the order results are parsed. The database takes one
@@ -422,7 +445,7 @@ class Service:
                 outcome = await future
             else:
                 if result.error is None and result.body:
-                    read = await self._read(pool, result, timezone)
+                    read = await self._read(self._parse_pool(feeds), result, timezone)
                 outcome = await loop.run_in_executor(writer, self.ingest, result, previous, read)
             outcomes.append(outcome)
             if on_feed is not None:
@@ -438,6 +461,8 @@ class Service:
         self, pool: ProcessPoolExecutor | None, result: FetchResult, timezone: str
     ) -> ReadFeed:
         """Parse and normalize off the event loop: in a worker process, else a thread."""
+        from clusterfeed.reading import read_feed
+
         spec = read_spec(self.config.feed(result.feed_name))
         if pool is not None:
             loop = asyncio.get_running_loop()
@@ -514,7 +539,7 @@ class Service:
                 f"not modified, but the database refused to record it ({reason}); the next "
                 "cycle asks again"
             )
-            log.error("%d unchanged feeds: %s", len(rows), message)
+            log.error("%s: %s", plural(len(rows), "unchanged feed"), message)
             return [FeedOutcome(r.feed_name, "failed", message=message) for r, _ in answers]
         return [FeedOutcome(r.feed_name, "unchanged") for r, _ in answers]
 
@@ -573,6 +598,8 @@ class Service:
             return FeedOutcome(name, "unchanged")
         feed_cfg = self.config.feed(name)
         if read is None:
+            from clusterfeed.reading import read_feed
+
             read = read_feed(result, read_spec(feed_cfg), self.config.schedule.timezone, now)
         if read.error is not None:
             return self._not_a_feed(result, previous, feed_cfg.discover, read)
@@ -652,7 +679,7 @@ class Service:
                 ]
             )
         folder = out_dir if out_dir is not None else cfg.publish.output_dir
-        stories = self.store.recent_stories()
+        stories = reading_order(self.store.recent_stories())
         site = SiteMeta(
             title=cfg.feed_title,
             feed_url=cfg.feed_url,
@@ -687,7 +714,9 @@ class Service:
             for path, render in site_pages(env, cfg, stories, cfg.publish.max_entries)
         ]
         planned = self._digest_files(env) + pages + planned
-        return self._write_files(folder, planned)
+        report = self._write_files(folder, planned)
+        report.removed = remove_stale(folder, [f.path for f in planned])
+        return report
 
     def _write_files(self, folder: Path, planned: list[PlannedFile]) -> PublishReport:
         report = PublishReport(folder)
@@ -813,7 +842,7 @@ class Service:
 
     def _plan(
         self, facts: OutboxFacts, candidates: list[Story], now: datetime
-    ) -> list[tuple[Subscriber, list[Story]]]:
+    ) -> list[PlannedDigest]:
         cfg = self.config.digest
         return plan_deliveries(
             facts,
@@ -821,13 +850,21 @@ class Service:
             now,
             max_stories=cfg.max_stories,
             send_when_empty=cfg.send_when_empty,
+            carry_over=cfg.carry_over,
         )
+
+    def _offered_since(self, now: datetime) -> datetime:
+        """Digests older than the lookback cannot have left out a story that may go
+        into a digest built now (see ``Store.build_digest``)."""
+        return now - timedelta(days=self.config.digest.lookback_days)
 
     def plan_digest(self, now: datetime) -> list[tuple[Subscriber, list[Story]]]:
         """Who gets which stories if a digest were built now (nothing is written)."""
         candidates = self._candidates(now)
-        facts = self.store.outbox_facts(s.id for s in candidates)
-        return self._plan(facts, candidates, now)
+        facts = self.store.outbox_facts(
+            (s.id for s in candidates), offered_since=self._offered_since(now)
+        )
+        return [(p.subscriber, p.stories) for p in self._plan(facts, candidates, now)]
 
     def create_digest(self, key: str, slot: datetime) -> tuple[bool, int]:
         """Record the digest ``key`` and its outbox rows; (created, deliveries).
@@ -843,18 +880,33 @@ class Service:
         from_address = self.config.digest.from_address
 
         def decide(facts: OutboxFacts) -> list[PlannedDelivery]:
-            rows: list[PlannedDelivery] = []
-            for subscriber, stories in self._plan(facts, candidates, now):
+            rows: list[tuple[Any, PlannedDelivery]] = []
+            for subscriber, stories, left_out in self._plan(facts, candidates, now):
                 assert subscriber.id is not None
                 ids = [s.id for s in stories]
-                rows.append((subscriber, ids, message_id(key, subscriber.id, from_address)))
-            # Outbox rows are claimed in the order they are written: subscribers who get
-            # the same stories follow each other, so a sending run renders each story
-            # list once and keeps only the last few rendered (see ``DigestComposer``).
-            rows.sort(key=lambda row: (list(row[1]), bool(row[0].name)))
-            return rows
+                mid = message_id(key, subscriber.id, from_address)
+                # Outbox rows are claimed in the order they are written: subscribers
+                # whose mails render alike (the same stories in the same sections, as
+                # many left out) follow each other, so a sending run renders each once
+                # and keeps only the last few rendered (see ``DigestComposer``).
+                alike = (
+                    ids,
+                    section_key(self.config, subscriber, stories),
+                    len(left_out),
+                    bool(subscriber.name),
+                )
+                rows.append((alike, PlannedDelivery(subscriber, ids, mid, left_out)))
+            rows.sort(key=lambda pair: pair[0])
+            return [row for _alike, row in rows]
 
-        written = self.store.build_digest(key, slot, now, [s.id for s in candidates], decide)
+        written = self.store.build_digest(
+            key,
+            slot,
+            now,
+            [s.id for s in candidates],
+            decide,
+            offered_since=self._offered_since(now),
+        )
         if written is None:
             return False, 0
         if written:
@@ -883,7 +935,13 @@ class Service:
         stories = self._stories(delivery.story_ids)
         links = self.links_for(delivery.subscriber, self.digest_page(delivery.digest_id))
         rendered = render_digest(
-            env, self.config, delivery.subscriber, stories, slot=delivery.digest_slot, links=links
+            env,
+            self.config,
+            delivery.subscriber,
+            stories,
+            slot=delivery.digest_slot,
+            links=links,
+            more=len(delivery.left_out),
         )
         return build_message(
             self.config,
@@ -912,6 +970,7 @@ class Service:
                 slot=delivery.digest_slot,
                 links=links,
                 message_id=delivery.message_id,
+                more=len(delivery.left_out),
             )
         except Exception as exc:
             if template_location(exc) is None:
@@ -937,12 +996,23 @@ class Service:
             cache = self._story_cache
             return [s for i in ids if (s := cache.get(i) or found.get(i)) is not None]
 
-    def preview(self) -> str:
-        """The HTML the first matching subscriber would get now, for ``digest --preview``."""
+    def preview(self, email: str | None = None) -> tuple[Subscriber, str]:
+        """Whose digest ``digest --preview`` shows, and its HTML, as they would get it now.
+
+        The subscriber named by ``email``, else the first who has something new; with
+        nobody to show, a sample of recent stories for a made-up reader. Raises
+        LookupError for an address that is not a subscriber.
+        """
         env = make_environment(template_dir(self.config))
         now = self.clock()
         plan = self.plan_digest(now)
-        if plan:
+        if email is not None:
+            membership = self.store.membership(email=email)
+            if membership is None:
+                raise LookupError(email)
+            subscriber = membership.subscriber
+            stories = next((st for sub, st in plan if sub.id == subscriber.id), [])
+        elif plan:
             subscriber, stories = plan[0]
         else:
             subscriber = Subscriber(email="preview@example.org", name="Preview", id=0)
@@ -950,7 +1020,7 @@ class Service:
         rendered = render_digest(
             env, self.config, subscriber, stories, slot=now, links=self.links_for(subscriber)
         )
-        return rendered.html
+        return subscriber, rendered.html
 
     async def send_pending(
         self,

@@ -50,10 +50,17 @@ def site_environment(operator_dir: Path, default_dir: Path) -> jinja2.Environmen
 def site_pages(
     env: jinja2.Environment, config: Config, newest_first: Sequence[Story], max_entries: int
 ) -> list[tuple[str, Callable[[], bytes]]]:
-    """(path, render) for index.html and one page per topic, like the feeds' topics."""
-    from clusterfeed.feedset import file_slug
+    """(path, render) for index.html and one page per topic, like the feeds' topics.
 
-    topics = sorted({t for s in newest_first for t in s.topics})
+    The menu offers the topics the sign-up form offers (the configured feeds'), so a
+    reader finds on the form what the page showed; a topic only a partner's categories
+    give still has its page and feeds, outside the menu.
+    """
+    from clusterfeed.feedset import file_slug
+    from clusterfeed.subscribe import offered_choices
+
+    menu = list(offered_choices(config).topics)
+    topics = sorted({*menu, *(t for s in newest_first for t in s.topics)})
     slugs = {t: file_slug(t) for t in topics}
 
     def page(stories: Sequence[Story], topic: str | None) -> Callable[[], bytes]:
@@ -67,7 +74,7 @@ def site_pages(
                     for a in feeds
                 ]
             html = render_page(
-                env, config, stories[:max_entries], topics=topics, current_topic=topic,
+                env, config, stories[:max_entries], topics=menu, current_topic=topic,
                 feeds=feeds, root=root, slugs=slugs,
             )  # fmt: skip
             return html.encode("utf-8")
@@ -119,13 +126,12 @@ def render_page(
     slugs: Mapping[str, str] | None = None,
 ) -> str:
     """One HTML page; ``root`` is the relative path back to the site's top ("" or "../")."""
+    from clusterfeed.subscribe import topic_label
+
     views = [story_view(s, summary_chars=config.digest.summary_chars,
                         tz=config.schedule.timezone) for s in stories]  # fmt: skip
     slugs = slugs or {t: t for t in topics}
-    topic_links = [
-        TopicLink(t, t.replace("-", " ").capitalize(), f"{root}topics/{slugs[t]}.html")
-        for t in topics
-    ]
+    topic_links = [TopicLink(t, topic_label(t), f"{root}topics/{slugs[t]}.html") for t in topics]
     heading = (
         f"News on {current_topic.replace('-', ' ')} from our partners"
         if current_topic
@@ -140,10 +146,26 @@ def render_page(
         alternates=feeds,
         home_href=f"{root}index.html" if root else "./",
         digests_href=f"{root}{DIGESTS_DIR}/index.html",
+        signup_url=signup_url(config, root),
         heading=heading,
         page_title=f"{config.cluster.name} – {heading}",
         language=(config.feeds[0].language if config.feeds else "en"),
     )
+
+
+def signup_url(config: Config, root: str) -> str | None:
+    """Where the sign-up form is, for a link on a page ``root`` below the site's top;
+    None when sign-up is off.
+
+    At ``web.base_url`` when it is configured (the published folder may be served by
+    another server than the form); else beside the pages, as ``clusterfeed serve``
+    serves both.
+    """
+    if not config.signup.enabled:
+        return None
+    if "base_url" in config.web.model_fields_set:
+        return f"{config.web.base_url.rstrip('/')}/subscribe"
+    return f"{root}subscribe"
 
 
 # -- the web versions of sent digests ------------------------------------------------
@@ -228,6 +250,7 @@ def render_digest_page(
         alternates=alternates("../", config.feed_title),
         home_href="../index.html",
         digests_href="index.html",
+        signup_url=signup_url(config, "../"),
         heading=heading,
         page_title=f"{config.cluster.name} – {heading}",
         language=_language(config),

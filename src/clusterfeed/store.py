@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import (
@@ -72,6 +72,7 @@ from clusterfeed.stories import (
     StoryMatcher,
 )
 from clusterfeed.storymodel import ItemFeatures
+from clusterfeed.storysplit import SplitResult
 
 
 class StoreError(Exception):
@@ -275,6 +276,10 @@ deliveries = Table(
     Column("sent_at", _UTCDateTime()),
     # Schema version 5: a deferred delivery waits until then (NULL: due now).
     Column("next_attempt_at", _UTCDateTime()),
+    # Schema version 8: the subscriber's stories the cap (digest.max_stories) left out
+    # of this mail (NULL: none). They are on the digest's web version and count as
+    # offered to the subscriber, so they are not mailed on their own later.
+    Column("left_out_ids", JSON),
     UniqueConstraint("digest_id", "subscriber_id", name="uq_deliveries_digest_subscriber"),
 )
 Index("ix_deliveries_state", deliveries.c.state)
@@ -302,7 +307,19 @@ story_features = Table(
     Column("evidence", JSON, nullable=False),
 )
 
-SCHEMA_VERSION = 7
+# Schema version 9: story corrections made with ``clusterfeed stories split``: the
+# items at two pages (their link keys, in sorted order) are never one story. Kept by
+# page, as the config's ``apart`` pairs are, so they hold for any later copy of a page.
+story_corrections = Table(
+    "story_corrections",
+    metadata,
+    Column("link_a", String(2000), primary_key=True),
+    Column("link_b", String(2000), primary_key=True),
+    Column("verdict", String(20), nullable=False),  # apart
+    Column("created_at", _UTCDateTime(), nullable=False),
+)
+
+SCHEMA_VERSION = 9
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -389,6 +406,15 @@ def _migrate_6_to_7(conn: Connection) -> None:
     story_features.create(conn, checkfirst=True)
 
 
+def _migrate_7_to_8(conn: Connection) -> None:
+    # Earlier digests left nothing out on record (NULL), as before.
+    _add_columns(conn, deliveries, ["left_out_ids"])
+
+
+def _migrate_8_to_9(conn: Connection) -> None:
+    story_corrections.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -398,11 +424,19 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_4_to_5,
     _migrate_5_to_6,
     _migrate_6_to_7,
+    _migrate_7_to_8,
+    _migrate_8_to_9,
 ]
 
 
-# One outbox row to write: the subscriber, the ids of its stories, its Message-ID.
-PlannedDelivery = tuple[Subscriber, Sequence[int], str]
+class PlannedDelivery(NamedTuple):
+    """One outbox row to write: the subscriber, the ids of the stories its mail shows,
+    its Message-ID, and the ids of the subscriber's stories the cap left out."""
+
+    subscriber: Subscriber
+    story_ids: Sequence[int]
+    message_id: str
+    left_out: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -421,6 +455,8 @@ class Delivery:
     # When the digest was built: retries stop once it is older than the configured age.
     digest_created: datetime | None = None
     last_error: str | None = None
+    # The subscriber's stories the cap left out of this mail (see PlannedDelivery).
+    left_out: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -700,6 +736,23 @@ class Store:
         assert value is not None
         return value
 
+    def put_setting(self, key: str, value: str) -> None:
+        """Set a setting, replacing what it held."""
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(settings).where(settings.c.key == key).values(value=value)
+            )
+            if not changed.rowcount:
+                conn.execute(insert(settings).values(key=key, value=value))
+
+    def reschedule(self, next_attempts: Mapping[str, datetime]) -> None:
+        """Move feeds' next attempts (by feed name), e.g. after the interval changed."""
+        if not next_attempts:
+            return
+        with self._tx() as conn:
+            for name, when in next_attempts.items():
+                conn.execute(update(feeds).where(feeds.c.name == name).values(next_attempt_at=when))
+
     def secret(self) -> str:
         """A signing secret that survives restarts when none is configured."""
         return self.setting_or_create("signing_secret", lambda: secrets.token_urlsafe(32))
@@ -707,12 +760,20 @@ class Store:
     # -- feeds ------------------------------------------------------------------
 
     def sync_feeds(self, configured: Iterable[tuple[str, str, str | None]]) -> None:
-        """Make sure every configured feed has a row; a changed URL forgets old validators."""
+        """Make sure every configured feed has a row; a changed URL forgets old validators.
+
+        Runs at every start of every command: the rows are read in one query and only
+        what differs from the config is written (500 feeds: one statement, not 1,000).
+        """
         with self._tx() as conn:
+            stored = {
+                row.name: row
+                for row in conn.execute(
+                    select(feeds.c.id, feeds.c.name, feeds.c.url, feeds.c.site_url)
+                )
+            }
             for name, url, site in configured:
-                row = conn.execute(
-                    select(feeds.c.id, feeds.c.url).where(feeds.c.name == name)
-                ).first()
+                row = stored.get(name)
                 if row is None:
                     conn.execute(
                         insert(feeds).values(
@@ -738,7 +799,7 @@ class Store:
                             discovered_url=None,
                         )
                     )
-                else:
+                elif row.site_url != site:
                     conn.execute(update(feeds).where(feeds.c.id == row.id).values(site_url=site))
 
     def feed_validators(self, name: str) -> tuple[str | None, str | None]:
@@ -1033,7 +1094,7 @@ class Store:
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
                     entries.c.published_at, entries.c.content_hash, entries.c.language,
-                    feeds.c.name.label("feed_name"),
+                    entries.c.link_key, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.published_at >= low, entries.c.published_at <= high)
@@ -1051,9 +1112,13 @@ class Store:
                 key=lambda i: order[i],
             )
             forced = None
-            if matcher.forces_pairs:
+            apart = self._stored_apart(conn, {r.link_key for r in rows if r.link_key})
+            keys = {int(r.id): r.link_key for r in rows}
+            if matcher.forces_pairs or apart:
 
                 def forced(a: int, b: int) -> str | None:
+                    if keys[b] in apart.get(keys[a], ()):
+                        return "apart"
                     return matcher.forced_links(links[a], links[b])
 
             ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
@@ -1064,15 +1129,41 @@ class Store:
         return len(decisions)
 
     @staticmethod
+    def _stored_apart(conn: Connection, keys: set[str]) -> dict[str, set[str]]:
+        """The pages among ``keys`` that ``stories split`` set apart, page -> pages."""
+        apart: dict[str, set[str]] = {}
+        for chunk in _chunks(sorted(keys), 500):
+            for row in conn.execute(
+                select(story_corrections.c.link_a, story_corrections.c.link_b).where(
+                    story_corrections.c.verdict == "apart",
+                    story_corrections.c.link_a.in_(chunk),
+                )
+            ):
+                apart.setdefault(row.link_a, set()).add(row.link_b)
+                apart.setdefault(row.link_b, set()).add(row.link_a)
+        return apart
+
+    def split_story(self, url: str, now: datetime) -> SplitResult:
+        """Take the item at ``url`` out of its story and keep its page apart from the
+        pages left there (``clusterfeed.storysplit``)."""
+        from clusterfeed.storysplit import split_entry
+
+        with self._tx() as conn:
+            return split_entry(conn, url, now)
+
+    @staticmethod
     def _story_features(
         conn: Connection, rows: Sequence[Any], matcher: StoryMatcher
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import Evidence, item_features
+        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
-            int(r.id): _short_hash(f"{r.content_hash}\x1f{matcher.encoder.name}") for r in rows
+            int(r.id): _short_hash(
+                f"{r.content_hash}\x1f{matcher.encoder.name}\x1f{EVIDENCE_VERSION}"
+            )
+            for r in rows
         }
         by_id = {int(r.id): r for r in rows}
         stored: dict[int, Any] = {}
@@ -1893,6 +1984,8 @@ class Store:
         now: datetime,
         story_ids: Iterable[int],
         decide: Callable[[OutboxFacts], Sequence[PlannedDelivery]],
+        *,
+        offered_since: datetime | None = None,
     ) -> int | None:
         """Plan a digest from the outbox's facts and write it, in one transaction.
 
@@ -1903,14 +1996,17 @@ class Store:
         digest waits, then sees that digest's rows and does not plan their stories
         again. Returns the number of rows written, or None when a digest with this key
         exists already (another worker or an earlier run built it): building is then a
-        no-op, which makes it idempotent.
+        no-op, which makes it idempotent. ``offered_since``: stories left out by the cap
+        are looked up in digests built since then only (none of the stories that may
+        go into this digest is older, see ``digest.lookback_days``).
         """
         wanted = list(dict.fromkeys(story_ids))
         try:
             with self._tx() as conn:
                 if conn.execute(select(digests.c.id).where(digests.c.key == key)).first():
                     return None
-                plan = decide(self._outbox_facts(conn, wanted))
+                facts = self._outbox_facts(conn, wanted, offered_since)
+                plan = [PlannedDelivery(*row) for row in decide(facts)]
                 digest_id = conn.execute(
                     insert(digests)
                     .values(key=key, created_at=now, slot_at=slot)
@@ -1922,27 +2018,32 @@ class Store:
                         [
                             {
                                 "digest_id": digest_id,
-                                "subscriber_id": subscriber.id,
+                                "subscriber_id": row.subscriber.id,
                                 "state": "pending",
-                                "story_ids": list(ids),
-                                "message_id": message_id,
+                                "story_ids": list(row.story_ids),
+                                "message_id": row.message_id,
                                 "attempts": 0,
+                                "left_out_ids": list(row.left_out) or None,
                             }
-                            for subscriber, ids, message_id in plan
+                            for row in plan
                         ],
                     )
         except IntegrityError:
             return None
         return len(plan)
 
-    def outbox_facts(self, story_ids: Iterable[int]) -> OutboxFacts:
+    def outbox_facts(
+        self, story_ids: Iterable[int], *, offered_since: datetime | None = None
+    ) -> OutboxFacts:
         """The facts a digest would be planned from now (for a dry run or a preview:
         nothing is locked, nothing written)."""
         with self.engine.connect() as conn:
-            return self._outbox_facts(conn, list(dict.fromkeys(story_ids)))
+            return self._outbox_facts(conn, list(dict.fromkeys(story_ids)), offered_since)
 
     @staticmethod
-    def _outbox_facts(conn: Connection, story_ids: Sequence[int]) -> OutboxFacts:
+    def _outbox_facts(
+        conn: Connection, story_ids: Sequence[int], offered_since: datetime | None = None
+    ) -> OutboxFacts:
         """Read ``OutboxFacts`` on ``conn``: a few queries for all subscribers, not a
         few per subscriber, since a digest's planning holds the writers' lock."""
         active = [
@@ -1997,12 +2098,25 @@ class Store:
             ):
                 if found := wanted.intersection(int(i) for i in ids):
                     had.setdefault(int(sid), set()).update(found)
+        offered: dict[int, set[int]] = {}
+        if wanted:
+            query = select(deliveries.c.subscriber_id, deliveries.c.left_out_ids).where(
+                deliveries.c.left_out_ids.is_not(None)
+            )
+            if offered_since is not None:
+                query = query.join(digests, digests.c.id == deliveries.c.digest_id).where(
+                    digests.c.created_at >= offered_since
+                )
+            for sid, ids in conn.execute(query):
+                if found := wanted.intersection(int(i) for i in ids or ()):
+                    offered.setdefault(int(sid), set()).update(found)
         return OutboxFacts(
             subscribers=active,
             bouncing=bouncing,
             last_sent=last_sent,
             waiting_since=waiting_since,
             had={sid: frozenset(ids) for sid, ids in had.items()},
+            offered={sid: frozenset(ids) for sid, ids in offered.items()},
         )
 
     def sent_digests(self) -> list[DigestRecord]:
@@ -2021,7 +2135,8 @@ class Store:
             ]
 
     def digest_story_ids(self, digest_id: int) -> list[int]:
-        """Every story any subscriber's mail of this digest holds (its general version).
+        """Every story of this digest (its general version): those any subscriber's
+        mail holds, and those the cap left out of a mail (which says they are here).
 
         Read from the outbox rows, which are fixed when the digest is created, so the
         answer never changes; a story merged into another since is left out by the
@@ -2029,10 +2144,13 @@ class Store:
         """
         ids: set[int] = set()
         with self.engine.connect() as conn:
-            for (story_ids,) in conn.execute(
-                select(deliveries.c.story_ids).where(deliveries.c.digest_id == digest_id)
+            for story_ids, left_out in conn.execute(
+                select(deliveries.c.story_ids, deliveries.c.left_out_ids).where(
+                    deliveries.c.digest_id == digest_id
+                )
             ):
                 ids.update(int(i) for i in story_ids)
+                ids.update(int(i) for i in left_out or ())
         return sorted(ids)
 
     def recover_claims(
@@ -2553,4 +2671,5 @@ def _row_to_delivery(row: Any) -> Delivery:
         attempts=row.attempts,
         digest_created=_utc(row.digest_created),
         last_error=row.last_error,
+        left_out=tuple(int(i) for i in row.left_out_ids or ()),
     )

@@ -98,6 +98,26 @@ def load_rows(folder: Path) -> tuple[list[Row], list[tuple[str, str, str]]]:
     return rows, negatives
 
 
+def row_of(item: StoryItem, story: str, domain: str = "generated") -> Row:
+    """A generated item (``bench/dedup.py``'s stream) as a labelled row, its links in
+    the summary's HTML as a partner's feed carries them."""
+    from html import escape
+
+    links = "".join(f' <a href="{escape(u)}">link</a>' for u in item.links)
+    return Row(
+        id=item.id,
+        story=story,
+        domain=domain,
+        feed=item.feed,
+        language=item.language,
+        title=item.title,
+        summary=f"<p>{escape(item.text)}{links}</p>",
+        link=item.link,
+        guid=None,
+        published=item.published,
+    )
+
+
 def select(
     rows: Sequence[Row], *, part: str | None = None, domains: Iterable[str] | None = None
 ) -> list[Row]:

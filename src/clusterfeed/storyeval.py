@@ -2,7 +2,7 @@
 
 A labelled set is JSON Lines: one partner's item per line with the ``story`` it belongs
 to (see tests/data/stories/README.md), plus lists of hard negative pairs. The same code
-measures clusterfeed, the naive baseline (exact URL plus title word overlap) and a
+measures the naive baseline (exact URL plus title word overlap) and a
 re-implementation of NewsBlur's two title tiers, so the figures in docs/stories.md come
 from one run on one set; an operator can run it on a set of their own.
 """
@@ -12,19 +12,13 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from clusterfeed.normalize import html_to_text, link_key, normalize_url
-from clusterfeed.stories import (
-    DEFAULT_RULES,
-    MatchRules,
-    StoryItem,
-    cluster,
-    pairwise_scores,
-)
+from clusterfeed.stories import StoryItem
 
 
 @dataclass(frozen=True)
@@ -82,16 +76,28 @@ class Quality:
         return 2 * p * r / (p + r) if p + r else 0.0
 
 
+def pairwise_scores(
+    predicted: Mapping[str, object], truth: Mapping[str, object]
+) -> tuple[float, float]:
+    """Pairwise precision and recall of a clustering against labels."""
+    ids = sorted(truth)
+
+    def pairs(labels: Mapping[str, object]) -> set[tuple[str, str]]:
+        groups: defaultdict[object, list[str]] = defaultdict(list)
+        for i in ids:
+            groups[labels[i]].append(i)
+        return {(a, b) for g in groups.values() for x, a in enumerate(g) for b in g[x + 1 :]}
+
+    got, want = pairs(predicted), pairs(truth)
+    precision = len(got & want) / len(got) if got else 1.0
+    recall = len(got & want) / len(want) if want else 1.0
+    return precision, recall
+
+
 def measure(name: str, predicted: Mapping[str, object], data: LabelledSet) -> Quality:
     precision, recall = pairwise_scores(predicted, data.truth)
     merged = sum(1 for a, b, _ in data.hard_negatives if predicted[a] == predicted[b])
     return Quality(name, precision, recall, merged)
-
-
-def clusterfeed_labels(
-    items: Sequence[StoryItem], rules: MatchRules = DEFAULT_RULES
-) -> dict[str, object]:
-    return dict(cluster(items, rules).story_of)
 
 
 # -- baselines ------------------------------------------------------------------------
@@ -180,30 +186,6 @@ def newsblur_labels(items: Sequence[StoryItem]) -> dict[str, object]:
             if len(shared) >= 3 and len(shared) / min(len(wa), len(wb)) >= 0.6:
                 uf.union(a.id, b.id, limit=10)
     return {i.id: uf.find(i.id) for i in items}
-
-
-ABLATIONS: dict[str, Callable[[MatchRules], MatchRules]] = {
-    "without names": lambda r: replace(r, use_names=False),
-    "without katakana transliteration": lambda r: replace(r, use_katakana=False),
-    "without numbers (amounts, dates, codes)": lambda r: replace(r, use_numbers=False),
-    "without links": lambda r: replace(r, use_links=False),
-    "without same-language text similarity": lambda r: replace(r, use_text=False),
-    "without vetoes": lambda r: replace(r, use_vetoes=False),
-}
-
-
-def report(data: LabelledSet, rules: MatchRules = DEFAULT_RULES) -> list[Quality]:
-    """clusterfeed, the baselines, and clusterfeed with each signal switched off."""
-    rows = [
-        measure("clusterfeed", clusterfeed_labels(data.items, rules), data),
-        measure("naive: exact URL + title word overlap", naive_labels(data.items), data),
-        measure("NewsBlur title tiers (re-implemented)", newsblur_labels(data.items), data),
-    ]
-    for name, change in ABLATIONS.items():
-        rows.append(
-            measure(f"clusterfeed {name}", clusterfeed_labels(data.items, change(rules)), data)
-        )
-    return rows
 
 
 def stats(data: LabelledSet) -> dict[str, float]:

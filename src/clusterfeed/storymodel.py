@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 
 from clusterfeed.stories import StoryItem, features, latin_skeleton
+from clusterfeed.storykinds import notice_kind, publisher
 
 LEAD_CHARS = 400  # the lead: what the embedding reads after the title
+# Part of the stored features' fingerprint: raising it recomputes them once, when
+# what ``evidence`` extracts changes (2: the item's kind).
+EVIDENCE_VERSION = 2
 
 
 def embedding_text(item: StoryItem) -> str:
@@ -49,6 +53,8 @@ class Evidence:
     own_link: str | None
     series_title: str | None
     series_numbers: tuple[str, ...]
+    # A partner's own publication ("roundup": ``clusterfeed.storykinds``), or None.
+    kind: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +69,7 @@ class Evidence:
             "own_link": self.own_link,
             "series_title": self.series_title,
             "series_numbers": list(self.series_numbers),
+            "kind": self.kind,
         }
 
     @classmethod
@@ -79,6 +86,7 @@ class Evidence:
             own_link=data["own_link"],
             series_title=data["series_title"],
             series_numbers=tuple(data["series_numbers"]),
+            kind=data.get("kind"),
         )
 
 
@@ -96,6 +104,7 @@ def evidence(item: StoryItem) -> Evidence:
         own_link=f.own_link,
         series_title=f.series_title,
         series_numbers=f.series_numbers,
+        kind=notice_kind(item.title),
     )
 
 
@@ -217,7 +226,9 @@ def veto(a: ItemFeatures, b: ItemFeatures) -> str | None:
     sets, and a model that saw no such pair would give them no weight. A partner does
     not announce one event twice in one language (a bilingual feed may carry both
     versions); titles the same but for a number are a series ("Newsletter 03/2026" and
-    "04/2026", "Teil 1" and "Teil 2", "news number 2" and "3").
+    "04/2026", "Teil 1" and "Teil 2", "news number 2" and "3"). A newsletter issue
+    (``clusterfeed.storykinds``) is one story only with its other language version
+    from the same site: it names the events it lists and is none of them.
     """
     if a.feed == b.feed and a.language == b.language:
         return "the same feed in the same language"
@@ -225,6 +236,10 @@ def veto(a: ItemFeatures, b: ItemFeatures) -> str | None:
     series = bool(ea.series_title) and ea.series_title == eb.series_title
     if series and ea.series_numbers != eb.series_numbers:
         return "the same title with other numbers (a series)"
+    if ea.kind != eb.kind:
+        return "a newsletter issue is not one of the events it lists"
+    if ea.kind and publisher(ea.own_link, a.feed) != publisher(eb.own_link, b.feed):
+        return "two publishers' newsletters"
     return None
 
 

@@ -283,8 +283,11 @@ def _digest_render(
     subscriber: Subscriber,
     stories: list[Story],
     links: DigestLinks,
+    more: int = 0,
 ) -> Callable[[], object]:
-    return lambda: render_digest(env, config, subscriber, stories, slot=SAMPLE_TIME, links=links)
+    return lambda: render_digest(
+        env, config, subscriber, stories, slot=SAMPLE_TIME, links=links, more=more
+    )
 
 
 def digest_problems(config: Config) -> list[str]:
@@ -292,7 +295,8 @@ def digest_problems(config: Config) -> list[str]:
 
     Rendered through ``render_digest`` (the function every digest goes through) for a
     subscriber with a name and a picture-rich digest, and for one without a name or a
-    web version; with no stories at all too when ``send_when_empty`` is on.
+    web version, each also with stories left out by the cap (``more``); with no
+    stories at all too when ``send_when_empty`` is on.
     """
     env = _probing(make_environment(template_dir(config)))
     digest = config.digest
@@ -301,14 +305,18 @@ def digest_problems(config: Config) -> list[str]:
     if env.problems:  # type: ignore[attr-defined]
         return _dedupe(env.problems)  # type: ignore[attr-defined]
     stories = sample_stories(config)
+    rita = Subscriber("rita@example.org", "Rita Reader", id=1)
+    sam = Subscriber("sam@example.org", None, id=2)
     cases = [
-        (Subscriber("rita@example.org", "Rita Reader", id=1), stories, _links(True)),
-        (Subscriber("sam@example.org", None, id=2), stories[2:], _links(False)),
+        (rita, stories, _links(True), 0),
+        (sam, stories[2:], _links(False), 0),
+        (rita, stories, _links(True), 2),
+        (sam, stories[2:], _links(False), 1),
     ]
     if digest.send_when_empty:
-        cases.append((Subscriber("nil@example.org", None, id=3), [], _links(True)))
-    for subscriber, chosen, links in cases:
-        _run(env, _digest_render(env, config, subscriber, chosen, links))
+        cases.append((Subscriber("nil@example.org", None, id=3), [], _links(True), 0))
+    for subscriber, chosen, links, more in cases:
+        _run(env, _digest_render(env, config, subscriber, chosen, links, more))
     _unknown_names(env, reachable)
     return _dedupe(env.problems)  # type: ignore[attr-defined]
 

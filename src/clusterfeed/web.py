@@ -24,6 +24,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from lxml import etree  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -73,14 +74,31 @@ FEED_MAX_AGE = 300
 ARCHIVE_MAX_AGE = 86400
 
 
-def max_age(path: str) -> int:
-    """How long a client may keep a published file without asking again."""
+def max_age(path: str, body: bytes = b"") -> int:
+    """How long a client may keep a published file without asking again.
+
+    Only a complete archive page is kept long: the newest one still takes the stories
+    that drop out of the feed, so it is cached like the feed. A page is complete when
+    it links to a next one (RFC 5005 ``next-archive``), which is what ``body`` shows.
+    """
     path = path.strip("/")
     if path.startswith("archive/"):
-        return ARCHIVE_MAX_AGE
+        return ARCHIVE_MAX_AGE if links_next_archive(body) else FEED_MAX_AGE
     if path.startswith("digests/") and path.endswith(".html") and path != "digests/index.html":
         return ARCHIVE_MAX_AGE
     return FEED_MAX_AGE
+
+
+_ATOM_LINK = "{http://www.w3.org/2005/Atom}link"
+
+
+def links_next_archive(body: bytes) -> bool:
+    """Whether an Atom document links to a later archive page (so is a complete one)."""
+    try:
+        root = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError:
+        return False
+    return any(link.get("rel") == "next-archive" for link in root.iterchildren(_ATOM_LINK))
 
 
 @dataclass
@@ -93,6 +111,7 @@ class CachedFile:
     signature: tuple[int, int]
     content_type: str
     folder_index: bool = False  # an index.html, served for its folder's URL
+    max_age: int = FEED_MAX_AGE  # see max_age(): decided once per version of the file
     _encoded: dict[str, bytes] = field(default_factory=dict)
     _validators: list[tuple[bytes, bytes]] = field(default_factory=list)
 
@@ -176,6 +195,7 @@ class FileCache:
             signature=signature,
             content_type=CONTENT_TYPES.get(path.suffix, "application/octet-stream"),
             folder_index=path.name == "index.html",
+            max_age=max_age(path.relative_to(self.root).as_posix(), body),
         )
         with self._lock:
             self._files[key] = fresh
@@ -232,7 +252,7 @@ def file_answer(
     method: str, headers: Mapping[str, str], file: CachedFile, path: str
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Status, headers and body for a published file: 304, or 200 (compressed if asked)."""
-    out = [*file._validators, (b"cache-control", _CACHE_CONTROL[max_age(path)]), _VARY]
+    out = [*file._validators, (b"cache-control", _CACHE_CONTROL[file.max_age]), _VARY]
     if _not_modified(headers, file):
         return 304, out, b""
     body = file.body
