@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import inspect, select, update
+from sqlalchemy import inspect, select
 
 from clusterfeed.model import Entry
-from clusterfeed.store import SCHEMA_VERSION, Store, entries, schema_info, story_features
+from clusterfeed.store import SCHEMA_VERSION, Store, entries, story_features
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.storybench import (
     Row,
@@ -26,6 +26,7 @@ from clusterfeed.storybench import (
     score,
 )
 from clusterfeed.storybench import select as select_rows
+from tests.test_store import _back_to_version_6
 
 LABELLED = Path(__file__).resolve().parent / "data" / "stories"
 NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
@@ -180,10 +181,8 @@ def test_a_database_from_before_stored_features_gets_the_table(
         [],
     )  # fmt: skip
     with store.engine.begin() as conn:
-        # Back to version 6: schema 7 added story_features, 8 story_corrections.
-        conn.exec_driver_sql("DROP TABLE story_corrections")
-        conn.exec_driver_sql("DROP TABLE story_features")
-        conn.execute(update(schema_info).values(version=6))
+        # Back to version 6, the last schema without story_features.
+        _back_to_version_6(conn)
     store.close()
 
     upgraded = Store(database_url)
