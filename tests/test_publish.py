@@ -4,7 +4,7 @@ The files are produced the way the service produces them: partner feeds fetched 
 real HTTP into a real store, then ``Service.publish``. Structure is checked on the
 bytes with lxml (what any reader gets), each format with an independent parser
 (feedparser for Atom and RSS, the JSON Feed 1.1 schema) and, where available, the
-shared validators in /work/shared/realclients.
+shared third-party validators next to the checkout (see ``REALCLIENTS`` in conftest).
 """
 
 from __future__ import annotations
