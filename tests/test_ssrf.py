@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from clusterfeed.config import load_config
 from clusterfeed.fetch import FetchLimits, FetchRequest, fetch_all, fetch_local
-from clusterfeed.model import FeedStatus, PollFacts
+from clusterfeed.model import PollFacts
 from clusterfeed.netguard import (
     AddressRefused,
     AddressRule,
@@ -39,9 +39,10 @@ from clusterfeed.netguard import (
     address_problem,
     host_address,
 )
-from clusterfeed.service import FeedOutcome, Service
+from clusterfeed.service import Service
 from clusterfeed.store import Store
 from tests.conftest import EXAMPLE_FEEDS, Clock, FeedServer, Route, write_config
+from tests.test_fetch import fetch, status
 
 HELIX = EXAMPLE_FEEDS / "helix-vektor.rss"
 PUBLIC = IPv4Address("127.0.0.2")  # the stand-in for a partner on the internet
@@ -88,14 +89,6 @@ def make_service(tmp_path: Path, database_url: str, clock: Clock) -> Iterator[An
     yield make
     for store in stores:
         store.close()
-
-
-def fetch(service: Service) -> dict[str, FeedOutcome]:
-    return {o.name: o for o in asyncio.run(service.fetch())}
-
-
-def status(service: Service, name: str) -> FeedStatus:
-    return {s.name: s for s in service.store.feed_statuses()}[name]
 
 
 def everything_stored(service: Service) -> str:
