@@ -27,7 +27,6 @@ import math
 import re
 import sys
 import unicodedata
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -57,7 +56,6 @@ class StoryItem:
 class Features:
     names: frozenset[str]
     skeletons: frozenset[str]
-    words: Counter[str]
     amounts: frozenset[tuple[str, int]]
     percents: frozenset[str]
     dates: frozenset[date]
@@ -483,16 +481,13 @@ def features(item: StoryItem) -> Features:
     title = normalize_text(item.title)
     body = normalize_text(item.text)
     text = f"{title} {body}"
-    tokens, names, title_names = _tokens_and_names(title, body)
-    words: Counter[str] = Counter(t for t in tokens if t not in STOPWORDS and len(t) >= 2)
-    words.update(cjk_bigrams(text))
+    _tokens, names, title_names = _tokens_and_names(title, body)
     skeletons = _frozen(katakana_skeletons(text)) if _KATAKANA_RUN.search(text) else _EMPTY
     links = _frozen(filter(None, (_link_key(u) for u in (*item.links, *_URL.findall(item.text)))))
     masked, numbers = series_key(title)
     return Features(
         names=names,
         skeletons=skeletons,
-        words=words,
         amounts=_frozen(amounts(text, item.language)),
         percents=_frozen(percents(text, item.language)),
         dates=_frozen(calendar_dates(text)),
@@ -506,7 +501,6 @@ def features(item: StoryItem) -> Features:
 
 
 _EMPTY: frozenset[Any] = frozenset()
-_NO_WORDS: Counter[str] = Counter()  # shared: never changed
 
 
 def _frozen(values: Iterable[_T]) -> frozenset[_T]:
