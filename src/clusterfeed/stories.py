@@ -22,7 +22,6 @@ use them are ``clusterfeed.storymodel`` and ``clusterfeed.storycluster``;
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import re
 import sys
@@ -97,7 +96,6 @@ _LATIN_TOKEN = re.compile(
     r"[A-Za-zÄÖÜäöüßÀ-ÿ][A-Za-z0-9ÄÖÜäöüßÀ-ÿ&'’\-]*[A-Za-z0-9ÄÖÜäöüßÀ-ÿ]|[A-Za-z]{2,}"
 )
 _KATAKANA_RUN = re.compile(r"[\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f]{3,}")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]")
 _CODE = re.compile(r"\b[A-Za-z]{1,6}-?\d{2,5}[A-Za-z]?\b")
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 
@@ -214,11 +212,6 @@ def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str],
             if kind == 2 or not _at_sentence_start(text, start, segment):
                 (in_body if segment else in_title).add(lowered)
     return tokens, _frozen(in_title | in_body), _frozen(in_title)
-
-
-def cjk_bigrams(text: str) -> list[str]:
-    chars = _CJK.findall(text)
-    return [sys.intern(a + b) for a, b in itertools.pairwise(chars)]
 
 
 # -- phonetic skeletons for katakana and Latin names ------------------------------
