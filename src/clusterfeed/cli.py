@@ -70,7 +70,8 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(level)
     # APScheduler tells at INFO how it adds and starts jobs ("Adding job tentatively");
     # our own lines say what runs when, so only its warnings and errors are shown.
-    for noisy in ("httpx", "httpcore", "apscheduler", "aiosmtplib"):
+    # Alembic tells each schema step; the store says in one line from which version to which.
+    for noisy in ("httpx", "httpcore", "apscheduler", "aiosmtplib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -191,6 +192,34 @@ def check(config_path: Path | None) -> None:
         f"mail via {config.mail.transport}, store {config.database_url.split('://')[0]}",
         markup=False,
     )
+
+
+@main.command()
+@config_option
+@_handle_errors
+def migrate(config_path: Path | None) -> None:
+    """Bring the database's schema up to this version of clusterfeed, and say from which
+    version to which (every command and `run` do this on their own at start-up)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(
+            [f"error: {p}" for p in exc.problems]
+            + [f"{plural(len(exc.problems), 'problem')} in the config."]
+        )
+    store = Store(config.database_url)
+    try:
+        change = store.upgrade_schema()
+    finally:
+        store.close()
+    where = f"database {store.safe_url()}"
+    if change.created:
+        said = f"{where}: created the schema at version {change.after}"
+    elif change.changed:
+        said = f"{where}: upgraded the schema from version {change.before} to {change.after}"
+    else:
+        said = f"{where}: the schema is at version {change.after} already; nothing to do"
+    out.print(said, markup=False)
 
 
 def _fetch_with_progress(service: Service) -> list[FeedOutcome]:

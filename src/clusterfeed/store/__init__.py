@@ -6,13 +6,14 @@ by its name, an entry by (feed, identity), a story by its key, a digest by its s
 a delivery by (digest, subscriber). Writes that belong together happen in one
 transaction, so a crash leaves either the old state or the new one, never half.
 
-The schema carries a version; ``MIGRATIONS`` lists the steps from each version to the
-next, and ``Store.migrate`` applies the missing ones at start-up, in order.
+The tables are in ``schema``; ``migrations/`` holds the schema's history as Alembic
+revisions, which ``Store.migrate`` (``versioning``) applies at every start.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -27,19 +28,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
     Integer,
-    LargeBinary,
-    MetaData,
     String,
-    Table,
     Text,
-    UniqueConstraint,
     and_,
     bindparam,
     create_engine,
@@ -66,6 +57,61 @@ from clusterfeed.model import (
     Subscriber,
 )
 from clusterfeed.planning import OutboxFacts
+from clusterfeed.store.schema import (
+    SCHEMA_VERSION as SCHEMA_VERSION,
+)
+from clusterfeed.store.schema import (
+    _UTCDateTime,
+)
+from clusterfeed.store.schema import (
+    alerts as alerts,
+)
+from clusterfeed.store.schema import (
+    consents as consents,
+)
+from clusterfeed.store.schema import (
+    deliveries as deliveries,
+)
+from clusterfeed.store.schema import (
+    digests as digests,
+)
+from clusterfeed.store.schema import (
+    entries as entries,
+)
+from clusterfeed.store.schema import (
+    feeds as feeds,
+)
+from clusterfeed.store.schema import (
+    metadata as metadata,
+)
+from clusterfeed.store.schema import (
+    rate_events as rate_events,
+)
+from clusterfeed.store.schema import (
+    schema_info as schema_info,
+)
+from clusterfeed.store.schema import (
+    sent_stories as sent_stories,
+)
+from clusterfeed.store.schema import (
+    settings as settings,
+)
+from clusterfeed.store.schema import (
+    stories as stories,
+)
+from clusterfeed.store.schema import (
+    story_corrections as story_corrections,
+)
+from clusterfeed.store.schema import (
+    story_features as story_features,
+)
+from clusterfeed.store.schema import (
+    subscribers as subscribers,
+)
+from clusterfeed.store.schema import (
+    suppressions as suppressions,
+)
+from clusterfeed.store.versioning import NewerSchema, SchemaChange, bring_up_to_date, read_state
 from clusterfeed.stories import (
     Match,
     StoryItem,
@@ -74,18 +120,11 @@ from clusterfeed.stories import (
 from clusterfeed.storymodel import ItemFeatures
 from clusterfeed.storysplit import SplitResult
 
+log = logging.getLogger(__name__)
+
 
 class StoreError(Exception):
     """The database cannot be used; the message says which and why."""
-
-
-class _UTCDateTime(DateTime):
-    """Timestamps are stored and returned in UTC on both databases."""
-
-    cache_ok = True
-
-    def __init__(self) -> None:
-        super().__init__(timezone=True)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -94,339 +133,11 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-metadata = MetaData()
-
-schema_info = Table(
-    "schema_info",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("version", Integer, nullable=False),
-)
-
-settings = Table(
-    "settings",
-    metadata,
-    Column("key", String(100), primary_key=True),
-    Column("value", Text, nullable=False),
-)
-
-feeds = Table(
-    "feeds",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("name", String(300), nullable=False, unique=True),
-    Column("url", Text, nullable=False),
-    Column("title", Text),
-    Column("site_url", Text),
-    Column("etag", Text),
-    Column("last_modified", Text),
-    Column("last_attempt_at", _UTCDateTime()),
-    Column("last_success_at", _UTCDateTime()),
-    Column("last_status", Integer),
-    Column("last_error", Text),
-    Column("last_warning", Text),
-    Column("consecutive_failures", Integer, nullable=False, default=0),
-    # Schema version 2: politeness and health (issue 8).
-    Column("state", String(20), nullable=False, server_default="new"),
-    Column("next_attempt_at", _UTCDateTime()),
-    Column("failing_since", _UTCDateTime()),
-    Column("moved_to", Text),
-    Column("discovered_url", Text),
-)
-
-# One row per incident an operator was (or is to be) told about; the unique key is
-# what makes "once per incident, not every cycle" hold across restarts and workers.
-alerts = Table(
-    "alerts",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("feed_id", Integer, ForeignKey("feeds.id"), nullable=False),
-    Column("incident", String(300), nullable=False),
-    Column("message", Text, nullable=False),
-    Column("created_at", _UTCDateTime(), nullable=False),
-    UniqueConstraint("feed_id", "incident", name="uq_alerts_feed_incident"),
-)
-
-stories = Table(
-    "stories",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("key", String(100), nullable=False, unique=True),
-    Column("first_seen_at", _UTCDateTime(), nullable=False),
-    Column("updated_at", _UTCDateTime(), nullable=False),
-    Column("published_at", _UTCDateTime(), nullable=False),
-)
-
-entries = Table(
-    "entries",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("feed_id", Integer, ForeignKey("feeds.id"), nullable=False),
-    Column("story_id", Integer, ForeignKey("stories.id"), nullable=False),
-    Column("identity", String(1100), nullable=False),
-    Column("guid", Text),
-    Column("link", Text),
-    Column("link_key", String(2000)),
-    Column("title", Text, nullable=False),
-    Column("summary_html", Text, nullable=False),
-    Column("summary_text", Text, nullable=False),
-    Column("content_html", Text, nullable=False),
-    Column("image_url", Text),
-    Column("image_alt", Text),
-    Column("author", Text),
-    Column("topics", JSON, nullable=False),
-    Column("language", String(20), nullable=False),
-    Column("published_at", _UTCDateTime(), nullable=False),
-    Column("updated_at", _UTCDateTime(), nullable=False),
-    Column("first_seen_at", _UTCDateTime(), nullable=False),
-    Column("content_hash", String(64), nullable=False),
-    # Schema version 3: why this entry joined its story (empty for the first one).
-    Column("join_reason", Text),
-    UniqueConstraint("feed_id", "identity", name="uq_entries_feed_identity"),
-)
-Index("ix_entries_link_key", entries.c.link_key)
-Index("ix_entries_guid", entries.c.guid)
-Index("ix_entries_story", entries.c.story_id)
-
-subscribers = Table(
-    "subscribers",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("email", String(320), nullable=False, unique=True),
-    Column("name", Text),
-    Column("topics", JSON, nullable=False),
-    Column("languages", JSON, nullable=False),
-    Column("frequency", String(20), nullable=False, default="daily"),
-    Column("active", Boolean, nullable=False, default=True),
-    Column("origin", String(20), nullable=False, default="config"),
-    Column("created_at", _UTCDateTime(), nullable=False),
-    # Schema version 4: consent state. ``status`` is pending | confirmed | unsubscribed |
-    # removed; ``paused`` keeps a confirmed subscriber but sends nothing. ``active`` is
-    # kept in step (confirmed and not paused) for readers of older versions.
-    Column("status", String(20), nullable=False, server_default="confirmed"),
-    Column("paused", Boolean, nullable=False, server_default="0"),
-    Column("confirmed_at", _UTCDateTime()),
-    Column("unsubscribed_at", _UTCDateTime()),
-    # The preferences the config last gave, so a subscriber's own changes survive a
-    # restart and only an edit of the config overrides them.
-    Column("config_prefs", JSON),
-    # Schema version 5 (delivery): permanent refusals in a row, and since when the
-    # address counts as bouncing (skipped by digests until the operator clears it).
-    Column("hard_bounces", Integer, nullable=False, server_default="0"),
-    Column("bouncing_since", _UTCDateTime()),
-)
-
-# Schema version 4: the consent record. One row per change of consent, kept as long as
-# the subscriber exists and deleted with them on erase. ``ip_hash`` is a keyed hash:
-# enough to see that two requests came from one client, never the address itself.
-consents = Table(
-    "consents",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("subscriber_id", Integer, ForeignKey("subscribers.id"), nullable=False),
-    Column("at", _UTCDateTime(), nullable=False),
-    Column("action", String(20), nullable=False),
-    Column("form_version", String(50)),
-    Column("choices", JSON, nullable=False),
-    Column("ip_hash", String(64)),
-)
-Index("ix_consents_subscriber", consents.c.subscriber_id)
-
-# Keyed hashes of erased addresses: enough to refuse a re-import, nothing to read back.
-suppressions = Table(
-    "suppressions",
-    metadata,
-    Column("email_hash", String(64), primary_key=True),
-    Column("at", _UTCDateTime(), nullable=False),
-)
-
-# Sign-up attempts by key (a hashed address or client), for rate limits that hold
-# across processes and restarts. Old rows are pruned as new ones come in.
-rate_events = Table(
-    "rate_events",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("key", String(100), nullable=False),
-    Column("at", _UTCDateTime(), nullable=False),
-)
-Index("ix_rate_events_key_at", rate_events.c.key, rate_events.c.at)
-
-digests = Table(
-    "digests",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("key", String(200), nullable=False, unique=True),
-    Column("created_at", _UTCDateTime(), nullable=False),
-    Column("slot_at", _UTCDateTime(), nullable=False),
-)
-
-deliveries = Table(
-    "deliveries",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("digest_id", Integer, ForeignKey("digests.id"), nullable=False),
-    Column("subscriber_id", Integer, ForeignKey("subscribers.id"), nullable=False),
-    Column("state", String(20), nullable=False),  # pending | sending | sent | failed
-    Column("story_ids", JSON, nullable=False),
-    Column("message_id", String(300), nullable=False),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("last_error", Text),
-    Column("claimed_by", String(200)),
-    Column("claimed_at", _UTCDateTime()),
-    Column("sent_at", _UTCDateTime()),
-    # Schema version 5: a deferred delivery waits until then (NULL: due now).
-    Column("next_attempt_at", _UTCDateTime()),
-    # Schema version 8: the subscriber's stories the cap (digest.max_stories) left out
-    # of this mail (NULL: none). They are on the digest's web version and count as
-    # offered to the subscriber, so they are not mailed on their own later.
-    Column("left_out_ids", JSON),
-    UniqueConstraint("digest_id", "subscriber_id", name="uq_deliveries_digest_subscriber"),
-)
-Index("ix_deliveries_state", deliveries.c.state)
-
-sent_stories = Table(
-    "sent_stories",
-    metadata,
-    Column("subscriber_id", Integer, ForeignKey("subscribers.id"), primary_key=True),
-    Column("story_id", Integer, ForeignKey("stories.id"), primary_key=True),
-    Column("delivery_id", Integer, ForeignKey("deliveries.id"), nullable=False),
-)
-# Schema version 6: planning a digest asks who already had the few stories that may go
-# into it, by story; the primary key only serves questions by subscriber.
-Index("ix_sent_stories_story", sent_stories.c.story_id)
-
-# Schema version 7: what story matching reads of an entry, computed once when the entry
-# is first matched: the embedding of its title and lead (float16) and the evidence
-# (names, numbers, links) as JSON. ``fingerprint`` says from which text and encoder.
-story_features = Table(
-    "story_features",
-    metadata,
-    Column("entry_id", Integer, ForeignKey("entries.id"), primary_key=True),
-    Column("fingerprint", String(64), nullable=False),
-    Column("vector", LargeBinary, nullable=False),
-    Column("evidence", JSON, nullable=False),
-)
-
-# Schema version 9: story corrections made with ``clusterfeed stories split``: the
-# items at two pages (their link keys, in sorted order) are never one story. Kept by
-# page, as the config's ``apart`` pairs are, so they hold for any later copy of a page.
-story_corrections = Table(
-    "story_corrections",
-    metadata,
-    Column("link_a", String(2000), primary_key=True),
-    Column("link_b", String(2000), primary_key=True),
-    Column("verdict", String(20), nullable=False),  # apart
-    Column("created_at", _UTCDateTime(), nullable=False),
-)
-
-SCHEMA_VERSION = 9
-
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
 # races between "is there a story for this link?" and "insert a new story".
 _WRITING: ContextVar[bool] = ContextVar("clusterfeed_store_writing", default=False)
 _LOCK_KEY = 0x636C7573  # "clus"
-
-
-def _create_current(conn: Connection) -> None:
-    """A new database gets today's schema in one step, not by replaying history."""
-    metadata.create_all(conn)
-
-
-def _add_columns(conn: Connection, table: Table, names: Sequence[str]) -> None:
-    for name in names:
-        column = table.c[name]
-        ddl = column.type.compile(dialect=conn.dialect)
-        default = ""
-        if column.server_default is not None:
-            default = f" DEFAULT '{column.server_default.arg}' NOT NULL"  # type: ignore[attr-defined]
-        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {ddl}{default}")
-
-
-def _migrate_1_to_2(conn: Connection) -> None:
-    _add_columns(
-        conn,
-        feeds,
-        ["state", "next_attempt_at", "failing_since", "moved_to", "discovered_url"],
-    )
-    alerts.create(conn, checkfirst=True)
-    # Feeds that were failing when the upgrade ran count as failing since their last attempt.
-    conn.execute(
-        update(feeds)
-        .where(feeds.c.consecutive_failures > 0)
-        .values(state="failing", failing_since=feeds.c.last_attempt_at)
-    )
-    conn.execute(
-        update(feeds)
-        .where(feeds.c.consecutive_failures == 0, feeds.c.last_success_at.is_not(None))
-        .values(state="ok")
-    )
-
-
-def _migrate_2_to_3(conn: Connection) -> None:
-    _add_columns(conn, entries, ["join_reason"])
-
-
-def _migrate_3_to_4(conn: Connection) -> None:
-    _add_columns(
-        conn,
-        subscribers,
-        ["status", "paused", "confirmed_at", "unsubscribed_at", "config_prefs"],
-    )
-    # Everyone already in the store came from the config, whose consent the operator
-    # holds: active ones are confirmed (since they were added), the others removed.
-    conn.execute(
-        update(subscribers)
-        .where(subscribers.c.active.is_(True))
-        .values(status="confirmed", confirmed_at=subscribers.c.created_at)
-    )
-    conn.execute(
-        update(subscribers).where(subscribers.c.active.is_(False)).values(status="removed")
-    )
-    for table in (consents, suppressions, rate_events):
-        table.create(conn, checkfirst=True)
-    for index in (*consents.indexes, *rate_events.indexes):
-        index.create(conn, checkfirst=True)
-
-
-def _migrate_4_to_5(conn: Connection) -> None:
-    # Pending rows get no next_attempt_at: they are due at once, as they were before.
-    _add_columns(conn, deliveries, ["next_attempt_at"])
-    _add_columns(conn, subscribers, ["hard_bounces", "bouncing_since"])
-
-
-def _migrate_5_to_6(conn: Connection) -> None:
-    for index in sent_stories.indexes:
-        index.create(conn, checkfirst=True)
-
-
-def _migrate_6_to_7(conn: Connection) -> None:
-    # Features are computed on demand: entries stored before the upgrade get theirs the
-    # first time a new item's window reaches them.
-    story_features.create(conn, checkfirst=True)
-
-
-def _migrate_7_to_8(conn: Connection) -> None:
-    # Earlier digests left nothing out on record (NULL), as before.
-    _add_columns(conn, deliveries, ["left_out_ids"])
-
-
-def _migrate_8_to_9(conn: Connection) -> None:
-    story_corrections.create(conn, checkfirst=True)
-
-
-# MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
-# released schema). Append, never edit: a database in the field may be at any version.
-MIGRATIONS: list[Callable[[Connection], None]] = [
-    _migrate_1_to_2,
-    _migrate_2_to_3,
-    _migrate_3_to_4,
-    _migrate_4_to_5,
-    _migrate_5_to_6,
-    _migrate_6_to_7,
-    _migrate_7_to_8,
-    _migrate_8_to_9,
-]
 
 
 class PlannedDelivery(NamedTuple):
@@ -631,6 +342,10 @@ class Store:
         if url.startswith("sqlite"):
             self._tune_sqlite(self.engine)
 
+    def safe_url(self) -> str:
+        """The database URL without its password, for messages to the operator."""
+        return self._safe_url()
+
     def _safe_url(self) -> str:
         try:
             from sqlalchemy.engine import make_url
@@ -678,14 +393,17 @@ class Store:
     # -- schema ---------------------------------------------------------------
 
     def schema_version(self) -> int:
+        """The schema version the database is at (0: empty)."""
         with self.engine.connect() as conn:
-            if not self.engine.dialect.has_table(conn, "schema_info"):
-                return 0
-            version = conn.execute(select(schema_info.c.version)).scalar()
-            return int(version or 0)
+            return read_state(conn).version
 
     def migrate(self) -> int:
         """Bring the schema to the current version; safe to call on every start."""
+        return self.upgrade_schema().after
+
+    def upgrade_schema(self) -> SchemaChange:
+        """Create, adopt or upgrade the schema (``versioning``) and say from which
+        version to which. Nothing to do costs one read and takes no lock."""
         try:
             # Inside the try: a folder that cannot be made (a file of that name is in
             # the way) is an operator's mistake to report, not a traceback.
@@ -693,26 +411,44 @@ class Store:
                 path = self.url.removeprefix("sqlite:///")
                 if path and path != ":memory:":
                     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            current = self.schema_version()
+            with self.engine.connect() as conn:
+                state = read_state(conn)
+        except NewerSchema as exc:
+            raise self._newer(exc) from exc
         except Exception as exc:
             raise StoreError(f"cannot open database {self._safe_url()}: {exc}") from exc
-        if current > SCHEMA_VERSION:
+        if state.current:
+            return SchemaChange(SCHEMA_VERSION, SCHEMA_VERSION)
+        if state.version > SCHEMA_VERSION:
+            raise self._newer(NewerSchema(f"it has schema version {state.version}"))
+        try:
+            # One transaction for the whole upgrade, under the writers' lock: it
+            # happens completely or not at all, and a second process waits for it.
+            with self._tx() as conn:
+                change = bring_up_to_date(conn)
+        except NewerSchema as exc:
+            raise self._newer(exc) from exc
+        except Exception as exc:
             raise StoreError(
-                f"database {self._safe_url()} has schema version {current}, newer than this "
-                f"clusterfeed understands ({SCHEMA_VERSION}); upgrade clusterfeed"
+                f"could not upgrade database {self._safe_url()} from schema version "
+                f"{state.version} to {SCHEMA_VERSION}: {exc}. Nothing was changed (the "
+                "upgrade is one transaction); fix the cause and start again, or restore "
+                "the backup and keep the previous clusterfeed"
+            ) from exc
+        if change.created:
+            log.info("created the database schema (version %d)", change.after)
+        elif change.changed:
+            log.info(
+                "upgraded the database schema from version %d to %d", change.before, change.after
             )
-        if current == 0:
-            with self._tx() as conn:
-                _create_current(conn)
-                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
-            return SCHEMA_VERSION
-        for version in range(current, SCHEMA_VERSION):
-            # One transaction per step: PostgreSQL and SQLite both run DDL in transactions,
-            # so a failed step leaves the database at the previous version, not half-way.
-            with self._tx() as conn:
-                MIGRATIONS[version - 1](conn)
-                conn.execute(update(schema_info).values(version=version + 1))
-        return SCHEMA_VERSION
+        return change
+
+    def _newer(self, exc: NewerSchema) -> StoreError:
+        return StoreError(
+            f"database {self._safe_url()} is newer than this clusterfeed understands "
+            f"(schema version {SCHEMA_VERSION}): {exc}. Upgrade clusterfeed, or restore "
+            "the backup made before the newer version first ran"
+        )
 
     # -- settings ---------------------------------------------------------------
 
