@@ -26,7 +26,7 @@ from clusterfeed.storybench import (
     score,
 )
 from clusterfeed.storybench import select as select_rows
-from tests.test_store import _back_to_version_6
+from tests.store.old_schemas import back_to_version
 
 LABELLED = Path(__file__).resolve().parent / "data" / "stories"
 NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
@@ -182,7 +182,7 @@ def test_a_database_from_before_stored_features_gets_the_table(
     )  # fmt: skip
     with store.engine.begin() as conn:
         # Back to version 6, the last schema without story_features.
-        _back_to_version_6(conn)
+        back_to_version(conn, 6)
     store.close()
 
     upgraded = Store(database_url)

@@ -19,7 +19,7 @@ from clusterfeed.config import load_config
 from clusterfeed.store import Store, story_corrections
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.storysplit import apart_pairs, page_key
-from tests.test_store import _back_to_version_8
+from tests.store.old_schemas import back_to_version
 
 
 def _stories(run_cli: Any, config: Path) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def test_a_version_8_database_gets_the_corrections_table(database_url: str) -> N
     try:
         store.migrate()
         with store.engine.begin() as conn:
-            _back_to_version_8(conn)
+            back_to_version(conn, 8)
         assert store.schema_version() == 8
         assert store.migrate() == 9
         with store.engine.connect() as conn:
