@@ -12,7 +12,7 @@ from __future__ import annotations
 from sqlalchemy import update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.store import schema_info
+from clusterfeed.store import SCHEMA_VERSION, schema_info
 
 V2_FEED_COLUMNS = ("state", "next_attempt_at", "failing_since", "moved_to", "discovered_url")
 V4_SUBSCRIBER_COLUMNS = ("status", "paused", "confirmed_at", "unsubscribed_at", "config_prefs")
@@ -25,6 +25,7 @@ V5_COLUMNS = (
 
 # What each version added, as the SQL that takes it away again; UNDO[n] leaves version n.
 UNDO: dict[int, tuple[str, ...]] = {
+    9: ("DROP INDEX ix_entries_dated", "ALTER TABLE entries DROP COLUMN dated_at"),
     8: ("DROP TABLE story_corrections",),
     7: ("ALTER TABLE deliveries DROP COLUMN left_out_ids",),
     6: ("DROP TABLE story_features",),
@@ -43,8 +44,8 @@ UNDO: dict[int, tuple[str, ...]] = {
 
 
 def back_to_version(conn: Connection, version: int) -> None:
-    """Turn a current (version 9) database into what ``version`` wrote."""
-    for older in range(8, version - 1, -1):
+    """Turn a current database into what ``version`` wrote."""
+    for older in range(SCHEMA_VERSION - 1, version - 1, -1):
         for statement in UNDO[older]:
             conn.exec_driver_sql(statement)
     conn.execute(update(schema_info).values(version=version))

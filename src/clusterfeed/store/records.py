@@ -92,6 +92,7 @@ def _row_to_entry(row: Any) -> Entry:
         published=_utc(row.published_at) or row.published_at,
         updated=_utc(row.updated_at) or row.updated_at,
         content_hash=row.content_hash,
+        dated=_utc(row.dated_at) if row.dated_at is not None else None,
     )
 
 

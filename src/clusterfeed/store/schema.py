@@ -121,6 +121,11 @@ entries = Table(
     Column("updated_at", _UTCDateTime(), nullable=False),
     Column("first_seen_at", _UTCDateTime(), nullable=False),
     Column("content_hash", String(64), nullable=False),
+    # The publication date as the partner gave it, even when it lies in the future
+    # (``published_at`` is then clamped to the time it was first seen, for readers).
+    # Story matching compares these: a feed whose dates all lie ahead must not look
+    # as if every item appeared at the same moment. Filled for every row.
+    Column("dated_at", _UTCDateTime()),
     # Schema version 3: why this entry joined its story (empty for the first one).
     Column("join_reason", Text),
     UniqueConstraint("feed_id", "identity", name="uq_entries_feed_identity"),
@@ -128,6 +133,7 @@ entries = Table(
 Index("ix_entries_link_key", entries.c.link_key)
 Index("ix_entries_guid", entries.c.guid)
 Index("ix_entries_story", entries.c.story_id)
+Index("ix_entries_dated", entries.c.dated_at)
 
 subscribers = Table(
     "subscribers",
@@ -262,4 +268,4 @@ story_corrections = Table(
 
 # The schema version this code writes: the number of the newest migration under
 # ``migrations/versions`` (its revision id is this number, zero-padded to four digits).
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10

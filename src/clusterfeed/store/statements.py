@@ -43,6 +43,7 @@ def _entry_values(entry: Entry) -> dict[str, Any]:
         "published_at": entry.published,
         "updated_at": entry.updated,
         "content_hash": entry.content_hash,
+        "dated_at": entry.dated or entry.published,
     }
 
 
@@ -103,7 +104,7 @@ class _Statements:
 _ENTRY_CONTENT = (
     "guid", "link", "link_key", "title", "summary_html", "summary_text", "content_html",
     "image_url", "image_alt", "author", "topics", "language", "published_at", "updated_at",
-    "content_hash",
+    "content_hash", "dated_at",
 )  # fmt: skip
 
 

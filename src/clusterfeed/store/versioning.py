@@ -4,7 +4,7 @@ The history lives in ``migrations/`` as Alembic revisions, run here on the store
 connection (no ``alembic.ini``). Three kinds of database arrive:
 
 * an empty one gets today's tables in one step (``schema.metadata``) and is marked with
-  the newest revision, instead of replaying nine steps of history;
+  the newest revision, instead of replaying the whole history;
 * one made before the migrations moved to Alembic has only ``schema_info.version = N``:
   it is adopted (marked as revision N) and then upgraded like any other;
 * one Alembic already knows is upgraded from its revision.

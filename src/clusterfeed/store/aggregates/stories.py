@@ -56,30 +56,29 @@ class StoriesMixin(StoreBase):
 
         with self._tx() as conn:
             new_rows = conn.execute(
-                select(entries.c.id, entries.c.story_id, entries.c.published_at)
+                select(entries.c.id, entries.c.story_id, entries.c.dated_at)
                 .join(stories, stories.c.id == entries.c.story_id)
                 .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
             ).all()
             if not new_rows:
                 return 0
             window = timedelta(days=matcher.model.window_days)
-            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
-            high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
+            low = min(_utc(r.dated_at) or r.dated_at for r in new_rows) - window
+            high = max(_utc(r.dated_at) or r.dated_at for r in new_rows) + window
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
-                    entries.c.published_at, entries.c.content_hash, entries.c.language,
-                    entries.c.link_key, feeds.c.name.label("feed_name"),
+                    entries.c.published_at, entries.c.dated_at, entries.c.content_hash,
+                    entries.c.language, entries.c.link_key, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.published_at >= low, entries.c.published_at <= high)
+                .where(entries.c.dated_at >= low, entries.c.dated_at <= high)
             ).all()  # fmt: skip
             feats = self._story_features(conn, rows, matcher)
             story_of = {int(r.id): int(r.story_id) for r in rows}
             links = {int(r.id): r.link for r in rows}
             order = {
-                int(r.id): (_utc(r.published_at) or r.published_at, r.feed_name, r.identity)
-                for r in rows
+                int(r.id): (_utc(r.dated_at) or r.dated_at, r.feed_name, r.identity) for r in rows
             }
             sizes = Counter(story_of.values())
             new_ids = sorted(
@@ -99,7 +98,8 @@ class StoriesMixin(StoreBase):
             ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
             decisions = join_new(ordered, story_of, new_ids, matcher.model, forced=forced)
             if decisions:
-                published = {i: f.published for i, f in feats.items()}
+                # The story's shown date is its earliest version's clamped date.
+                published = {int(r.id): _utc(r.published_at) or r.published_at for r in rows}
                 self._write_joins(conn, decisions, new_rows, published, since)
         return len(decisions)
 
@@ -158,7 +158,7 @@ class StoriesMixin(StoreBase):
             result[i] = ItemFeatures(
                 feed=r.feed_name,
                 language=r.language,
-                published=_utc(r.published_at) or r.published_at,
+                published=_utc(r.dated_at) or r.dated_at,
                 vector=np.frombuffer(found.vector, dtype=np.float16).astype(np.float32),
                 evidence=Evidence.from_json(found.evidence),
             )
@@ -172,7 +172,7 @@ class StoriesMixin(StoreBase):
                 select(
                     entries.c.id, entries.c.language, entries.c.title, entries.c.summary_text,
                     entries.c.summary_html, entries.c.content_html, entries.c.link,
-                    entries.c.published_at, feeds.c.name.label("feed_name"),
+                    entries.c.dated_at.label("published_at"), feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.id.in_(chunk))
