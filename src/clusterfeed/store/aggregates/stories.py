@@ -22,6 +22,12 @@ from clusterfeed.model import (
     Source,
     Story,
 )
+from clusterfeed.representative import (
+    Version,
+    VersionOrder,
+    representative_first,
+    version_order,
+)
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash, _utc
 from clusterfeed.store.records import _row_to_entry
 from clusterfeed.store.schema import (
@@ -325,32 +331,29 @@ class StoriesMixin(StoreBase):
         return result
 
     def configure_stories(self, representative: str, own_feeds: Iterable[str]) -> None:
-        """How a story's representative is chosen: "own" (the cluster's own version
-        where there is one, else the most complete), "complete" or "earliest"."""
-        self._representative = representative
-        self._own_feeds = frozenset(own_feeds)
+        """Pick each story's representative by the rule ``representative`` ("own",
+        "complete" or "earliest"; see ``clusterfeed.representative``)."""
+        self.order_versions_by(version_order(representative, own_feeds))
+
+    def order_versions_by(self, order: VersionOrder) -> None:
+        """Show each story's versions in the order ``order`` gives, its first one as
+        the story's representative (the default: the earliest)."""
+        self._version_order = order
 
     def _representative_first(self, rows: Sequence[Any]) -> list[Any]:
-        """The story's members, the representative first, then by publication.
-
-        Every rule ends in the same tie-breaks (earliest, then feed name), so the choice
-        never depends on which feed happened to answer first in a concurrent cycle.
-        """
-        by_time = sorted(rows, key=lambda r: (_utc(r.published_at), r.feed_name, r.identity))
-        if not by_time:
-            return []
-        rule = getattr(self, "_representative", "earliest")
-        own: frozenset[str] = getattr(self, "_own_feeds", frozenset())
-
-        def completeness(r: Any) -> int:
-            return len(r.summary_text or "") + len(r.content_html or "") // 2
-
-        best = by_time[0]
-        if rule in ("own", "complete"):
-            pool = [r for r in by_time if r.feed_name in own] if rule == "own" else []
-            pool = pool or by_time
-            best = max(pool, key=lambda r: (completeness(r), -by_time.index(r)))
-        return [best, *(r for r in by_time if r is not best)]
+        """The story's member rows in the order the configured rule gives."""
+        order: VersionOrder = getattr(self, "_version_order", representative_first)
+        versions = [
+            Version(
+                feed=r.feed_name,
+                identity=r.identity,
+                published=_utc(r.published_at) or r.published_at,
+                summary_text=r.summary_text or "",
+                content_html=r.content_html or "",
+            )
+            for r in rows
+        ]
+        return [rows[i] for i in order(versions)]
 
     def count_stories(self) -> int:
         with self.engine.connect() as conn:
