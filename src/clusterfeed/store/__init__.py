@@ -25,12 +25,11 @@ they share:
 
 from __future__ import annotations
 
+from clusterfeed.claims import worker_id as worker_id
 from clusterfeed.store.aggregates.digests import DigestsMixin
 from clusterfeed.store.aggregates.feeds import FeedsMixin
 from clusterfeed.store.aggregates.items import ItemsMixin
 from clusterfeed.store.aggregates.outbox import OutboxMixin
-from clusterfeed.store.aggregates.outbox import _claim_is_dead as _claim_is_dead
-from clusterfeed.store.aggregates.outbox import worker_id as worker_id
 from clusterfeed.store.aggregates.sent import SentRecorder as SentRecorder
 from clusterfeed.store.aggregates.settings import SettingsMixin
 from clusterfeed.store.aggregates.stories import StoriesMixin

@@ -4,8 +4,6 @@ bouncing addresses, and giving back the claims of a worker that died.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from clusterfeed.claims import ClaimCheck, claim_is_dead
 from clusterfeed.store.aggregates.sent import SentRecorder
 from clusterfeed.store.base import StoreBase, _utc
 from clusterfeed.store.records import Bouncing, Delivery, _row_to_delivery
@@ -29,48 +28,30 @@ from clusterfeed.store.schema import (
 )
 
 
-def worker_id() -> str:
-    """Who holds a claim: host and process, so a restarted process can tell its own dead claims."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _claim_is_dead(
-    claimed_by: str | None, claimed_at: datetime | None, lease: timedelta, now: datetime
-) -> bool:
-    if not claimed_by or claimed_at is None:
-        return True
-    # "host:pid", or "host:pid/run" for one of several sending runs in one process.
-    host, _, pid = claimed_by.split("/", 1)[0].rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        if int(pid) == os.getpid():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-    return now - claimed_at > lease
-
-
 class OutboxMixin(StoreBase):
     """Deliveries: one (digest, subscriber) row each."""
 
     def recover_claims(
-        self, now: datetime, lease: timedelta, is_delivered: Callable[[Delivery], bool]
+        self,
+        now: datetime,
+        lease: timedelta,
+        is_delivered: Callable[[Delivery], bool],
+        *,
+        is_dead: ClaimCheck = claim_is_dead,
     ) -> int:
         """Release deliveries held by a dead worker; those already delivered become sent.
 
         ``is_delivered`` lets the transport answer for the uncertain window between
         handing a message over and committing that fact (the Maildir transport can say
         for sure; SMTP cannot, so such a message is sent again, at most one per
-        connection that was open when the process died).
+        connection that was open when the process died). ``is_dead`` says whether a
+        claim's holder is gone (``clusterfeed.claims``); the store only applies it.
         """
         with self.engine.connect() as conn:
             rows = conn.execute(self._delivery_query().where(deliveries.c.state == "sending")).all()
         released = 0
         for row in rows:
-            if not _claim_is_dead(row.claimed_by, _utc(row.claimed_at), lease, now):
+            if not is_dead(row.claimed_by, _utc(row.claimed_at), lease, now):
                 continue
             delivery = _row_to_delivery(row)
             if is_delivered(delivery):
