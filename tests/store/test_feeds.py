@@ -8,10 +8,7 @@ from typing import Any
 from sqlalchemy import event, select, update
 
 from clusterfeed.model import PollFacts
-from clusterfeed.store import (
-    Store,
-    feeds,
-)
+from clusterfeed.store import Store, feeds
 from tests.store.kit import NOW
 
 

@@ -9,9 +9,7 @@ from pathlib import Path
 
 from clusterfeed.config import load_config
 from clusterfeed.service import Service
-from clusterfeed.store import (
-    Store,
-)
+from clusterfeed.store import Store
 from tests.conftest import FeedServer, Route, write_config
 from tests.store.kit import NOW, apply, entry
 

@@ -38,12 +38,7 @@ from clusterfeed.store import subscribers as subscribers_table
 from clusterfeed.store.versioning import _config, revision_id, script_directory
 from tests.conftest import write_config
 from tests.store.kit import FEEDS, NOW, apply, entry, one_digest, subscribers
-from tests.store.old_schemas import (
-    V2_FEED_COLUMNS,
-    V4_TABLES,
-    as_previous_release,
-    back_to_version,
-)
+from tests.store.old_schemas import V2_FEED_COLUMNS, V4_TABLES, as_previous_release, back_to_version
 
 ORIGINS = ["alembic", "previous-release"]
 HEAD = SCHEMA_VERSION

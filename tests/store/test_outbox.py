@@ -15,13 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from clusterfeed.planning import OutboxFacts
-from clusterfeed.store import (
-    PlannedDelivery,
-    Store,
-    StoreError,
-    deliveries,
-    sent_stories,
-)
+from clusterfeed.store import PlannedDelivery, Store, StoreError, deliveries, sent_stories
 from tests.conftest import allow_inserts, refuse_inserts
 from tests.store.kit import NOW, apply, dead_pid, entry, one_digest, subscribers
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from clusterfeed.store import (
-    SCHEMA_VERSION,
-    Store,
-)
+from clusterfeed.store import SCHEMA_VERSION, Store
 from tests.store.kit import apply, entry
 
 

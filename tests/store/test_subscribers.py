@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from clusterfeed.model import Subscriber
-from clusterfeed.store import (
-    Store,
-)
+from clusterfeed.store import Store
 from tests.store.kit import NOW
 
 

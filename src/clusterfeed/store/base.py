@@ -15,16 +15,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    create_engine,
-    event,
-    text,
-)
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Connection, Engine
 
-from clusterfeed.store.schema import (
-    SCHEMA_VERSION,
-)
+from clusterfeed.store.schema import SCHEMA_VERSION
 from clusterfeed.store.versioning import NewerSchema, SchemaChange, bring_up_to_date, read_state
 
 log = logging.getLogger("clusterfeed.store")

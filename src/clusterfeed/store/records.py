@@ -9,11 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from clusterfeed.model import (
-    Entry,
-    Membership,
-    Subscriber,
-)
+from clusterfeed.model import Entry, Membership, Subscriber
 from clusterfeed.store.base import _utc
 
 

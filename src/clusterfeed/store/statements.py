@@ -4,25 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import (
-    Integer,
-    String,
-    Text,
-    bindparam,
-    func,
-    insert,
-    update,
-)
+from sqlalchemy import Integer, String, Text, bindparam, func, insert, update
 
-from clusterfeed.model import (
-    Entry,
-)
-from clusterfeed.store.schema import (
-    _UTCDateTime,
-    entries,
-    feeds,
-    stories,
-)
+from clusterfeed.model import Entry
+from clusterfeed.store.schema import _UTCDateTime, entries, feeds, stories
 
 
 def _entry_values(entry: Entry) -> dict[str, Any]:

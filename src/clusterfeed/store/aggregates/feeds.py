@@ -8,23 +8,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.model import (
-    FeedStatus,
-    PollFacts,
-)
+from clusterfeed.model import FeedStatus, PollFacts
 from clusterfeed.store.base import StoreBase, _utc
-from clusterfeed.store.schema import (
-    entries,
-    feeds,
-)
+from clusterfeed.store.schema import entries, feeds
 from clusterfeed.store.statements import _STMT
 
 

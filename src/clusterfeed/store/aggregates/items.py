@@ -7,26 +7,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import (
-    func,
-    select,
-    update,
-)
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
-from clusterfeed.model import (
-    Entry,
-    PollFacts,
-)
+from clusterfeed.model import Entry, PollFacts
 from clusterfeed.store.aggregates.feeds import _poll_values
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash
 from clusterfeed.store.records import FeedUpdateSummary
-from clusterfeed.store.schema import (
-    entries,
-    feeds,
-    stories,
-)
+from clusterfeed.store.schema import entries, feeds, stories
 from clusterfeed.store.statements import _STMT, _entry_values
 
 

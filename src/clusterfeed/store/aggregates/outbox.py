@@ -8,24 +8,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    and_,
-    func,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.claims import ClaimCheck, claim_is_dead
 from clusterfeed.store.aggregates.sent import SentRecorder
 from clusterfeed.store.base import StoreBase, _utc
 from clusterfeed.store.records import Bouncing, Delivery, _row_to_delivery
-from clusterfeed.store.schema import (
-    deliveries,
-    digests,
-    subscribers,
-)
+from clusterfeed.store.schema import deliveries, digests, subscribers
 
 
 class OutboxMixin(StoreBase):

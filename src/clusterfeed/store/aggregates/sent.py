@@ -12,9 +12,7 @@ from sqlalchemy.engine import Engine
 
 from clusterfeed.store.base import _LOCK_KEY, StoreError
 from clusterfeed.store.records import Delivery
-from clusterfeed.store.schema import (
-    deliveries,
-)
+from clusterfeed.store.schema import deliveries
 
 
 class SentRecorder:

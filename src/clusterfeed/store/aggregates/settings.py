@@ -6,19 +6,11 @@ import secrets
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import (
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.store.base import StoreBase
-from clusterfeed.store.schema import (
-    alerts,
-    feeds,
-    settings,
-)
+from clusterfeed.store.schema import alerts, feeds, settings
 
 
 class SettingsMixin(StoreBase):

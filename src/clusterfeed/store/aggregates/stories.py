@@ -11,23 +11,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (
-    func,
-    insert,
-    select,
-)
+from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
-from clusterfeed.model import (
-    Source,
-    Story,
-)
-from clusterfeed.representative import (
-    Version,
-    VersionOrder,
-    representative_first,
-    version_order,
-)
+from clusterfeed.model import Source, Story
+from clusterfeed.representative import Version, VersionOrder, representative_first, version_order
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash, _utc
 from clusterfeed.store.records import _row_to_entry
 from clusterfeed.store.schema import (

@@ -8,19 +8,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.model import (
-    Consent,
-    Membership,
-    Subscriber,
-)
+from clusterfeed.model import Consent, Membership, Subscriber
 from clusterfeed.store.aggregates.outbox import _drop_pending
 from clusterfeed.store.base import StoreBase, _utc
 from clusterfeed.store.records import _row_to_membership, _row_to_subscriber
