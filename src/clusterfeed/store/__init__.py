@@ -2,8 +2,8 @@
 
 Every unit of work has a key here: a feed by its name, an entry by (feed, identity), a
 story by its key, a digest by its slot, a delivery by (digest, subscriber). The store
-stores; what to store is decided by plain functions outside it and passed in (a
-digest's plan, the rule that picks a story's representative, when a claim is dead).
+stores; what to store is decided by plain functions outside it and passed in or applied
+to the facts it reads (a digest's plan, ``representative``, ``claims``, ``configsync``).
 
 One module per aggregate under ``aggregates/``, each a part of ``Store``, beside what
 they share:

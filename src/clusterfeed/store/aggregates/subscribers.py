@@ -11,9 +11,10 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
+from clusterfeed.configsync import StoredSubscriber, plan_config_sync
 from clusterfeed.model import Consent, Membership, Subscriber
 from clusterfeed.store.aggregates.outbox import _drop_pending
-from clusterfeed.store.base import StoreBase, _utc
+from clusterfeed.store.base import StoreBase, _chunks, _utc
 from clusterfeed.store.records import _row_to_membership, _row_to_subscriber
 from clusterfeed.store.schema import (
     consents,
@@ -36,73 +37,63 @@ class SubscribersMixin(StoreBase):
     ) -> list[str]:
         """Mirror the config's subscriber list; return the addresses refused as erased.
 
-        The operator holds the consent of config subscribers, so a new one is confirmed at
-        once (and the consent log says "config"). A subscriber's own choices survive a
-        restart: preferences are copied from the config only when the config changed
-        them. Someone who unsubscribed stays unsubscribed however often the config
-        names them, and an erased address (``email_hash`` on the suppression list) is
-        not added again. One taken off the config is marked removed; their history stays.
+        What changes is ``clusterfeed.configsync``'s decision over the facts read here
+        (the rows of the listed addresses and of the config's earlier ones, and which
+        new addresses are suppressed); the plan is written in the same transaction.
         """
-        wanted = {s.email.lower(): s for s in configured}
-        refused: list[str] = []
+        listed = list({s.email.lower(): s for s in configured}.values())
+        emails = [s.email.lower() for s in listed]
         with self._tx() as conn:
-            rows = {
-                r.email: r
-                for r in conn.execute(select(subscribers).where(subscribers.c.origin == "config"))
-            }
-            for email, sub in wanted.items():
-                prefs = {
-                    "name": sub.name,
-                    "topics": list(sub.topics),
-                    "languages": list(sub.languages),
-                    "frequency": sub.frequency,
-                }
-                existing = conn.execute(
-                    select(subscribers).where(subscribers.c.email == email)
-                ).first()
-                if existing is None:
-                    if email_hash is not None and self._suppressed(conn, email_hash(email)):
-                        refused.append(email)
-                        continue
-                    new_id = conn.execute(
-                        insert(subscribers)
-                        .values(
-                            email=email,
-                            origin="config",
-                            created_at=now,
-                            status="confirmed",
-                            active=True,
-                            paused=False,
-                            confirmed_at=now,
-                            config_prefs=prefs,
-                            **prefs,
-                        )
-                        .returning(subscribers.c.id)
-                    ).scalar_one()
-                    self._log_consent(conn, new_id, now, "config", None, prefs, None)
-                    continue
-                values: dict[str, Any] = {"origin": "config", "config_prefs": prefs}
-                if existing.config_prefs != prefs:
-                    values.update(prefs)
-                if existing.status in ("removed", "pending") or (
-                    existing.status == "confirmed" and existing.origin != "config"
-                ):
-                    values.update(status="confirmed", confirmed_at=existing.confirmed_at or now)
-                    values["active"] = not existing.paused
-                    if existing.status != "confirmed" or existing.origin != "config":
-                        self._log_consent(conn, existing.id, now, "config", None, prefs, None)
+            stored: dict[str, StoredSubscriber] = {}
+            rows = list(
                 conn.execute(
-                    update(subscribers).where(subscribers.c.id == existing.id).values(**values)
+                    select(subscribers)
+                    .where(subscribers.c.origin == "config")
+                    .order_by(subscribers.c.id)
                 )
-            for email, row in rows.items():
-                if email not in wanted and row.status in ("confirmed", "pending"):
+            )
+            for chunk in _chunks(emails, 500):
+                rows.extend(
+                    conn.execute(
+                        select(subscribers)
+                        .where(subscribers.c.email.in_(chunk), subscribers.c.origin != "config")
+                        .order_by(subscribers.c.id)
+                    )
+                )
+            for r in rows:
+                stored[r.email] = StoredSubscriber(
+                    id=r.id,
+                    status=r.status,
+                    origin=r.origin,
+                    paused=bool(r.paused),
+                    confirmed_at=r.confirmed_at,
+                    config_prefs=r.config_prefs,
+                )
+            suppressed = {
+                email
+                for email in emails
+                if email not in stored
+                and email_hash is not None
+                and self._suppressed(conn, email_hash(email))
+            }
+            plan = plan_config_sync(listed, stored, suppressed, now)
+            for change in plan.changes:
+                subscriber_id = change.subscriber_id
+                if subscriber_id is None:
+                    subscriber_id = conn.execute(
+                        insert(subscribers).values(**change.values).returning(subscribers.c.id)
+                    ).scalar_one()
+                else:
                     conn.execute(
                         update(subscribers)
-                        .where(subscribers.c.id == row.id)
-                        .values(active=False, status="removed")
+                        .where(subscribers.c.id == subscriber_id)
+                        .values(**change.values)
                     )
-                    self._log_consent(conn, row.id, now, "remove", None, {}, None)
-        return refused
+                if change.consent is not None:
+                    self._log_consent(
+                        conn, subscriber_id, now, change.consent, None, change.prefs, None
+                    )
+        return plan.refused
 
     def active_subscribers(self) -> list[Subscriber]:
         """Who gets digests: confirmed and not paused."""
