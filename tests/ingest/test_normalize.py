@@ -38,6 +38,7 @@ from clusterfeed.ingest.normalize import (
     normalize_url,
     sanitize_html,
     single_line,
+    stated_date,
 )
 from clusterfeed.ingest.parse import parse_feed
 from clusterfeed.model import Entry, Story
@@ -541,6 +542,10 @@ def test_entry_dates_rules() -> None:
     slightly = NOW + timedelta(minutes=3)
     assert entry_dates({"published_parsed": _struct(slightly)}, NOW)[0] == slightly
     assert entry_dates({}, NOW.replace(microsecond=123456)) == (NOW, NOW)
+    # What the partner stated is kept beside the clamped date, for story matching.
+    assert stated_date({"published_parsed": _struct(typo)}) == typo
+    assert stated_date({"updated_parsed": _struct(later)}) == later
+    assert stated_date({}) is None
 
 
 def test_identity_prefers_guid_then_link_then_content_hash() -> None:

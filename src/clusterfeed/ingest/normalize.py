@@ -295,22 +295,38 @@ def _written_date(value: Any) -> datetime | None:
     return parse_human_date(value[:200])
 
 
-def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
-    """(published, updated) in UTC; missing means first seen now, the future is clamped."""
+def stated_date(raw: Mapping[str, Any]) -> datetime | None:
+    """The publication date as the partner wrote it (UTC), future or not; None if none.
+
+    Readers get the clamped date of :func:`entry_dates`; story matching compares the
+    stated one, since clamping every item of a feed dated ahead to one moment would
+    make unrelated items look simultaneous.
+    """
 
     # dict.get, not raw.get: feedparser's mapping silently aliases a missing
     # updated_parsed to published_parsed (with a deprecation warning).
     def plain(key: str) -> Any:
         return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
 
-    published = (
+    stated = (
         _struct_to_datetime(plain("published_parsed"))
         or _struct_to_datetime(plain("created_parsed"))
         or _written_date(plain("published"))
         or _written_date(plain("created"))
+        or _struct_to_datetime(plain("updated_parsed"))
+        or _written_date(plain("updated"))
     )
+    return stated.replace(microsecond=0) if stated is not None else None
+
+
+def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
+    """(published, updated) in UTC; missing means first seen now, the future is clamped."""
+
+    def plain(key: str) -> Any:
+        return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
+
     updated = _struct_to_datetime(plain("updated_parsed")) or _written_date(plain("updated"))
-    published = published or updated or now
+    published = stated_date(raw) or now
     updated = updated or published
     limit = now + FUTURE_TOLERANCE
     published = min(published, now) if published > limit else published
@@ -453,6 +469,7 @@ def normalize_entry(
         published=published,
         updated=updated,
         content_hash=content_hash,
+        dated=stated_date(raw),
     )
 
 
