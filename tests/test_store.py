@@ -21,10 +21,10 @@ import pytest
 from sqlalchemy import event, inspect, select, update
 from sqlalchemy.engine import Connection
 
+from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
+from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.model import Entry, PollFacts, Subscriber
-from clusterfeed.planning import OutboxFacts
-from clusterfeed.service import Service
 from clusterfeed.store import (
     SCHEMA_VERSION,
     Delivery,

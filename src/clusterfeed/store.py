@@ -55,6 +55,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
+from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.model import (
     Consent,
     Entry,
@@ -65,7 +66,6 @@ from clusterfeed.model import (
     Story,
     Subscriber,
 )
-from clusterfeed.planning import OutboxFacts
 from clusterfeed.stories import (
     Match,
     StoryItem,
@@ -2609,7 +2609,7 @@ def _story_item(row: Any) -> StoryItem:
 def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
     """The text matching looks at: the summary, then the full text, cut at a limit
     (the first paragraphs carry the names and numbers; a 5 MB release need not)."""
-    from clusterfeed.normalize import html_to_text
+    from clusterfeed.ingest.normalize import html_to_text
 
     text = summary
     if content_html and len(text) < limit:

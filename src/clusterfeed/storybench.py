@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from clusterfeed.normalize import html_to_text, normalize_entry
+from clusterfeed.ingest.normalize import html_to_text, normalize_entry
 from clusterfeed.stories import StoryItem
 
 HELD_OUT_SHARE = 30  # percent of each set's stories kept out of tuning
