@@ -28,7 +28,7 @@ from clusterfeed.stories.benchmark import select as select_rows
 from clusterfeed.stories.matcher import StoryMatcher
 from tests.test_store import _back_to_version_6
 
-LABELLED = Path(__file__).resolve().parent / "data" / "stories"
+LABELLED = Path(__file__).resolve().parent.parent / "data" / "stories"
 NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
 
 

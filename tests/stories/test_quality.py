@@ -29,7 +29,7 @@ from clusterfeed.stories.features import (
     latin_skeleton,
 )
 
-LABELLED = Path(__file__).resolve().parent / "data" / "stories"
+LABELLED = Path(__file__).resolve().parent.parent / "data" / "stories"
 
 
 @pytest.fixture(scope="module")
