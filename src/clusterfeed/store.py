@@ -54,7 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from clusterfeed.dedup import EntryChange, plan_feed_update
+from clusterfeed.ingest.dedup import EntryChange, plan_feed_update
 from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.model import (
     Consent,
