@@ -54,8 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from clusterfeed.ingest.dedup import EntryChange, plan_feed_update
 from clusterfeed.digest.planning import OutboxFacts
+from clusterfeed.ingest.dedup import EntryChange, plan_feed_update
 from clusterfeed.model import (
     Consent,
     Entry,
