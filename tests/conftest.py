@@ -341,7 +341,7 @@ def write_config(
 # The bundled example's 47 items form 36 stories by its answer key
 # (config/example-feeds/README.md). The matcher makes 35: it joins KristallWerk's
 # English and German lab opening (D) and keeps newsletter issues apart from other
-# publishers' issues and from the items they list (clusterfeed.storykinds), but still
+# publishers' issues and from the items they list (clusterfeed.stories.kinds), but still
 # joins the Summit programme with KristallWerk's "meet us at the Summit". Known and
 # open (issue 15): this constant says what the pipeline stores today, not what is right.
 EXAMPLE_STORIES = 35
@@ -481,8 +481,8 @@ def digest_titles(msg: EmailMessage) -> set[str]:
 def open_service(clock: Clock) -> Iterator[Any]:
     """``open_service(config_path)``: a prepared Service on that config, with the test's
     clock; every store it opened is closed after the test."""
+    from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.service import Service
     from clusterfeed.store import Store
 
     stores: list[Store] = []
@@ -538,7 +538,7 @@ class RunningServer:
     """The web app (``web.make_server``) in a thread, on a free port of 127.0.0.1."""
 
     def __init__(self, service: Any) -> None:
-        from clusterfeed.web import make_server
+        from clusterfeed.web.server import make_server
 
         self.server = make_server(service, "127.0.0.1", 0)
         self.server.config.install_signal_handlers = False

@@ -7,8 +7,8 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
-from clusterfeed.service import Service
 from clusterfeed.store import Store
 from tests.conftest import FeedServer, Route, write_config
 from tests.store.kit import NOW, apply, entry

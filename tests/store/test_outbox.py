@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from clusterfeed.planning import OutboxFacts
+from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.store import PlannedDelivery, Store, StoreError, deliveries, sent_stories
 from tests.conftest import allow_inserts, refuse_inserts
 from tests.store.kit import NOW, apply, dead_pid, entry, one_digest, subscribers
@@ -185,7 +185,7 @@ def test_recover_claims_leaves_live_claims_alone(store: Store) -> None:
 
 
 def test_recover_claims_applies_the_rule_it_is_given(store: Store) -> None:
-    """When a claim counts as dead is the caller's rule (clusterfeed.claims by default)."""
+    """When a claim counts as dead is the caller's rule (clusterfeed.delivery.claims by default)."""
     delivery = one_digest(store)
     store.claim(delivery.id, f"{socket.gethostname()}:{os.getpid()}", NOW)
     asked: list[tuple[str | None, timedelta]] = []

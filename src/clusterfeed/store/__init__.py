@@ -25,7 +25,7 @@ they share:
 
 from __future__ import annotations
 
-from clusterfeed.claims import worker_id as worker_id
+from clusterfeed.delivery.claims import worker_id as worker_id
 from clusterfeed.store.aggregates.digests import DigestsMixin
 from clusterfeed.store.aggregates.feeds import FeedsMixin
 from clusterfeed.store.aggregates.items import ItemsMixin

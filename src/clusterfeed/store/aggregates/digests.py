@@ -11,7 +11,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from clusterfeed.planning import OutboxFacts
+from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.store.base import StoreBase, _chunks, _utc
 from clusterfeed.store.records import DigestRecord, PlannedDelivery, _row_to_subscriber
 from clusterfeed.store.schema import deliveries, digests, sent_stories, subscribers

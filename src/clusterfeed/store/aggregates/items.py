@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.dedup import EntryChange, plan_feed_update
+from clusterfeed.ingest.dedup import EntryChange, plan_feed_update
 from clusterfeed.model import Entry, PollFacts
 from clusterfeed.store.aggregates.feeds import _poll_values
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash

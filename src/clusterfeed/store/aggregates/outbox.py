@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.claims import ClaimCheck, claim_is_dead
+from clusterfeed.delivery.claims import ClaimCheck, claim_is_dead
 from clusterfeed.store.aggregates.sent import SentRecorder
 from clusterfeed.store.base import StoreBase, _utc
 from clusterfeed.store.records import Bouncing, Delivery, _row_to_delivery
@@ -35,7 +35,7 @@ class OutboxMixin(StoreBase):
         handing a message over and committing that fact (the Maildir transport can say
         for sure; SMTP cannot, so such a message is sent again, at most one per
         connection that was open when the process died). ``is_dead`` says whether a
-        claim's holder is gone (``clusterfeed.claims``); the store only applies it.
+        claim's holder is gone (``clusterfeed.delivery.claims``); the store only applies it.
         """
         with self.engine.connect() as conn:
             rows = conn.execute(self._delivery_query().where(deliveries.c.state == "sending")).all()

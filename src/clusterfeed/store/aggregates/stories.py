@@ -15,7 +15,6 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.engine import Connection
 
 from clusterfeed.model import Source, Story
-from clusterfeed.representative import Version, VersionOrder, representative_first, version_order
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash, _utc
 from clusterfeed.store.records import _row_to_entry
 from clusterfeed.store.schema import (
@@ -27,9 +26,16 @@ from clusterfeed.store.schema import (
     story_features,
 )
 from clusterfeed.store.statements import _STMT
-from clusterfeed.stories import Match, StoryItem, StoryMatcher
-from clusterfeed.storymodel import ItemFeatures
-from clusterfeed.storysplit import SplitResult
+from clusterfeed.stories.cluster import Match
+from clusterfeed.stories.features import ItemFeatures, StoryItem
+from clusterfeed.stories.matcher import StoryMatcher
+from clusterfeed.stories.representative import (
+    Version,
+    VersionOrder,
+    representative_first,
+    version_order,
+)
+from clusterfeed.stories.split import SplitResult
 
 
 class StoriesMixin(StoreBase):
@@ -44,9 +50,9 @@ class StoriesMixin(StoreBase):
         readers or subscribers have already seen changes identity. Each entry's
         features (embedding and evidence) are computed the first time it is in a
         window and stored (``story_features``); deciding reads only those
-        (``clusterfeed.storycluster.join_new``). Returns how many items joined.
+        (``clusterfeed.stories.cluster.join_new``). Returns how many items joined.
         """
-        from clusterfeed.storycluster import join_new
+        from clusterfeed.stories.cluster import join_new
 
         with self._tx() as conn:
             new_rows = conn.execute(
@@ -114,8 +120,8 @@ class StoriesMixin(StoreBase):
 
     def split_story(self, url: str, now: datetime) -> SplitResult:
         """Take the item at ``url`` out of its story and keep its page apart from the
-        pages left there (``clusterfeed.storysplit``)."""
-        from clusterfeed.storysplit import split_entry
+        pages left there (``clusterfeed.stories.split``)."""
+        from clusterfeed.stories.split import split_entry
 
         with self._tx() as conn:
             return split_entry(conn, url, now)
@@ -126,7 +132,7 @@ class StoriesMixin(StoreBase):
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
+        from clusterfeed.stories.features import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
             int(r.id): _short_hash(
@@ -320,7 +326,7 @@ class StoriesMixin(StoreBase):
 
     def configure_stories(self, representative: str, own_feeds: Iterable[str]) -> None:
         """Pick each story's representative by the rule ``representative`` ("own",
-        "complete" or "earliest"; see ``clusterfeed.representative``)."""
+        "complete" or "earliest"; see ``clusterfeed.stories.representative``)."""
         self.order_versions_by(version_order(representative, own_feeds))
 
     def order_versions_by(self, order: VersionOrder) -> None:
@@ -372,7 +378,7 @@ def _story_item(row: Any) -> StoryItem:
 def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
     """The text matching looks at: the summary, then the full text, cut at a limit
     (the first paragraphs carry the names and numbers; a 5 MB release need not)."""
-    from clusterfeed.normalize import html_to_text
+    from clusterfeed.ingest.normalize import html_to_text
 
     text = summary
     if content_html and len(text) < limit:

@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.engine import Connection
 
-from clusterfeed.configsync import StoredSubscriber, plan_config_sync
 from clusterfeed.model import Consent, Membership, Subscriber
 from clusterfeed.store.aggregates.outbox import _drop_pending
 from clusterfeed.store.base import StoreBase, _chunks, _utc
@@ -24,6 +23,7 @@ from clusterfeed.store.schema import (
     subscribers,
     suppressions,
 )
+from clusterfeed.subscribers.configsync import StoredSubscriber, plan_config_sync
 
 
 class SubscribersMixin(StoreBase):
@@ -37,7 +37,7 @@ class SubscribersMixin(StoreBase):
     ) -> list[str]:
         """Mirror the config's subscriber list; return the addresses refused as erased.
 
-        What changes is ``clusterfeed.configsync``'s decision over the facts read here
+        What changes is ``clusterfeed.subscribers.configsync``'s decision over the facts read here
         (the rows of the listed addresses and of the config's earlier ones, and which
         new addresses are suppressed); the plan is written in the same transaction.
         """
