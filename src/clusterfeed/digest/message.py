@@ -26,8 +26,6 @@ from clusterfeed.model import Subscriber
 # long header without spaces (a List-Unsubscribe URL) by turning it into RFC 2047
 # encoded words, which mail clients then cannot use as a URL. So fold at 998.
 MAIL_POLICY = SMTP.clone(max_line_length=998)
-
-
 MAIL_POLICY_UTF8 = SMTPUTF8.clone(max_line_length=998)
 
 

@@ -25,8 +25,6 @@ from clusterfeed.model import Story, Subscriber
 
 # The values that differ between subscribers sharing a story list, by template name.
 _PERSONAL_NAMES = frozenset({"subscriber", "links", "reason"})
-
-
 # (variable, attribute) pairs a template may print; ``None`` is the variable itself.
 _PRINTABLE = {
     ("subscriber", "name"): "name",
@@ -35,11 +33,7 @@ _PRINTABLE = {
     ("links", "preferences_url"): "preferences_url",
     ("reason", None): "reason",
 }
-
-
 _SHARED_LINKS = frozenset({"feed_url", "site_url", "web_url"})
-
-
 # Nodes that could pass a printed value through something other than the output's own
 # escaping (a filter block, a macro, another template); any of them ends sharing.
 _OPAQUE_NODES = (
@@ -52,13 +46,9 @@ _OPAQUE_NODES = (
     jinja2.nodes.Macro,
     jinja2.nodes.CallBlock,
 )
-
-
 # The characters an HTML template or the CSS inliner's serializer may escape; every
 # other character passes through both unchanged.
 _SPECIALS = "<&>\"'\xa0"
-
-
 PERSONAL_FIELDS = ("name", "email", "reason", "unsubscribe_url", "preferences_url")
 
 

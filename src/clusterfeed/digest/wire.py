@@ -24,8 +24,6 @@ from clusterfeed.digest.message import MAIL_POLICY, address, boundary_for, list_
 from clusterfeed.digest.render import DigestLinks
 
 _HEADER_POLICY = email.policy.default  # what EmailMessage() stores headers with
-
-
 # The HTML part repeats MIME-Version: ``add_alternative`` makes it an EmailMessage of its
 # own, which adds one. Harmless, and kept so the bytes stay the same.
 _PART_HEAD = {
@@ -40,11 +38,7 @@ _PART_HEAD = {
     + b"\r\n"
     for subtype in ("plain", "html")
 }
-
-
 _BODY_LINE = _HEADER_POLICY.max_line_length or 78  # where set_content breaks body lines
-
-
 _TRAILER = (
     ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
     ("Precedence", "bulk"),
@@ -69,23 +63,11 @@ def fold(name: str, value: Any) -> bytes:
 # unchanged and fit one line, so they are written as they are; anything else still
 # goes through ``fold``. Tests compare both ways on generated values.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-
-
 _DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-
-
 _PLAIN_NAME = re.compile(rf"{_ATOM}(?: {_ATOM})*")
-
-
 _PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_DOMAIN}")
-
-
 _PLAIN_MESSAGE_ID = re.compile(rf"<{_ATOM}(?:\.{_ATOM})*@{_DOMAIN}>")
-
-
 _PLAIN_URL = re.compile(r"<[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;%=]+>")
-
-
 _LONGEST_LINE = (MAIL_POLICY.max_line_length or 998) - 2
 
 
