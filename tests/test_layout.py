@@ -53,9 +53,7 @@ def test_config_imports_nothing_that_imports_config_back() -> None:
     graph = _imports()
     assert "clusterfeed.config" in graph["clusterfeed.digest.render"]  # the graph sees imports
     back = sorted(
-        m
-        for m in graph["clusterfeed.config"]
-        if "clusterfeed.config" in _reachable(graph, m) | {m}
+        m for m in graph["clusterfeed.config"] if "clusterfeed.config" in _reachable(graph, m) | {m}
     )
     assert back == [], f"config.py imports {back}, which import config.py again"
 
