@@ -90,7 +90,7 @@ from clusterfeed.publish.site import (
 )
 from clusterfeed.resources import default_template_dir
 from clusterfeed.store import Delivery, PlannedDelivery, Store
-from clusterfeed.stories import StoryMatcher
+from clusterfeed.stories.matcher import StoryMatcher
 from clusterfeed.subscribers.tokens import (
     UNSUBSCRIBE,
     make_token,
