@@ -1,6 +1,8 @@
 """Delivery: the outbox handed to a mail transport, each message exactly once.
 
-The transports (SMTP, Maildir), retries and bounces, the sending rate, DKIM
-signatures. ``mail`` holds them all for now; ``claims`` says who holds an outbox row
-and when that holder counts as gone.
+``outbox`` claims due deliveries, has them rendered, sends and records each answer
+(safe in several processes at once); ``transports`` are Maildir and SMTP and what
+their answers mean; ``pacing`` is the delay before a retry, when to give up, and the
+sending rate; ``dkim`` signs what goes out; ``claims`` says who holds an outbox
+row and when that holder counts as gone.
 """

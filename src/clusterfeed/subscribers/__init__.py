@@ -1,7 +1,9 @@
 """Subscribers: sign-up with proven consent, preferences, leaving, and their lists.
 
-``subscribe`` holds the decisions, mails and pages of sign-up and preferences,
-``tokens`` the signed links in mails, ``csvtext`` the subscriber lists that
-spreadsheet programs write, ``configsync`` the consent rules of mirroring the
-config's subscriber list into the store.
+``forms`` holds the pure decisions (what is offered, reading a form, what a sign-up
+leads to), ``subscribe`` joins them to the store, the clock and the mail
+(``Subscriptions``), ``tokens`` signs the links in mails, ``csvtext`` reads the
+subscriber lists that spreadsheet programs write, ``configsync`` decides what
+mirroring the config's subscriber list into the store changes (consent rules).
+The pages are in ``web.signup``.
 """
