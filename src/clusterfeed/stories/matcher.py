@@ -42,7 +42,7 @@ class StoryMatcher:
         processes: int | None = None,
         parallel_from: int = PARALLEL_FROM,
     ) -> None:
-        from clusterfeed.normalize import link_key, normalize_url
+        from clusterfeed.ingest.normalize import link_key, normalize_url
 
         self._encoder_spec = encoder
         self._model = model
@@ -104,7 +104,7 @@ class StoryMatcher:
             for key, items in batches:
                 yield key, item_features(items, self.encoder)
             return
-        from clusterfeed.lifeline import lifeline, start_worker
+        from clusterfeed.app.lifeline import lifeline, start_worker
 
         # forkserver: a clean process forks the workers, never this threaded one.
         context = multiprocessing.get_context("forkserver")
