@@ -9,17 +9,20 @@ the features.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from clusterfeed.stories.features import ItemFeatures, StoryItem
 
 K = TypeVar("K")
+log = logging.getLogger(__name__)
 
 # Items whose features are missing from which they are computed in worker processes:
 # each worker loads the encoder once (1.2 CPU-seconds, 150 MB), and an item costs about
@@ -106,23 +109,41 @@ class StoryMatcher:
             return
         from clusterfeed.app.lifeline import lifeline, start_worker
 
+        spec = self._encoder_spec
+
         # forkserver: a clean process forks the workers, never this threaded one.
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
             initializer=start_worker,
-            initargs=(lifeline(), _load_encoder, self._encoder_spec),
+            initargs=(lifeline(), _load_encoder, spec),
         ) as pool:
-            pending: deque[tuple[K, Future[list[ItemFeatures]]]] = deque()
+            pending: deque[tuple[K, Sequence[StoryItem], Future[list[ItemFeatures]] | None]]
+            pending = deque()
+            broken = False
+
+            def finished(items: Sequence[StoryItem], future: Future[Any] | None) -> Any:
+                nonlocal broken
+                if future is not None and not broken:
+                    try:
+                        return future.result()
+                    except BrokenProcessPool as exc:
+                        # A worker died (out of memory, killed): the rest is computed
+                        # here, nothing is lost.
+                        log.warning("story features process failed (%s); computing here", exc)
+                        broken = True
+                return item_features(items, self.encoder)
+
             for key, items in batches:
-                pending.append((key, pool.submit(_features_in_worker, items, self._encoder_spec)))
+                future = None if broken else pool.submit(_features_in_worker, items, spec)
+                pending.append((key, items, future))
                 if len(pending) >= 2 * workers:
-                    done_key, future = pending.popleft()
-                    yield done_key, future.result()
+                    done, done_items, done_future = pending.popleft()
+                    yield done, finished(done_items, done_future)
             while pending:
-                done_key, future = pending.popleft()
-                yield done_key, future.result()
+                done, done_items, done_future = pending.popleft()
+                yield done, finished(done_items, done_future)
 
 
 def _load_encoder(spec: str | None) -> None:
