@@ -193,7 +193,7 @@ def role_prepare(folder: Path, n: int, port: int, connections: int, spool: bool)
     """Subscribers, stories and one digest's outbox in a fresh store; the spool file."""
     from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.digest.digest import message_bytes
+    from clusterfeed.digest.message import message_bytes
     from clusterfeed.store import Store
 
     _write_subscribers(folder, n)

@@ -36,7 +36,8 @@ from clusterfeed.config import (
     all_subscribers,
     load_config,
 )
-from clusterfeed.delivery.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
+from clusterfeed.delivery.outbox import SendReport
+from clusterfeed.delivery.transports import PermanentFailure, SetupFailure, TemporaryFailure
 from clusterfeed.digest.templatecheck import TemplateProblem, describe, template_problems
 from clusterfeed.ingest.netguard import fetch_warnings
 from clusterfeed.model import FeedStatus, Story
@@ -955,7 +956,8 @@ def subscribers_add(
 ) -> None:
     """Add one address; without --confirmed it gets a confirmation mail first."""
     from clusterfeed.subscribers.csvtext import not_offered
-    from clusterfeed.subscribers.subscribe import Preferences, Subscriptions
+    from clusterfeed.subscribers.forms import Preferences
+    from clusterfeed.subscribers.subscribe import Subscriptions
 
     address = _checked_address(email)
     topics = tuple(t.strip().lower() for t in topics)
@@ -1051,7 +1053,8 @@ def subscribers_import(
     feeds offer.
     """
     from clusterfeed.config import read_subscribers_csv
-    from clusterfeed.subscribers.subscribe import Preferences, Subscriptions, offered_choices
+    from clusterfeed.subscribers.forms import Preferences, offered_choices
+    from clusterfeed.subscribers.subscribe import Subscriptions
 
     extra = set(EXPORT_COLUMNS) - {"email", "name", "topics", "languages", "frequency"}
     try:
@@ -1144,7 +1147,7 @@ def subscribers_export(
 ) -> None:
     """Write subscribers (or, with --consents, every consent change) as CSV."""
     from clusterfeed.publish.formats import write_atomic
-    from clusterfeed.subscribers.subscribe import consent_row
+    from clusterfeed.subscribers.forms import consent_row
 
     with _service(config_path) as service:
         header: tuple[str, ...]

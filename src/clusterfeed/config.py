@@ -997,7 +997,7 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                     "(local paths are relative to the config file's folder)",
                 )
             )
-    from clusterfeed.digest.digest import default_template_dir
+    from clusterfeed.resources import default_template_dir
 
     digest = table("digest")
     folder = digest.get("templates_dir")

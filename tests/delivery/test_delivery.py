@@ -35,8 +35,8 @@ from sqlalchemy import select
 
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
-from clusterfeed.delivery.mail import RateLimiter, RetryPolicy, next_attempt
-from clusterfeed.digest.digest import message_bytes
+from clusterfeed.delivery.pacing import RateLimiter, RetryPolicy, next_attempt
+from clusterfeed.digest.message import message_bytes
 from clusterfeed.store import Store, StoreError, deliveries, subscribers
 from tests.conftest import (
     REALCLIENTS,

@@ -22,17 +22,10 @@ from hypothesis import strategies as st
 
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
-from clusterfeed.delivery.mail import prepare
-from clusterfeed.digest.digest import (
-    boundary_for,
-    fold,
-    fold_message_id,
-    fold_to,
-    fold_unsubscribe,
-    message_bytes,
-    message_id,
-    section_key,
-)
+from clusterfeed.delivery.transports import prepare
+from clusterfeed.digest.message import boundary_for, message_bytes, message_id
+from clusterfeed.digest.render import section_key
+from clusterfeed.digest.wire import fold, fold_message_id, fold_to, fold_unsubscribe
 from clusterfeed.store import Store
 from tests.conftest import TEMPLATES, Clock, FeedServer, served_example_feeds, write_config
 from tests.helpers import NOW
@@ -301,14 +294,9 @@ def test_subscribers_sharing_stories_but_not_sections_or_a_cap_get_their_own(
     """The sections depend on the subscriber's topics, the closing line on how many
     stories the cap left out: the shortcut renders once per all of that, not once per
     story list, and still gives the very bytes of a full rendering."""
-    from clusterfeed.digest.digest import (
-        DigestComposer,
-        DigestLinks,
-        build_message,
-        make_environment,
-        render_digest,
-        template_dir,
-    )
+    from clusterfeed.digest.compose import DigestComposer
+    from clusterfeed.digest.message import build_message
+    from clusterfeed.digest.render import DigestLinks, make_environment, render_digest, template_dir
     from clusterfeed.model import Subscriber
     from tests.helpers import story
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from clusterfeed.config import load_config
-from clusterfeed.digest.digest import format_date
+from clusterfeed.digest.render import format_date
 from clusterfeed.store import Store
 from clusterfeed.subscribers.tokens import UNSUBSCRIBE, InvalidToken, make_token, read_token
 from tests.conftest import (

@@ -23,13 +23,8 @@ import pytest
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.store import _LOCK_KEY, Store
-from clusterfeed.subscribers.subscribe import (
-    Choices,
-    FormError,
-    Subscriptions,
-    read_signup,
-    signup_outcome,
-)
+from clusterfeed.subscribers.forms import Choices, FormError, read_signup, signup_outcome
+from clusterfeed.subscribers.subscribe import Subscriptions
 from tests.conftest import Clock, FeedServer, RunningServer, served_example_feeds, write_config
 from tests.helpers import SIGNUP, Browser
 
@@ -413,7 +408,7 @@ def test_an_erased_address_cannot_sign_up_again_but_is_told_by_mail(
 
 
 def test_digests_to_an_internationalized_domain_carry_its_idna_form() -> None:
-    from clusterfeed.digest.digest import address
+    from clusterfeed.digest.message import address
 
     assert str(address("Anna <anna@bücher.example>")) == "Anna <anna@xn--bcher-kva.example>"
     assert str(address("plain@example.org")) == "plain@example.org"

@@ -105,7 +105,8 @@ def alert_message(
     alert: Alert, *, sender: str, to: str, cluster_name: str, now: datetime
 ) -> EmailMessage:
     """A plain-text mail to the operator; its Message-ID is fixed by the incident."""
-    from clusterfeed.digest.digest import address, one_line
+    from clusterfeed.digest.message import address
+    from clusterfeed.digest.render import one_line
 
     msg = EmailMessage()
     msg["From"] = address(sender)

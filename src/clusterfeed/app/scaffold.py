@@ -7,7 +7,7 @@ edit), and the bundled example feeds and subscribers (clearly marked as examples
 that ``check`` passes and ``run --once`` delivers without any network. Every path in
 the written config is relative to its folder, so the folder can be moved as a whole.
 
-The sources are read the way ``digest.default_template_dir`` reads the templates: from
+The sources are read the way ``resources.default_template_dir`` reads the templates: from
 the installed package (the wheel carries them under ``clusterfeed/starter`` and
 ``clusterfeed/default_templates``), else from a source checkout.
 """
@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import click
 import tomlkit
 
-from clusterfeed.digest.digest import default_template_dir
+from clusterfeed.resources import default_template_dir
 
 CONFIG_NAME = "clusterfeed.toml"
 TEMPLATES = PurePosixPath("templates")

@@ -29,30 +29,27 @@ from sqlalchemy.exc import SQLAlchemyError
 from clusterfeed.app.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.app.lifeline import lifeline, start_worker
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
-from clusterfeed.delivery.mail import (
+from clusterfeed.delivery.outbox import SendReport, deliver_pending
+from clusterfeed.delivery.pacing import RetryPolicy
+from clusterfeed.delivery.transports import (
     Outgoing,
     PermanentFailure,
     Prepared,
-    RetryPolicy,
-    SendReport,
     TemporaryFailure,
     Transport,
-    deliver_pending,
     make_transport,
 )
-from clusterfeed.digest.digest import (
-    DigestComposer,
+from clusterfeed.digest.compose import DigestComposer
+from clusterfeed.digest.message import build_message, message_id
+from clusterfeed.digest.planning import OutboxFacts, PlannedDigest, plan_deliveries
+from clusterfeed.digest.render import (
     DigestLinks,
-    build_message,
-    can_share_renderings,
-    default_template_dir,
     make_environment,
-    message_id,
     render_digest,
     section_key,
     template_dir,
 )
-from clusterfeed.digest.planning import OutboxFacts, PlannedDigest, plan_deliveries
+from clusterfeed.digest.shared import can_share_renderings
 from clusterfeed.digest.templatecheck import (
     TemplateProblem,
     describe,
@@ -91,6 +88,7 @@ from clusterfeed.publish.site import (
     site_environment,
     site_pages,
 )
+from clusterfeed.resources import default_template_dir
 from clusterfeed.store import Delivery, PlannedDelivery, Store
 from clusterfeed.stories.matcher import StoryMatcher
 from clusterfeed.subscribers.tokens import (

@@ -1,5 +1,7 @@
 """Delivery: the outbox handed to a mail transport, each message exactly once.
 
-The transports (SMTP, Maildir), retries and bounces, the sending rate, DKIM
-signatures. ``mail`` holds them all for now.
+``outbox`` claims due deliveries, has them rendered, sends and records each answer
+(safe in several processes at once); ``transports`` are Maildir and SMTP and what
+their answers mean; ``pacing`` is the delay before a retry, when to give up, and the
+sending rate; ``dkim`` signs what goes out.
 """

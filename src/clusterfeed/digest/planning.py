@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from clusterfeed.digest.digest import is_due, select_stories
+from clusterfeed.digest.select import is_due, select_stories
 from clusterfeed.model import Story, Subscriber
 
 

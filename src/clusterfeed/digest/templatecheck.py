@@ -25,14 +25,9 @@ import jinja2
 from jinja2 import meta, nodes
 
 from clusterfeed.config import Config
-from clusterfeed.digest.digest import (
-    DigestLinks,
-    default_template_dir,
-    make_environment,
-    render_digest,
-    template_dir,
-)
+from clusterfeed.digest.render import DigestLinks, make_environment, render_digest, template_dir
 from clusterfeed.model import Entry, Source, Story, Subscriber
+from clusterfeed.resources import default_template_dir
 
 PAGE_TEMPLATES = (
     "subscribe.html",
@@ -351,14 +346,14 @@ def site_problems(config: Config) -> list[str]:
 
 @dataclass(frozen=True)
 class _Sample:
-    """What a page or mail template gets besides the cluster (see ``subscribe.routes``)."""
+    """What a page or mail template gets besides the cluster (see ``web.signup.routes``)."""
 
     template: str
     values: dict[str, Any]
 
 
 def _page_samples(choices: object) -> list[_Sample]:
-    from clusterfeed.subscribers.subscribe import HONEYPOT, FormError, Preferences
+    from clusterfeed.subscribers.forms import HONEYPOT, FormError, Preferences
 
     prefs = Preferences(("research",), ("de",), "weekly", paused=True)
     error = FormError("email", "please enter your e-mail address")
@@ -414,12 +409,8 @@ def _mail_samples(config: Config) -> list[_Sample]:
 
 def page_problems(config: Config) -> list[str]:
     """Problems of the sign-up, confirm, preferences and unsubscribe pages and mails."""
-    from clusterfeed.subscribers.subscribe import (
-        Choices,
-        language_label,
-        page_environment,
-        topic_label,
-    )
+    from clusterfeed.subscribers.forms import Choices, language_label, topic_label
+    from clusterfeed.subscribers.subscribe import page_environment
 
     env = _probing(page_environment(config))
     reachable = _reachable(env, [*PAGE_TEMPLATES, *MAIL_TEMPLATES])

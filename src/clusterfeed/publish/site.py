@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 
 from clusterfeed.config import Config
-from clusterfeed.digest.digest import format_date, group_stories, story_view
+from clusterfeed.digest.render import format_date, group_stories, story_view
 from clusterfeed.model import Story
 from clusterfeed.publish.feedset import DIGESTS_DIR
 
@@ -57,7 +57,7 @@ def site_pages(
     give still has its page and feeds, outside the menu.
     """
     from clusterfeed.publish.feedset import file_slug
-    from clusterfeed.subscribers.subscribe import offered_choices
+    from clusterfeed.subscribers.forms import offered_choices
 
     menu = list(offered_choices(config).topics)
     topics = sorted({*menu, *(t for s in newest_first for t in s.topics)})
@@ -126,7 +126,7 @@ def render_page(
     slugs: Mapping[str, str] | None = None,
 ) -> str:
     """One HTML page; ``root`` is the relative path back to the site's top ("" or "../")."""
-    from clusterfeed.subscribers.subscribe import topic_label
+    from clusterfeed.subscribers.forms import topic_label
 
     views = [story_view(s, summary_chars=config.digest.summary_chars,
                         tz=config.schedule.timezone) for s in stories]  # fmt: skip

@@ -1,6 +1,7 @@
 """Subscribers: sign-up with proven consent, preferences, leaving, and their lists.
 
-``subscribe`` holds the decisions, mails and pages of sign-up and preferences,
-``tokens`` the signed links in mails, ``csvtext`` the subscriber lists that
-spreadsheet programs write.
+``forms`` holds the pure decisions (what is offered, reading a form, what a sign-up
+leads to), ``subscribe`` joins them to the store, the clock and the mail
+(``Subscriptions``), ``tokens`` signs the links in mails, ``csvtext`` reads the
+subscriber lists that spreadsheet programs write. The pages are in ``web.signup``.
 """

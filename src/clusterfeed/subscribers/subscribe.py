@@ -1,4 +1,4 @@
-"""Subscribing, confirming, changing and leaving: the decisions, the mails, the pages.
+"""Subscribing, confirming, changing and leaving: the decisions joined to their effects.
 
 A newsletter in Europe must prove consent, so a sign-up only asks; the address gets a
 mail with a signed link that expires, and only the click on that link (and a press of
@@ -10,19 +10,16 @@ Nobody may learn from the form whether an address is subscribed: a new address, 
 subscribed one, an erased one and one over its rate limit all get the same page; what
 differs is only the mail, which goes to the owner of the address alone.
 
-The pure decisions (reading and checking a form, what a sign-up leads to) are plain
-functions; ``Subscriptions`` joins them to the store, the clock, the secret and the
-mail transport; ``routes`` puts them on the web app. The pages are jinja2 templates
-that an operator can override like the digest templates, themed from ``[cluster]``,
-without JavaScript.
+The pure decisions (reading and checking a form, what a sign-up leads to) are in
+``forms``; ``Subscriptions`` here joins them to the store, the clock, the secret and
+the mail transport; ``web.signup`` puts them on the web app. The pages and mails are
+jinja2 templates that an operator can override like the digest templates.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -32,159 +29,30 @@ from typing import Any
 
 import jinja2
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from clusterfeed.app.service import Service
-from clusterfeed.config import Config, normalize_email
-from clusterfeed.delivery.mail import PermanentFailure, TemporaryFailure, make_transport
-from clusterfeed.digest.digest import address, default_template_dir, template_dir
+from clusterfeed.config import Config
+from clusterfeed.delivery.transports import make_transport
+from clusterfeed.digest.message import address
+from clusterfeed.digest.render import template_dir
 from clusterfeed.model import Membership, Subscriber
+from clusterfeed.resources import default_template_dir
+from clusterfeed.subscribers.forms import Preferences, offered_choices, signup_outcome
 from clusterfeed.subscribers.tokens import (
     CONFIRM,
     UNSUBSCRIBE,
-    ExpiredToken,
     InvalidToken,
-    form_token_matches,
     keyed_hash,
-    make_form_token,
     make_timed_token,
     make_token,
     read_timed_token,
     read_token,
     suppression_hash,
 )
-from clusterfeed.web.webguard import SameOriginForms, local_location
 
 log = logging.getLogger(__name__)
 
-FREQUENCIES = ("daily", "weekly")
-CSRF_COOKIE = "clusterfeed_form"
-FORM_MAX_AGE = timedelta(hours=12)
-HONEYPOT = "website"
-MAX_FIELD = 500
 UNCONFIRMED_GRACE = timedelta(days=7)
-
-
-# -- pure decisions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Choices:
-    """What the form offers: the topics and languages of the configured feeds."""
-
-    topics: tuple[str, ...]
-    languages: tuple[str, ...]
-
-
-def offered_choices(config: Config) -> Choices:
-    topics = sorted({t for f in config.feeds if f.enabled for t in f.topics})
-    languages = sorted({f.language for f in config.feeds if f.enabled})
-    return Choices(tuple(topics), tuple(languages))
-
-
-class FormError(ValueError):
-    """One field of a form is not acceptable; ``field`` names it for the page."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Preferences:
-    topics: tuple[str, ...]
-    languages: tuple[str, ...]
-    frequency: str
-    paused: bool = False
-
-
-def refuse_header_tricks(fields: Sequence[tuple[str, str]]) -> None:
-    """Refuse line breaks, NULs and other control characters in any field.
-
-    Values end up in mail headers (the address) and in the consent log; a CR or LF
-    there is how header injection starts, so it is refused outright, in every field,
-    rather than cleaned (a cleaned value is not what the person typed).
-    """
-    for name, value in fields:
-        for text in (name, value):
-            if any(ch in text for ch in "\r\n\0\x0b\x0c\x85\u2028\u2029"):
-                raise FormError(name, "line breaks and control characters are not allowed")
-            if len(text) > MAX_FIELD:
-                raise FormError(name, f"at most {MAX_FIELD} characters")
-
-
-def _subset(field: str, values: Sequence[str], offered: Sequence[str]) -> tuple[str, ...]:
-    unknown = [v for v in values if v not in offered]
-    if unknown:
-        raise FormError(field, f"not offered: {', '.join(unknown)}")
-    return tuple(v for v in offered if v in values)
-
-
-def read_preferences(fields: Sequence[tuple[str, str]], choices: Choices) -> Preferences:
-    """Topics, languages, frequency and pause from a posted form (none chosen = all)."""
-    refuse_header_tricks(fields)
-    topics = [v for k, v in fields if k == "topics"]
-    languages = [v for k, v in fields if k == "languages"]
-    frequency = next((v for k, v in fields if k == "frequency"), "daily")
-    if frequency not in FREQUENCIES:
-        raise FormError("frequency", "choose daily or weekly")
-    return Preferences(
-        topics=_subset("topics", topics, choices.topics),
-        languages=_subset("languages", languages, choices.languages),
-        frequency=frequency,
-        paused=any(k == "paused" and v for k, v in fields),
-    )
-
-
-def read_signup(fields: Sequence[tuple[str, str]], choices: Choices) -> tuple[str, Preferences]:
-    """The normalized address and the choices of a sign-up form, or ``FormError``."""
-    refuse_header_tricks(fields)
-    raw = next((v for k, v in fields if k == "email"), "").strip()
-    if not raw:
-        raise FormError("email", "please enter your e-mail address")
-    try:
-        email = normalize_email(raw)
-    except ValueError as exc:
-        raise FormError("email", str(exc)) from None
-    prefs = read_preferences([f for f in fields if f[0] != "paused"], choices)
-    return email, prefs
-
-
-def signup_outcome(membership: Membership | None, suppressed: bool) -> str:
-    """Which mail a sign-up for an address leads to (the page is always the same).
-
-    ``erased``: the address was erased on request, and cannot be signed up again by
-    the form (the mail says whom to ask). ``already``: a confirmed subscriber gets
-    their preferences link instead of a second confirmation. ``confirm``: everyone
-    else (new, pending, unsubscribed, removed) gets a confirmation link.
-    """
-    if suppressed and membership is None:
-        return "erased"
-    if membership is not None and membership.status == "confirmed":
-        return "already"
-    return "confirm"
-
-
-def topic_label(topic: str) -> str:
-    return topic.replace("-", " ").replace("_", " ").capitalize()
-
-
-# Each language named in itself, as a reader of it would look for it; others show their code.
-LANGUAGE_NAMES = {
-    "da": "Dansk", "de": "Deutsch", "en": "English", "es": "Español", "fi": "Suomi",
-    "fr": "Français", "it": "Italiano", "ja": "日本語", "ko": "한국어", "nl": "Nederlands",
-    "no": "Norsk", "pl": "Polski", "pt": "Português", "sv": "Svenska", "zh": "中文",
-}  # fmt: skip
-
-
-def language_label(code: str) -> str:
-    return LANGUAGE_NAMES.get(code.split("-")[0].lower(), code.upper())
-
-
-# -- the edge: store, clock, secret, mail -----------------------------------------------
 
 
 class Subscriptions:
@@ -421,334 +289,3 @@ def page_environment(config: Config) -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-
-
-# -- the pages ---------------------------------------------------------------------------
-
-
-def _page(subs: Subscriptions, template: str, status: int = 200, **values: Any) -> HTMLResponse:
-    html = subs.env.get_template(template).render(
-        cluster=subs.config.cluster,
-        topic_label=topic_label,
-        language_label=language_label,
-        **values,
-    )
-    return HTMLResponse(
-        html,
-        status_code=status,
-        headers={
-            "Cache-Control": "no-store",
-            "Referrer-Policy": "no-referrer",  # the token in the URL stays here
-            "X-Frame-Options": "DENY",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-            "img-src https: http: data:; form-action 'self'; frame-ancestors 'none'",
-        },
-    )
-
-
-def _message_page(
-    subs: Subscriptions,
-    title: str,
-    text: str,
-    status: int = 200,
-    link: str | None = None,
-    link_text: str | None = None,
-) -> HTMLResponse:
-    return _page(
-        subs, "message.html", status, title=title, text=text, link=link, link_text=link_text
-    )
-
-
-def _bad_link(subs: Subscriptions, exc: InvalidToken) -> HTMLResponse:
-    if isinstance(exc, ExpiredToken):
-        return _message_page(
-            subs,
-            "This link has expired",
-            "Confirmation links work for a limited time. Please sign up again; "
-            "you will get a new link.",
-            400,
-            "/subscribe",
-            "Sign up again",
-        )
-    return _message_page(
-        subs,
-        "This link is not valid",
-        "The link is incomplete or was not made for this address. Please use the "
-        "link from your most recent mail, or copy the whole link into the address bar.",
-        403,
-    )
-
-
-async def _fields(request: Request) -> list[tuple[str, str]]:
-    form = await request.form()
-    return [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
-
-
-def routes(service: Service) -> list[Route]:
-    """The sign-up, confirm, preferences and unsubscribe pages, for ``web.create_app``."""
-    subs = Subscriptions(service)
-
-    def client(request: Request) -> str | None:
-        # Behind a trusted proxy, proxies.ForwardedClient has put the client here.
-        return subs.client_hash(request.client.host if request.client else None)
-
-    from_our_pages = SameOriginForms(
-        service.config.web,
-        lambda: _message_page(
-            subs,
-            "This form came from another site",
-            "For your safety, our forms are only accepted from our own pages. Please "
-            "open the page from the link in your mail and send the form from there.",
-            403,
-        ),
-    )
-
-    def signup_page(
-        request: Request,
-        *,
-        status: int = 200,
-        error: FormError | None = None,
-        email: str = "",
-        prefs: Preferences | None = None,
-    ) -> Response:
-        nonce = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(18)
-        response = _page(
-            subs,
-            "subscribe.html",
-            status,
-            choices=subs.choices,
-            error=error,
-            email=email,
-            prefs=prefs or Preferences((), (), "daily"),
-            form_token=make_form_token(subs.secret, nonce, service.clock()),
-            honeypot=HONEYPOT,
-            form_version=service.config.signup.form_version,
-        )
-        response.set_cookie(
-            CSRF_COOKIE,
-            nonce,
-            max_age=int(FORM_MAX_AGE.total_seconds()),
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-            path="/subscribe",
-        )
-        return response
-
-    def disabled() -> Response:
-        return _message_page(
-            subs,
-            "Sign-up is closed",
-            "This news service does not take sign-ups on the web. "
-            "Please ask the cluster office to add you.",
-            404,
-        )
-
-    def sent_page() -> Response:
-        return _message_page(
-            subs,
-            "Please check your inbox",
-            "If the address can receive our news, a mail with a link to confirm is on its "
-            "way. Nothing is sent to you until you confirm.",
-        )
-
-    async def subscribe(request: Request) -> Response:
-        if not service.config.signup.enabled:
-            return disabled()
-        if request.method == "GET":
-            return signup_page(request)
-        fields = await _fields(request)
-        values = dict(fields)
-        if not form_token_matches(
-            subs.secret,
-            values.get("form_token", ""),
-            request.cookies.get(CSRF_COOKIE, ""),
-            service.clock(),
-            FORM_MAX_AGE,
-        ):
-            return _message_page(
-                subs,
-                "Please try again",
-                "The form had expired or came from another page. Please open the "
-                "sign-up page again and send the form from there.",
-                403,
-                "/subscribe",
-                "Open the sign-up page",
-            )
-        if values.get(HONEYPOT):
-            log.info("sign-up refused: the hidden field was filled in (a bot)")
-            return sent_page()
-        kept = [f for f in fields if f[0] not in ("form_token", HONEYPOT)]
-        try:
-            email, prefs = read_signup(kept, subs.choices)
-        except FormError as exc:
-            shown = values.get("email", "")
-            return signup_page(
-                request,
-                status=400,
-                error=exc,
-                email="" if exc.field == "email" and "\n" in shown else shown,
-            )
-        ip_hash = client(request)
-        client_ok, address_ok = await run_in_threadpool(subs.allowed, email, ip_hash)
-        if not client_ok:
-            return _message_page(
-                subs,
-                "Too many sign-ups",
-                "Too many sign-ups came from your network. Please try again in an hour.",
-                429,
-            )
-        if address_ok:
-            try:
-                await subs.sign_up(email, prefs, ip_hash=ip_hash)
-            except (TemporaryFailure, PermanentFailure, OSError) as exc:
-                log.error("could not send the sign-up mail: %s", exc)
-                return _message_page(
-                    subs,
-                    "Please try again later",
-                    "We could not send the confirmation mail just now.",
-                    503,
-                )
-        return sent_page()
-
-    async def confirm(request: Request) -> Response:
-        token = request.path_params["token"]
-        try:
-            if request.method == "GET":
-                # Only check the link; the button confirms (link scanners press nothing).
-                await run_in_threadpool(
-                    read_timed_token,
-                    subs.secret,
-                    CONFIRM,
-                    token,
-                    service.store.email_of,
-                    service.clock(),
-                    timedelta(hours=service.config.signup.confirm_hours),
-                )
-                return _page(subs, "confirm.html", action=f"/confirm/{token}")
-            membership = await run_in_threadpool(subs.confirm, token, ip_hash=client(request))
-        except InvalidToken as exc:
-            return _bad_link(subs, exc)
-        if membership.status != "confirmed":
-            return _message_page(
-                subs,
-                "This sign-up was withdrawn",
-                "The address was unsubscribed since. Please sign up again.",
-                400,
-                "/subscribe",
-                "Sign up again",
-            )
-        return _message_page(
-            subs,
-            "You are subscribed",
-            f"Thank you. {service.config.cluster.name} news will come to "
-            f"{membership.subscriber.email}. Every mail has a link to change what you get "
-            "or to leave.",
-            link=subs.preferences_url(membership.subscriber),
-            link_text="Your preferences",
-        )
-
-    async def preferences(request: Request) -> Response:
-        token = request.path_params["token"]
-        try:
-            membership = await run_in_threadpool(subs.member_for, token)
-        except InvalidToken as exc:
-            return _bad_link(subs, exc)
-        if membership.status != "confirmed":
-            return _message_page(
-                subs,
-                "You do not receive our news",
-                f"{membership.subscriber.email} is not subscribed (any more).",
-                link="/subscribe" if service.config.signup.enabled else None,
-                link_text="Sign up",
-            )
-        saved = False
-        error: FormError | None = None
-        if request.method == "POST":
-            try:
-                prefs = read_preferences(await _fields(request), subs.choices)
-            except FormError as exc:
-                error = exc
-            else:
-                await run_in_threadpool(
-                    service.store.set_preferences,
-                    membership.subscriber.id or 0,
-                    service.clock(),
-                    topics=prefs.topics,
-                    languages=prefs.languages,
-                    frequency=prefs.frequency,
-                    paused=prefs.paused,
-                    form_version=service.config.signup.form_version,
-                    ip_hash=client(request),
-                )
-                return RedirectResponse(
-                    local_location(f"/preferences/{token}", "saved=1"), status_code=303
-                )
-        saved = request.query_params.get("saved") == "1"
-        sub = membership.subscriber
-        return _page(
-            subs,
-            "preferences.html",
-            400 if error else 200,
-            choices=subs.choices,
-            email=sub.email,
-            saved=saved,
-            error=error,
-            prefs=Preferences(sub.topics, sub.languages, sub.frequency, membership.paused),
-            action=f"/preferences/{token}",
-            unsubscribe=f"/unsubscribe/{token}",
-        )
-
-    async def unsubscribe(request: Request) -> Response:
-        token = request.path_params["token"]
-        try:
-            membership = await run_in_threadpool(subs.member_for, token)
-        except InvalidToken as exc:
-            return _bad_link(subs, exc)
-        if request.method == "GET":
-            return _page(
-                subs,
-                "unsubscribe.html",
-                action=f"/unsubscribe/{token}",
-                email=membership.subscriber.email,
-            )
-        # RFC 8058: a POST unsubscribes at once. Mail providers post
-        # "List-Unsubscribe=One-Click" without cookies or a form token; the token in
-        # the URL is the proof, so nothing else is asked for.
-        await run_in_threadpool(
-            service.store.unsubscribe,
-            membership.subscriber.id or 0,
-            service.clock(),
-            ip_hash=client(request),
-        )
-        return _message_page(
-            subs,
-            "You are unsubscribed",
-            f"{membership.subscriber.email} will get no more news from "
-            f"{service.config.cluster.name}.",
-            link="/subscribe" if service.config.signup.enabled else None,
-            link_text="Changed your mind? Sign up again",
-        )
-
-    return [
-        Route("/subscribe", from_our_pages(subscribe), methods=["GET", "POST"]),
-        Route("/confirm/{token}", from_our_pages(confirm), methods=["GET", "POST"]),
-        Route("/preferences/{token}", from_our_pages(preferences), methods=["GET", "POST"]),
-        Route(
-            "/unsubscribe/{token}",
-            from_our_pages(unsubscribe, one_click=True),
-            methods=["GET", "POST"],
-        ),
-    ]
-
-
-def consent_row(choices: Mapping[str, object]) -> str:
-    """Choices as one readable cell for the consent export."""
-    parts = []
-    for key in ("topics", "languages", "frequency", "paused"):
-        if key in choices:
-            value = choices[key]
-            if isinstance(value, list | tuple):
-                value = ";".join(str(v) for v in value) or "all"
-            parts.append(f"{key}={value}")
-    return " ".join(parts)

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clusterfeed.app.service import Service
-from clusterfeed.subscribers import subscribe
+from clusterfeed.web import signup
 from clusterfeed.web.proxies import ForwardedClient, networks
 from clusterfeed.web.webguard import LocalRedirectsOnly, PathTooLong, clean_path, local_location
 
@@ -415,7 +415,7 @@ def create_app(service: Service) -> Starlette:
         routes=[
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *subscribe.routes(service),
+            *signup.routes(service),
             Route("/{path:path}", published, methods=["GET", "HEAD"]),
         ],
         middleware=[

@@ -1,0 +1,64 @@
+"""The package's layout: which modules may import which.
+
+config.py is read by every stage, so it must never need a stage back: an import
+cycle through it (config -> digest -> config, as there was) makes the order modules
+are first imported in decide whether a command starts at all, and hides the cycle
+behind a function-level import. Imports inside functions count here too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import clusterfeed
+
+PACKAGE = Path(clusterfeed.__file__).resolve().parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every clusterfeed module and the clusterfeed modules it imports, anywhere in it."""
+    graph: dict[str, set[str]] = {}
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in PACKAGE.rglob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    child = f"{node.module}.{alias.name}"
+                    found.add(child if child in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[_module_name(path)] = {m for m in found if m in modules}
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(graph.get(start, ()))
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph.get(module, ()))
+    return seen
+
+
+def test_config_imports_nothing_that_imports_config_back() -> None:
+    graph = _imports()
+    assert "clusterfeed.config" in graph["clusterfeed.digest.render"]  # the graph sees imports
+    back = sorted(
+        m for m in graph["clusterfeed.config"] if "clusterfeed.config" in _reachable(graph, m) | {m}
+    )
+    assert back == [], f"config.py imports {back}, which import config.py again"
+
+
+def test_the_package_data_is_found_from_its_new_home() -> None:
+    from clusterfeed.resources import default_template_dir
+
+    assert (default_template_dir() / "digest.html").is_file()
