@@ -506,8 +506,11 @@ class Generator:
         after = tail + (f"?{query}" if query else "")
         return lambda event: f"{_render(pieces, event)}-{event.number}{after}"
 
-    def events(self, count_items: int) -> Iterable[tuple[str, StoryItem]]:
-        """(event id, item) pairs, about ``count_items`` of them, in no particular order."""
+    def events(
+        self, count_items: int, span_days: float = SPAN_DAYS
+    ) -> Iterable[tuple[str, StoryItem]]:
+        """(event id, item) pairs, about ``count_items`` of them, in no particular order,
+        their events spread over ``span_days``."""
         compiled = [
             [
                 (
@@ -527,7 +530,7 @@ class Generator:
         while made < count_items:
             which = self.rng.randrange(len(self.stories))
             story = self.stories[which]
-            anchor = START + timedelta(seconds=self.rng.uniform(0, SPAN_DAYS * 86400))
+            anchor = START + timedelta(seconds=self.rng.uniform(0, span_days * 86400))
             event = self._event(number, self._shapes[which], story[0].published, anchor)
             label = f"e{number:06d}"
             for k, (t, feed, title, text, link, links) in enumerate(compiled[which]):
@@ -726,10 +729,13 @@ def _month_name(original: str, month: int) -> str:
     return name if lowered in full else name[:3]
 
 
-def generate(items: int, seed: int = SEED) -> tuple[list[StoryItem], dict[str, str]]:
-    """``items`` items in time order, and the event each belongs to."""
+def generate(
+    items: int, seed: int = SEED, span_days: float = SPAN_DAYS
+) -> tuple[list[StoryItem], dict[str, str]]:
+    """``items`` items in time order, and the event each belongs to (events spread over
+    ``span_days``: the density of a window is items / span_days per day)."""
     generator = Generator(seed)
-    pairs = list(generator.events(items))
+    pairs = list(generator.events(items, span_days))
     pairs.sort(key=lambda p: (p[1].published, p[1].id))
     return [p[1] for p in pairs], {p[1].id: p[0] for p in pairs}
 

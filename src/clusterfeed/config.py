@@ -216,7 +216,9 @@ class FetchConfig(_Strict):
     """
     parse_processes: int | None = Field(None, ge=0, le=64)
     """How many worker processes parse feeds. Automatic: one per CPU core when a cycle fetches 40
-    feeds or more, none (parsing in a thread) below that. `0` never starts processes.
+    feeds or more, none (parsing in a thread) below that. `0` never starts processes. The same
+    number of processes computes the story-matching features of a backlog (1,000 new items or
+    more, such as a first fetch), one per CPU core when unset.
     """
     user_agent: str | None = None
     """The User-Agent sent to partners, so their web masters know who is asking."""

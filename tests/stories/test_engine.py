@@ -62,6 +62,19 @@ def test_identical_runs_give_identical_stories(
     assert _partition(first) == _partition(second)
 
 
+def test_features_computed_in_worker_processes_give_the_same_stories(
+    held_out: tuple[list[Row], list[tuple[str, str, str]]],
+) -> None:
+    """A backlog's features are computed in worker processes (``StoryMatcher.features``);
+    they must be the features this process computes, or a first fetch would group
+    differently from the cycles after it."""
+    rows, _ = held_out
+    here = production_labels(cycles_of(rows, 1), StoryMatcher(processes=0))
+    workers = production_labels(cycles_of(rows, 1), StoryMatcher(processes=2, parallel_from=1))
+    assert _partition(workers) == _partition(here)
+    assert len(_partition(here)) < len(rows)  # some items were joined at all
+
+
 def test_cycles_and_random_arrival_stay_close_to_one_cycle(
     held_out: tuple[list[Row], list[tuple[str, str, str]]],
 ) -> None:

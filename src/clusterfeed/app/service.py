@@ -236,7 +236,13 @@ class Service:
         stories = config.stories
         store.configure_stories(stories.representative, (f.name for f in config.feeds if f.own))
         self.matcher = (
-            StoryMatcher(together=stories.together, apart=stories.apart) if stories.match else None
+            StoryMatcher(
+                together=stories.together,
+                apart=stories.apart,
+                processes=config.fetch.parse_processes,
+            )
+            if stories.match
+            else None
         )
 
     def close(self) -> None:

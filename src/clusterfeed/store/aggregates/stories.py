@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -131,8 +131,9 @@ class StoriesMixin(StoreBase):
         conn: Connection, rows: Sequence[Any], matcher: StoryMatcher
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
-        encoder are computed now (in one batch) and stored."""
-        from clusterfeed.stories.features import EVIDENCE_VERSION, Evidence, item_features
+        encoder are computed now (``StoryMatcher.features``: in worker processes for a
+        backlog) and stored."""
+        from clusterfeed.stories.features import EVIDENCE_VERSION, Evidence
 
         prints = {
             int(r.id): _short_hash(
@@ -167,31 +168,36 @@ class StoriesMixin(StoreBase):
         stale = [i for i in missing if i in stored]
         for chunk in _chunks(stale, 500):
             conn.execute(story_features.delete().where(story_features.c.entry_id.in_(chunk)))
-        for chunk in _chunks(missing, 500):
-            texts = conn.execute(
-                select(
-                    entries.c.id, entries.c.language, entries.c.title, entries.c.summary_text,
-                    entries.c.summary_html, entries.c.content_html, entries.c.link,
-                    entries.c.dated_at.label("published_at"), feeds.c.name.label("feed_name"),
-                )
-                .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.id.in_(chunk))
-                .order_by(entries.c.id)
-            ).all()  # fmt: skip
-            computed = item_features([_story_item(t) for t in texts], matcher.encoder)
+
+        def batches() -> Iterator[tuple[list[int], list[StoryItem]]]:
+            for chunk in _chunks(missing, 500):
+                texts = conn.execute(
+                    select(
+                        entries.c.id, entries.c.language, entries.c.title,
+                        entries.c.summary_text, entries.c.summary_html, entries.c.content_html,
+                        entries.c.link, entries.c.dated_at.label("published_at"),
+                        feeds.c.name.label("feed_name"),
+                    )
+                    .join(feeds, feeds.c.id == entries.c.feed_id)
+                    .where(entries.c.id.in_(chunk))
+                    .order_by(entries.c.id)
+                ).all()  # fmt: skip
+                yield [int(t.id) for t in texts], [_story_item(t) for t in texts]
+
+        for ids, computed in matcher.features(batches(), len(missing)):
             conn.execute(
                 insert(story_features),
                 [
                     {
-                        "entry_id": int(t.id),
-                        "fingerprint": prints[int(t.id)],
+                        "entry_id": i,
+                        "fingerprint": prints[i],
                         "vector": np.asarray(f.vector, dtype=np.float16).tobytes(),
                         "evidence": f.evidence.to_json(),
                     }
-                    for t, f in zip(texts, computed, strict=True)
+                    for i, f in zip(ids, computed, strict=True)
                 ],
             )
-            result.update({int(t.id): f for t, f in zip(texts, computed, strict=True)})
+            result.update(zip(ids, computed, strict=True))
         return result
 
     @staticmethod
