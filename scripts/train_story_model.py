@@ -25,16 +25,17 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clusterfeed.encoder import load_encoder  # noqa: E402
 from clusterfeed.storybench import Row, load_rows, score, select  # noqa: E402
-from clusterfeed.storycluster import join_new  # noqa: E402
+from clusterfeed.storycluster import cluster  # noqa: E402
 from clusterfeed.storymodel import (  # noqa: E402
     ItemFeatures,
+    NameCounts,
     PairModel,
     item_features,
-    name_frequencies,
     pair_vector,
 )
 
 PAIR_DAYS = 14.0
+RARITY_DAYS = 30.0  # NameCounts: how far back a name's frequency is counted
 OUT = ROOT / "src" / "clusterfeed" / "data" / "story_pairs.json"
 
 
@@ -58,12 +59,12 @@ def pairs(
     w: list[float] = []
     for domain in sorted({r.domain for r in rows}):
         mine = sorted((r for r in rows if r.domain == domain), key=lambda r: (r.published, r.id))
-        counts, total = name_frequencies(feats[r.id] for r in mine)
+        counts = NameCounts((feats[r.id] for r in mine), RARITY_DAYS)
         for i, a in enumerate(mine):
             for b in mine[i + 1 :]:
                 if (b.published - a.published).total_seconds() > PAIR_DAYS * 86400:
                     break
-                x.append(pair_vector(feats[a.id], feats[b.id], counts, total))
+                x.append(pair_vector(feats[a.id], feats[b.id], counts))
                 y.append(int(a.story == b.story))
                 w.append(HARD_NEGATIVE_WEIGHT if frozenset((a.id, b.id)) in traps else 1.0)
     return x, y, w
@@ -77,7 +78,7 @@ def cluster_labels(
     for domain in sorted({r.domain for r in rows}):
         mine = sorted((r for r in rows if r.domain == domain), key=lambda r: (r.published, r.id))
         story_of = {r.id: n for n, r in enumerate(mine)}
-        join_new({r.id: feats[r.id] for r in mine}, story_of, [r.id for r in mine], model)
+        cluster({r.id: feats[r.id] for r in mine}, story_of, [r.id for r in mine], model)
         labels.update({k: (domain, v) for k, v in story_of.items()})
     return labels
 
@@ -105,6 +106,7 @@ def fit(
         join_minimum=0.1,
         window_days=PAIR_DAYS,
         neighbours=20,
+        rarity_days=RARITY_DAYS,
     )
     print(f"{len(y)} pairs, {sum(y)} same-story", file=sys.stderr)
     best: tuple[tuple[int, float, float], PairModel] | None = None

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import socket
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,7 +66,6 @@ from clusterfeed.model import (
 )
 from clusterfeed.planning import OutboxFacts
 from clusterfeed.stories import (
-    Match,
     StoryItem,
     StoryMatcher,
 )
@@ -1067,53 +1065,52 @@ class Store:
         return FeedUpdateSummary(len(new), len(updates), len(unmatched))
 
     def join_new_stories(self, since: datetime, matcher: StoryMatcher) -> int:
-        """Join this cycle's new one-item stories to the story they tell, if any.
+        """Group this cycle's new items into stories, after all feeds of a cycle are
+        stored; returns how many items changed story.
 
-        Runs once after all feeds of a cycle are stored, over the new items in order of
-        publication, so the result does not depend on which partner's server answered
-        first. Only stories created in this cycle are folded into others: nothing that
-        readers or subscribers have already seen changes identity. Each entry's
-        features (embedding and evidence) are computed the first time it is in a
-        window and stored (``story_features``); deciding reads only those
-        (``clusterfeed.storycluster.join_new``). Returns how many items joined.
+        The decision is ``clusterfeed.storycluster.regroup`` (new items in order of
+        publication; after late arrivals, the recent window grouped again; stories
+        readers saw keep their ids). The store reads what it needs: the entries from
+        the window and the weeks before (for names' rarity), each one's stored features
+        (embedding and evidence, computed the first time an entry is read and kept in
+        ``story_features``), the corrections and which stories subscribers were sent;
+        then it writes the result (``_write_regrouping``).
         """
-        from clusterfeed.storycluster import join_new
+        from clusterfeed.storycluster import Placed, regroup
 
         with self._tx() as conn:
             new_rows = conn.execute(
-                select(entries.c.id, entries.c.story_id, entries.c.published_at)
-                .join(stories, stories.c.id == entries.c.story_id)
-                .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
+                select(entries.c.id, entries.c.published_at).where(entries.c.first_seen_at >= since)
             ).all()
             if not new_rows:
                 return 0
-            window = timedelta(days=matcher.model.window_days)
-            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
-            high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
+            model = matcher.model
+            back = timedelta(days=model.window_days + max(model.window_days, model.rarity_days))
+            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - back
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
                     entries.c.published_at, entries.c.content_hash, entries.c.language,
-                    entries.c.link_key, feeds.c.name.label("feed_name"),
+                    entries.c.link_key, entries.c.join_reason, entries.c.first_seen_at,
+                    entries.c.feed_id, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.published_at >= low, entries.c.published_at <= high)
+                .where(entries.c.published_at >= low)
             ).all()  # fmt: skip
             feats = self._story_features(conn, rows, matcher)
-            story_of = {int(r.id): int(r.story_id) for r in rows}
-            links = {int(r.id): r.link for r in rows}
-            order = {
-                int(r.id): (_utc(r.published_at) or r.published_at, r.feed_name, r.identity)
-                for r in rows
-            }
-            sizes = Counter(story_of.values())
-            new_ids = sorted(
-                (int(r.id) for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in feats),
-                key=lambda i: order[i],
+            by_id = {int(r.id): r for r in rows if int(r.id) in feats}
+            new_ids = {int(r.id) for r in new_rows}
+            order = sorted(
+                by_id,
+                key=lambda i: (feats[i].published, by_id[i].feed_name, by_id[i].identity, i),
             )
+            placed = {
+                i: Placed(int(by_id[i].story_id), by_id[i].link_key, i in new_ids) for i in order
+            }
             forced = None
             apart = self._stored_apart(conn, {r.link_key for r in rows if r.link_key})
-            keys = {int(r.id): r.link_key for r in rows}
+            links = {i: by_id[i].link for i in order}
+            keys = {i: by_id[i].link_key for i in order}
             if matcher.forces_pairs or apart:
 
                 def forced(a: int, b: int) -> str | None:
@@ -1121,12 +1118,122 @@ class Store:
                         return "apart"
                     return matcher.forced_links(links[a], links[b])
 
-            ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
-            decisions = join_new(ordered, story_of, new_ids, matcher.model, forced=forced)
-            if decisions:
-                published = {i: f.published for i, f in feats.items()}
-                self._write_joins(conn, decisions, new_rows, published, since)
-        return len(decisions)
+            story_ids = sorted({p.story for p in placed.values()})
+            sent: set[int] = set()
+            for chunk in _chunks(story_ids, 500):
+                sent.update(
+                    conn.execute(
+                        select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
+                    ).scalars()
+                )
+            plan = regroup(
+                {i: feats[i] for i in order}, placed, model, forced=forced, sent=sorted(sent)
+            )
+            return self._write_regrouping(conn, plan, by_id, since)
+
+    @staticmethod
+    def _write_regrouping(
+        conn: Connection, plan: Any, by_id: Mapping[int, Any], since: datetime
+    ) -> int:
+        """Write what ``regroup`` decided: new stories for the groups that have none,
+        each moved item's story and reason, the dates of the stories that changed; the
+        subscribers who had an absorbed story count as having the story that took its
+        place (so nobody gets one event twice because it was regrouped); stories left
+        empty and never sent go.
+
+        In a few statements for all items: a first cycle of 15,000 items moves
+        thousands, and statements per item took longer than deciding.
+        """
+        moved = {
+            int(i): s
+            for i, s in plan.story_of.items()
+            if s != int(by_id[i].story_id) or plan.why[i] != by_id[i].join_reason
+        }
+        if not moved and not plan.absorbed:
+            return 0
+        created: dict[int, int] = {}
+        for number in sorted({s for s in moved.values() if s < 0}, reverse=True):
+            mine = sorted(
+                (i for i, s in moved.items() if s == number),
+                key=lambda i: (_utc(by_id[i].published_at) or by_id[i].published_at, i),
+            )
+            first = by_id[mine[0]]
+            base = f"{first.feed_id}-{_short_hash(first.identity)}"
+            key, n = base, 1
+            while conn.execute(select(stories.c.id).where(stories.c.key == key)).first():
+                n += 1
+                key = f"{base}-{n}"
+            created[number] = int(
+                conn.execute(
+                    insert(stories)
+                    .values(
+                        key=key,
+                        first_seen_at=min(by_id[i].first_seen_at for i in mine),
+                        updated_at=since,
+                        published_at=min(by_id[i].published_at for i in mine),
+                    )
+                    .returning(stories.c.id)
+                ).scalar_one()
+            )
+        target = {i: created.get(s, s) for i, s in moved.items()}
+        conn.execute(
+            _STMT.join_entry,
+            [
+                {"b_id": i, "story_id": s, "join_reason": plan.why[i]}
+                for i, s in sorted(target.items())
+            ],
+        )
+        changed = sorted(
+            {s for i, s in target.items() if s != int(by_id[i].story_id)}
+            | {int(by_id[i].story_id) for i, s in target.items() if s != int(by_id[i].story_id)}
+        )
+        for chunk in _chunks(changed, 500):
+            conn.execute(update(stories).where(stories.c.id.in_(chunk)).values(updated_at=since))
+            earliest = conn.execute(
+                select(entries.c.story_id, func.min(entries.c.published_at))
+                .where(entries.c.story_id.in_(chunk))
+                .group_by(entries.c.story_id)
+            ).all()
+            if earliest:
+                conn.execute(
+                    update(stories)
+                    .where(stories.c.id == bindparam("b_id"))
+                    .values(published_at=bindparam("b_published", type_=_UTCDateTime())),
+                    [{"b_id": int(s), "b_published": p} for s, p in earliest],
+                )
+        for old, survivor in sorted(plan.absorbed.items()):
+            had = conn.execute(
+                select(sent_stories.c.subscriber_id, sent_stories.c.delivery_id).where(
+                    sent_stories.c.story_id == old
+                )
+            ).all()
+            known = set(
+                conn.execute(
+                    select(sent_stories.c.subscriber_id).where(sent_stories.c.story_id == survivor)
+                ).scalars()
+            )
+            rows = [
+                dict(subscriber_id=h.subscriber_id, story_id=survivor, delivery_id=h.delivery_id)
+                for h in had
+                if h.subscriber_id not in known
+            ]
+            if rows:
+                conn.execute(insert(sent_stories), rows)
+        for chunk in _chunks(changed, 500):
+            full = set(
+                conn.execute(
+                    select(entries.c.story_id).where(entries.c.story_id.in_(chunk))
+                ).scalars()
+            )
+            kept = set(
+                conn.execute(
+                    select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
+                ).scalars()
+            )
+            gone = [s for s in chunk if s not in full and s not in kept]
+            if gone:
+                conn.execute(stories.delete().where(stories.c.id.in_(gone)))
+        return sum(1 for i, s in target.items() if s != int(by_id[i].story_id))
 
     @staticmethod
     def _stored_apart(conn: Connection, keys: set[str]) -> dict[str, set[str]]:
@@ -1218,56 +1325,6 @@ class Store:
             )
             result.update({int(t.id): f for t, f in zip(texts, computed, strict=True)})
         return result
-
-    @staticmethod
-    def _write_joins(
-        conn: Connection,
-        decisions: Sequence[tuple[int, int, Match]],
-        new_rows: Sequence[Any],
-        published: Mapping[int, datetime],
-        since: datetime,
-    ) -> None:
-        """Move the joined items to their stories and drop the stories they leave.
-
-        In a few statements for all of them: a first cycle of 15,000 items joins
-        thousands, and five statements each (and a scan of the new rows each, to find
-        the story an item left) took longer than deciding the joins.
-        """
-        left = {int(r.id): int(r.story_id) for r in new_rows}
-        conn.execute(
-            _STMT.join_entry,
-            [
-                {
-                    "b_id": entry_id,
-                    "story_id": story_id,
-                    "join_reason": f"score {match.score:.2f}: " + "; ".join(match.reasons),
-                }
-                for entry_id, story_id, match in decisions
-            ],
-        )
-        # A story changed (a new source): new ``updated``; and its date is that of its
-        # earliest version, which is also the one shown (as _touch_story does).
-        conn.execute(
-            _STMT.touch_story,
-            [{"b_id": story_id, "updated_at": since} for _, story_id, _ in decisions],
-        )
-        conn.execute(
-            _STMT.earlier_story,
-            [
-                {"b_id": story_id, "b_published": published[entry_id]}
-                for entry_id, story_id, _ in decisions
-            ],
-        )
-        emptied = sorted({left[entry_id] for entry_id, _, _ in decisions})
-        for chunk in _chunks(emptied, 500):
-            kept = set(
-                conn.execute(
-                    select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
-                ).scalars()
-            )
-            gone = [story_id for story_id in chunk if story_id not in kept]
-            if gone:
-                conn.execute(stories.delete().where(stories.c.id.in_(gone)))
 
     @staticmethod
     def _touch_story(
@@ -2522,14 +2579,6 @@ class _Statements:
             update(stories)
             .where(stories.c.id == bindparam("b_id"))
             .values(updated_at=bindparam("updated_at"))
-        )
-        self.earlier_story = (
-            update(stories)
-            .where(
-                stories.c.id == bindparam("b_id"),
-                stories.c.published_at > bindparam("b_published", type_=_UTCDateTime()),
-            )
-            .values(published_at=bindparam("b_published", type_=_UTCDateTime()))
         )
         self.join_entry = (
             update(entries)
