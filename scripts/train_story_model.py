@@ -4,9 +4,10 @@
 
 Fits a logistic regression over ``clusterfeed.storymodel.pair_vector`` on every pair of
 tuning items of one set within 14 days (label: same story), then picks the clustering
-thresholds by running ``clusterfeed.storycluster.join_new`` (the function production
-runs) on the tuning items: the highest recall with precision >= 0.98 and no hard
-negative merged, else the best F1. Writes src/clusterfeed/data/story_pairs.json.
+thresholds by running ``clusterfeed.storycluster.cluster`` (what production runs: one
+item at a time, then whole stories merged) on the tuning items: the highest recall with
+precision >= 0.98 and no hard negative merged, else the best F0.5. Writes
+src/clusterfeed/data/story_pairs.json.
 The held-out part is never read here (``clusterfeed.storybench.part_of``).
 """
 

@@ -1076,7 +1076,7 @@ class Store:
         ``story_features``), the corrections and which stories subscribers were sent;
         then it writes the result (``_write_regrouping``).
         """
-        from clusterfeed.storycluster import Placed, regroup
+        from clusterfeed.storycluster import Placed, corrections, reading_span, regroup
 
         with self._tx() as conn:
             new_rows = conn.execute(
@@ -1085,8 +1085,7 @@ class Store:
             if not new_rows:
                 return 0
             model = matcher.model
-            back = timedelta(days=model.window_days + max(model.window_days, model.rarity_days))
-            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - back
+            earliest = min(_utc(r.published_at) or r.published_at for r in new_rows)
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
@@ -1095,29 +1094,22 @@ class Store:
                     entries.c.feed_id, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.published_at >= low)
+                .where(entries.c.published_at >= earliest - reading_span(model))
             ).all()  # fmt: skip
             feats = self._story_features(conn, rows, matcher)
             by_id = {int(r.id): r for r in rows if int(r.id) in feats}
             new_ids = {int(r.id) for r in new_rows}
-            order = sorted(
-                by_id,
-                key=lambda i: (feats[i].published, by_id[i].feed_name, by_id[i].identity, i),
-            )
             placed = {
-                i: Placed(int(by_id[i].story_id), by_id[i].link_key, i in new_ids) for i in order
+                i: Placed(int(r.story_id), r.link_key, i in new_ids, (r.feed_name, r.identity))
+                for i, r in by_id.items()
             }
-            forced = None
             apart = self._stored_apart(conn, {r.link_key for r in rows if r.link_key})
-            links = {i: by_id[i].link for i in order}
-            keys = {i: by_id[i].link_key for i in order}
-            if matcher.forces_pairs or apart:
-
-                def forced(a: int, b: int) -> str | None:
-                    if keys[b] in apart.get(keys[a], ()):
-                        return "apart"
-                    return matcher.forced_links(links[a], links[b])
-
+            forced = corrections(
+                {i: r.link_key for i, r in by_id.items()},
+                {i: r.link for i, r in by_id.items()},
+                apart,
+                matcher.forced_links if matcher.forces_pairs else None,
+            )
             story_ids = sorted({p.story for p in placed.values()})
             sent: set[int] = set()
             for chunk in _chunks(story_ids, 500):
@@ -1127,7 +1119,7 @@ class Store:
                     ).scalars()
                 )
             plan = regroup(
-                {i: feats[i] for i in order}, placed, model, forced=forced, sent=sorted(sent)
+                {i: feats[i] for i in by_id}, placed, model, forced=forced, sent=sorted(sent)
             )
             return self._write_regrouping(conn, plan, by_id, since)
 

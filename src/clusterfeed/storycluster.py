@@ -248,12 +248,44 @@ def cluster(
 
 @dataclass(frozen=True)
 class Placed:
-    """A stored item as regrouping sees it: its story now, its page, and whether it
-    arrived in this cycle."""
+    """A stored item as regrouping sees it: its story now, its page, whether it arrived
+    in this cycle, and what orders it after items published at the same moment (its
+    feed's name and its identity there), so the result never depends on the order
+    the store happened to read rows in."""
 
     story: int
     page: str | None
     new: bool
+    tie: tuple[str, ...] = ()
+
+
+def reading_span(model: PairModel) -> timedelta:
+    """How far before the cycle's earliest new item ``regroup`` must see stored items:
+    a window for the items regrouped after a late arrival, and before that the longer
+    of a window (the stories they may join) and the days names' rarity is counted over.
+    """
+    return timedelta(days=model.window_days + max(model.window_days, model.rarity_days))
+
+
+def corrections(
+    pages: Mapping[K, str | None],
+    links: Mapping[K, str | None],
+    apart: Mapping[str, set[str]],
+    config: Callable[[str | None, str | None], str | None] | None,
+) -> Callable[[K, K], str | None] | None:
+    """ "together", "apart" or None for two items, or None when nothing is corrected:
+    pages set apart by ``stories split`` (``apart``, page -> pages), then the config's
+    ``together``/``apart`` link pairs (``config``)."""
+    if config is None and not apart:
+        return None
+
+    def forced(a: K, b: K) -> str | None:
+        page_a, page_b = pages.get(a), pages.get(b)
+        if page_a and page_b and page_b in apart.get(page_a, ()):
+            return "apart"
+        return config(links.get(a), links.get(b)) if config is not None else None
+
+    return forced
 
 
 @dataclass(frozen=True)
@@ -296,17 +328,18 @@ def regroup(
     """Group the cycle's new items (and, after late arrivals, the recent window) into
     stories, keeping the identity of stories readers already saw.
 
-    ``feats`` is in order of publication and holds every item the decision reads (the
-    window around the region, and the weeks before it for names' rarity); ``placed``
-    holds the same items' stories. Items of one page are one story. The region's items
+    ``feats`` holds every item the decision reads (``reading_span`` before the
+    earliest new item, and everything after); ``placed`` holds the same items'
+    stories. Items of one page are one story. The region's items
     are grouped afresh (``cluster``); every story that existed keeps its id if any of
     its items stays together: a group takes the ids of the stories most of whose
     items it holds, and the one subscribers were sent (``sent``), else the oldest,
     survives; the others are ``absorbed`` into it. Deterministic: the same stored items
     give the same stories whatever the order they arrived in.
     """
+    order = sorted(feats, key=lambda k: (feats[k].published, placed[k].tie, str(k)))
+    feats = {k: feats[k] for k in order}
     start = region_start(placed, feats, model.window_days)
-    order = list(feats)
     if start is None:
         region = [k for k in order if placed[k].new]
     else:
