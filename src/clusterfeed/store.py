@@ -1136,10 +1136,11 @@ class Store:
         In a few statements for all items: a first cycle of 15,000 items moves
         thousands, and statements per item took longer than deciding.
         """
+        reason = {int(i): plan.why.get(i, by_id[i].join_reason) for i in plan.story_of}
         moved = {
             int(i): s
             for i, s in plan.story_of.items()
-            if s != int(by_id[i].story_id) or plan.why[i] != by_id[i].join_reason
+            if s != int(by_id[i].story_id) or reason[int(i)] != by_id[i].join_reason
         }
         if not moved and not plan.absorbed:
             return 0
@@ -1171,7 +1172,7 @@ class Store:
         conn.execute(
             _STMT.join_entry,
             [
-                {"b_id": i, "story_id": s, "join_reason": plan.why[i]}
+                {"b_id": i, "story_id": s, "join_reason": reason[i]}
                 for i, s in sorted(target.items())
             ],
         )

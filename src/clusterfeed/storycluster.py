@@ -153,17 +153,25 @@ def merge_stories(
         for url in sorted({*e.links, *([e.own_link] if e.own_link else [])}):
             linked.setdefault(url, []).append(k)
 
-    def neighbours(story: int) -> set[int]:
-        found: set[int] = set()
-        for k in members[story]:
+    near_items: dict[K, list[K]] = {}
+
+    def item_neighbours(k: K) -> list[K]:
+        """The item's most similar items in the window, and those it links or that
+        link it: computed once per item, whatever story it is in."""
+        if k not in near_items:
             n = row[k]
             near = np.flatnonzero(np.abs(seconds - seconds[n]) <= window)
             similarity = matrix[near] @ feats[k].vector
             order = np.lexsort((near, -similarity))[: model.neighbours + 1]
-            found.update(story_of[ids[i]] for i in near[order])
+            found = [ids[i] for i in near[order]]
             e = feats[k].evidence
             for url in sorted({*e.links, *([e.own_link] if e.own_link else [])}):
-                found.update(story_of[m] for m in linked.get(url, ()))
+                found.extend(linked.get(url, ()))
+            near_items[k] = found
+        return near_items[k]
+
+    def neighbours(story: int) -> set[int]:
+        found = {story_of[m] for k in members[story] for m in item_neighbours(k)}
         found.discard(story)
         return found
 
@@ -191,28 +199,42 @@ def merge_stories(
         )
         return average, Match(round(average, 3), reasons)
 
-    scored: dict[tuple[int, int], tuple[float, Match] | None] = {}
-    active = {s for s in touched if s in members}
+    import heapq
+
+    queue: list[tuple[float, int, int, int, int]] = []
+    verdicts: dict[tuple[int, int], Match] = {}
+    grown: dict[int, int] = {}  # how often a story took another in: older scores are stale
+    seen: set[tuple[int, int]] = set()
+
+    def consider(s: int) -> None:
+        for t in sorted(neighbours(s)):
+            key = (min(s, t), max(s, t))
+            if key in seen:
+                continue  # scored from the other side in the first pass
+            found = verdict(*key)
+            if found is not None:
+                verdicts[key] = found[1]
+                versions = (grown.get(key[0], 0), grown.get(key[1], 0))
+                heapq.heappush(queue, (-found[0], key[0], key[1], *versions))
+
+    for s in sorted({s for s in touched if s in members}):
+        consider(s)
+        seen.update((min(s, t), max(s, t)) for t in neighbours(s))
     merges: list[tuple[int, int, Match]] = []
-    while True:
-        for s in sorted(active):
-            for t in sorted(neighbours(s)):
-                key = (min(s, t), max(s, t))
-                if key not in scored:
-                    scored[key] = verdict(*key)
-        active = set()
-        passing = [(v[0], key) for key, v in scored.items() if v is not None]
-        if not passing:
-            return merges
-        _, (s, t) = max(passing, key=lambda x: (x[0], -x[1][0], -x[1][1]))
-        match = scored[(s, t)][1]  # type: ignore[index]
+    while queue:
+        _, s, t, vs, vt = heapq.heappop(queue)
+        if s not in members or t not in members or (vs, vt) != (grown.get(s, 0), grown.get(t, 0)):
+            continue  # one of them was merged since: its pairs are scored again
+        match = verdicts[(s, t)]
         survivor, absorbed = sorted((s, t), key=lambda x: (keeps(x), x))
         for k in members.pop(absorbed):
             story_of[k] = survivor
             members[survivor].append(k)
-        scored = {key: v for key, v in scored.items() if not {s, t} & set(key)}
         merges.append((absorbed, survivor, match))
-        active = {survivor}
+        grown[survivor] = grown.get(survivor, 0) + 1
+        seen = set()
+        consider(survivor)
+    return merges
 
 
 def cluster(
@@ -290,9 +312,9 @@ def corrections(
 
 @dataclass(frozen=True)
 class Regrouping:
-    """What a cycle changes. ``story_of``: the items whose story or reason changed, and
-    their story (a negative number: a new story, one per number); ``why``: their join
-    reason (None: the first item of its story); ``absorbed``: stories whose items went
+    """What a cycle decides. ``story_of``: the story of each item it regrouped (a
+    negative number: a new story, one per number); ``why``: their join reason where it
+    is new (None: the first item of its story); ``absorbed``: stories whose items went
     to another story, which takes their place for readers and subscribers."""
 
     story_of: dict[Hashable, int]
@@ -362,31 +384,39 @@ def regroup(
                 page_group[page] = fresh
     work = {k: work[k] for k in order}
     counts = NameCounts(feats.values(), model.rarity_days)
-    joined = cluster(feats, work, [k for k in region if work[k] < 0], model, forced=forced,
-                     names=counts)  # fmt: skip
+    sent_ids = set(sent)
+    joined = cluster(
+        feats,
+        work,
+        [k for k in region if work[k] < 0],
+        model,
+        forced=forced,
+        # A stored story outlives a group of this cycle; of two stored ones, the one
+        # subscribers were sent, else the older.
+        keeps=lambda s: (s < 0, s not in sent_ids, s),
+        names=counts,
+    )
     # Each earlier story of a region item goes to the group that holds most of its
     # items (the earliest such group on a tie), unless some of its items stayed outside
     # the region: then it is still that story.
     alive = {placed[k].story for k in order if k not in inside}
-    groups: dict[int, list[K]] = {}
-    for k in region:
-        groups.setdefault(work[k], []).append(k)
-    taken: dict[int, list[int]] = {}
     position = {k: n for n, k in enumerate(order)}
-    olds = sorted({placed[k].story for k in region} - alive)
-    for old in olds:
-        votes: dict[int, int] = {}
-        for g, ks in groups.items():
-            votes[g] = sum(1 for k in ks if placed[k].story == old)
-        best = max(
-            (g for g in groups if votes[g]),
-            key=lambda g: (votes[g], -position[groups[g][0]]),
-        )
+    head: dict[int, int] = {}
+    votes: dict[int, dict[int, int]] = {}
+    for k in region:
+        g = work[k]
+        head.setdefault(g, position[k])
+        old = placed[k].story
+        if old not in alive:
+            votes.setdefault(old, {}).setdefault(g, 0)
+            votes[old][g] += 1
+    taken: dict[int, list[int]] = {}
+    for old in sorted(votes):
+        best = max(votes[old], key=lambda g: (votes[old][g], -head[g]))
         taken.setdefault(best, []).append(old)
-    sent_ids = set(sent)
     final: dict[int, int] = {}
     absorbed: dict[int, int] = {}
-    for g in groups:
+    for g in head:
         candidates = taken.get(g, [])
         if g >= 0:
             survivor = g
@@ -400,18 +430,20 @@ def regroup(
     why: dict[Hashable, str | None] = {}
     seen_story: set[int] = set()
     for k in order:
-        story = work[k] if k not in inside else final[work[k]]
+        story = final.get(work[k], work[k])
         first = story not in seen_story
         seen_story.add(story)
-        if k not in inside:
-            continue
         match = joined.get(k)
-        if first:
-            reason = None
-        elif match is not None:
-            reason = f"score {match.score:.2f}: " + "; ".join(match.reasons)
-        else:
-            reason = "the same page"
+        text = None if match is None else f"score {match.score:.2f}: " + "; ".join(match.reasons)
+        if k not in inside:
+            # A stored story outside the region merged into another: its items move,
+            # and keep their reasons but for its first, which gets the merge's.
+            if story != placed[k].story:
+                absorbed[placed[k].story] = story
+                story_of[k] = story
+                if text is not None:
+                    why[k] = text
+            continue
         story_of[k] = story
-        why[k] = reason
+        why[k] = None if first else text or "the same page"
     return Regrouping(story_of, why, absorbed)
