@@ -2,13 +2,13 @@
 
     python scripts/train_story_model.py [FOLDER ...]   (default: tests/data/stories)
 
-Fits a logistic regression over ``clusterfeed.storymodel.pair_vector`` on every pair of
+Fits a logistic regression over ``clusterfeed.stories.score.pair_vector`` on every pair of
 tuning items of one set within 14 days (label: same story), then picks the clustering
-thresholds by running ``clusterfeed.storycluster.cluster`` (what production runs: one
+thresholds by running ``clusterfeed.stories.cluster.cluster`` (what production runs: one
 item at a time, then whole stories merged) on the tuning items: the highest recall with
 precision >= 0.98 and no hard negative merged, else the best F0.5. Writes
 src/clusterfeed/data/story_pairs.json.
-The held-out part is never read here (``clusterfeed.storybench.part_of``).
+The held-out part is never read here (``clusterfeed.stories.benchmark.part_of``).
 """
 
 from __future__ import annotations
@@ -24,16 +24,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from clusterfeed.encoder import load_encoder  # noqa: E402
-from clusterfeed.storybench import Row, load_rows, score, select  # noqa: E402
-from clusterfeed.storycluster import cluster  # noqa: E402
-from clusterfeed.storymodel import (  # noqa: E402
-    ItemFeatures,
-    NameCounts,
-    PairModel,
-    item_features,
-    pair_vector,
-)
+from clusterfeed.stories.benchmark import Row, load_rows, score, select  # noqa: E402
+from clusterfeed.stories.cluster import cluster  # noqa: E402
+from clusterfeed.stories.encoder import load_encoder  # noqa: E402
+from clusterfeed.stories.features import ItemFeatures, item_features  # noqa: E402
+from clusterfeed.stories.score import NameCounts, PairModel, pair_vector  # noqa: E402
 
 PAIR_DAYS = 14.0
 RARITY_DAYS = 30.0  # NameCounts: how far back a name's frequency is counted

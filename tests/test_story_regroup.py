@@ -1,7 +1,7 @@
 """Regrouping stories when items arrive late, without changing what readers saw.
 
 A partner's version of an event that is published before items already stored (a late
-feed, a backlog) makes the recent window be grouped again (``storycluster.regroup``).
+feed, a backlog) makes the recent window be grouped again (``clusterfeed.stories.cluster.regroup``).
 A story readers or subscribers already have keeps its id (its Atom id), and a
 subscriber is never mailed one event twice because its story was regrouped: checked
 here with real commands, a real feed server and real mail.
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from clusterfeed.storycluster import Placed, region_start, regroup
-from clusterfeed.storymodel import Evidence, ItemFeatures, default_model
+from clusterfeed.stories.cluster import Placed, region_start, regroup
+from clusterfeed.stories.features import Evidence, ItemFeatures
+from clusterfeed.stories.score import default_model
 from tests.conftest import FeedServer, Route, digest_titles, write_config
 from tests.test_digest_cap import Outbox, _run
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clusterfeed.storybench import cycles_of, load_rows, part_of, select
+from clusterfeed.stories.benchmark import cycles_of, load_rows, part_of, select
 
 LABELLED = Path(__file__).resolve().parent / "data" / "stories"
 

@@ -86,7 +86,7 @@ from clusterfeed.site import (
     site_pages,
 )
 from clusterfeed.store import Delivery, PlannedDelivery, Store
-from clusterfeed.stories import StoryMatcher
+from clusterfeed.stories.matcher import StoryMatcher
 from clusterfeed.templatecheck import (
     TemplateProblem,
     describe,

@@ -65,12 +65,9 @@ from clusterfeed.model import (
     Subscriber,
 )
 from clusterfeed.planning import OutboxFacts
-from clusterfeed.stories import (
-    StoryItem,
-    StoryMatcher,
-)
-from clusterfeed.storymodel import ItemFeatures
-from clusterfeed.storysplit import SplitResult
+from clusterfeed.stories.features import ItemFeatures, StoryItem
+from clusterfeed.stories.matcher import StoryMatcher
+from clusterfeed.stories.split import SplitResult
 
 
 class StoreError(Exception):
@@ -1068,7 +1065,7 @@ class Store:
         """Group this cycle's new items into stories, after all feeds of a cycle are
         stored; returns how many items changed story.
 
-        The decision is ``clusterfeed.storycluster.regroup`` (new items in order of
+        The decision is ``clusterfeed.stories.cluster.regroup`` (new items in order of
         publication; after late arrivals, the recent window grouped again; stories
         readers saw keep their ids). The store reads what it needs: the entries from
         the window and the weeks before (for names' rarity), each one's stored features
@@ -1076,7 +1073,7 @@ class Store:
         ``story_features``), the corrections and which stories subscribers were sent;
         then it writes the result (``_write_regrouping``).
         """
-        from clusterfeed.storycluster import Placed, corrections, reading_span, regroup
+        from clusterfeed.stories.cluster import Placed, corrections, reading_span, regroup
 
         with self._tx() as conn:
             new_rows = conn.execute(
@@ -1245,8 +1242,8 @@ class Store:
 
     def split_story(self, url: str, now: datetime) -> SplitResult:
         """Take the item at ``url`` out of its story and keep its page apart from the
-        pages left there (``clusterfeed.storysplit``)."""
-        from clusterfeed.storysplit import split_entry
+        pages left there (``clusterfeed.stories.split``)."""
+        from clusterfeed.stories.split import split_entry
 
         with self._tx() as conn:
             return split_entry(conn, url, now)
@@ -1257,7 +1254,7 @@ class Store:
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
+        from clusterfeed.stories.features import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
             int(r.id): _short_hash(

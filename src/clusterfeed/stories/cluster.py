@@ -18,10 +18,18 @@ from typing import TypeVar
 
 import numpy as np
 
-from clusterfeed.stories import Match
-from clusterfeed.storymodel import ItemFeatures, NameCounts, PairModel, pair_vector, veto
+from clusterfeed.stories.features import ItemFeatures
+from clusterfeed.stories.score import NameCounts, PairModel, pair_vector, veto
 
 K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why an item joined a story: the score and what carried it (``stories`` shows both)."""
+
+    score: float
+    reasons: tuple[str, ...]
 
 
 def join_new(
