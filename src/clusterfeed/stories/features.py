@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from clusterfeed.dates import MONTHS
+from clusterfeed.ingest.dates import MONTHS
 from clusterfeed.stories.kinds import notice_kind
 
 _T = TypeVar("_T")
@@ -492,7 +492,7 @@ def _frozen(values: Iterable[_T]) -> frozenset[_T]:
 def _link_key(url: str | None) -> str | None:
     if not url:
         return None
-    from clusterfeed.normalize import link_key, normalize_url
+    from clusterfeed.ingest.normalize import link_key, normalize_url
 
     normalized = normalize_url(url)
     if normalized is None:

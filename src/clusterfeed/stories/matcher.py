@@ -25,7 +25,7 @@ class StoryMatcher:
         encoder: str | None = None,
         model: Any = None,
     ) -> None:
-        from clusterfeed.normalize import link_key, normalize_url
+        from clusterfeed.ingest.normalize import link_key, normalize_url
 
         self._encoder_spec = encoder
         self._model = model
