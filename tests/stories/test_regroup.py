@@ -154,3 +154,85 @@ def test_a_late_partner_version_neither_changes_the_story_id_nor_mails_it_again(
 def _ids(listing: Any) -> list[object]:
     stories = listing["stories"] if isinstance(listing, dict) else listing
     return [s.get("id") or s.get("key") for s in stories]
+
+
+GERMAN_ONLY = "deutsch@example.org"
+
+
+def _news(link: str, title: str, text: str, day: int) -> dict[str, str]:
+    return {
+        "title": title,
+        "link": link,
+        "description": f"<p>{text}</p>",
+        "date": f"Mon, {day} Nov 2026 08:00:00 +0000",
+    }
+
+
+def test_a_regroup_that_absorbs_a_story_a_subscriber_had_does_not_mail_it_again(
+    tmp_path: Path,
+    feed_server: FeedServer,
+    database_url: str,
+    smtp_server: Any,
+    run_cli: Any,
+    rss_feed: Any,
+) -> None:
+    """A German reader had only the German story; the English one (sent to another
+    reader) is older. When the operator says both are one (``together``) and a late
+    item makes the window be grouped again, the English story survives and takes the
+    German one in: the German reader counts as having it and gets no second mail."""
+    outbox = Outbox("smtp", tmp_path, smtp_server)
+    english = _news(
+        "https://www.helixvektor.example/news/capside",
+        "Helix Vektor joins EU consortium CAPSIDE-EU",
+        "Helix Vektor is one of eleven partners of the EU project on capsid engineering.",
+        17,
+    )
+    german = _news(
+        "https://www.uk-foerde.example/aktuell/capside-eu",
+        "Förde-Klinikum koordiniert Forschungsverbund",
+        "Das Klinikum leitet ein Vorhaben mit elf Partnern aus acht Ländern.",
+        18,
+    )
+    late = _news(
+        "https://www.uk-foerde.example/aktuell/sommerfest",
+        "Sommerfest auf dem Campus",
+        "Das Klinikum lädt Beschäftigte und Familien zum Sommerfest ein.",
+        16,
+    )
+    feed_server.routes["/helix.rss"] = Route(rss_feed("Helix Vektor", [english]))
+    feed_server.routes["/foerde.rss"] = Route(rss_feed("UK Förde", [german]))
+    feeds = [
+        {"name": "Helix Vektor", "url": feed_server.url("/helix.rss"), "language": "en"},
+        {"name": "UK Förde", "url": feed_server.url("/foerde.rss"), "language": "de"},
+    ]
+    subscribers = [
+        {"email": READER, "languages": ["en"]},
+        {"email": GERMAN_ONLY, "languages": ["de"]},
+    ]
+    config = write_config(
+        tmp_path, feeds, database_url=database_url, mail=outbox.mail, subscribers=subscribers
+    )
+    _run(run_cli, "fetch", "--config", config)
+    _run(run_cli, "digest", "--config", config)
+    assert [digest_titles(m) for m in outbox.to(READER)] == [{english["title"]}]
+    assert [digest_titles(m) for m in outbox.to(GERMAN_ONLY)] == [{german["title"]}]
+    before = json.loads(_run(run_cli, "stories", "--json", "--config", config))
+    assert len(before) == 2
+
+    pair = f'\n[stories]\ntogether = [["{english["link"]}", "{german["link"]}"]]\n'
+    config.write_text(config.read_text("utf-8") + pair, "utf-8")
+    feed_server.routes["/foerde.rss"] = Route(rss_feed("UK Förde", [german, late]))
+    _run(run_cli, "fetch", "--config", config)
+    after = json.loads(_run(run_cli, "stories", "--json", "--config", config))
+    joined = [s for s in after if len(s["items"]) == 2]
+    assert len(joined) == 1, after
+    survivor = next(s for s in before if s["items"][0]["link"] == english["link"])
+    assert joined[0]["id"] == survivor["id"]  # the older story readers saw keeps its id
+
+    _run(run_cli, "digest", "--config", config)
+    assert len(outbox.to(READER)) == 1  # nothing new in English
+    # The German reader gets the summer party, never the joined story again.
+    german_mails = outbox.to(GERMAN_ONLY)
+    assert [digest_titles(m) for m in german_mails[1:]] in ([], [{late["title"]}])
+    assert all(english["title"] not in digest_titles(m) for m in german_mails)
+    assert all(german["title"] not in digest_titles(m) for m in german_mails[1:])
