@@ -61,9 +61,15 @@ def best_tfidf_threshold(rows: Sequence[Row], negatives: Negatives) -> float:
 
 
 def production(rows: Sequence[Row]) -> dict[str, object]:
+    return arrivals(rows, 1, None)
+
+
+def arrivals(rows: Sequence[Row], count: int, seed: int | None) -> dict[str, object]:
+    """The production path with the items arriving in ``count`` cycles, in order of
+    publication or shuffled by ``seed``."""
     from clusterfeed.stories.matcher import StoryMatcher
 
-    return production_labels(cycles_of(rows, 1), StoryMatcher())
+    return production_labels(cycles_of(rows, count, shuffle_seed=seed), StoryMatcher())
 
 
 def table(folders: Sequence[Path]) -> str:
@@ -101,6 +107,18 @@ def table(folders: Sequence[Path]) -> str:
             s = score(method(part), part, negatives)
             spread.append(f"{domain}: {s.precision:.2f} / {s.recall:.2f}")
         lines.append(f"| {name} | {cell(parts[0])} | {cell(parts[1])} | {'; '.join(spread)} |")
+    lines.append("")
+    lines.append("| clusterfeed, arrival | tuning P / R / HN | held-out P / R / HN |")
+    lines.append("| --- | --- | --- |")
+    for name, count, seed in (
+        ("one cycle", 1, None),
+        ("7 time-ordered cycles", 7, None),
+        ("7 cycles in random order", 7, 1),
+    ):
+        cells = [
+            cell(score(arrivals(part, count, seed), part, negatives)) for part in (tuning, held_out)
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     shape = (
         f"\n{len(rows)} items in {len({r.story for r in rows})} stories from sets "
         f"{', '.join(domains)}; tuning {len(tuning)} items, held-out {len(held_out)} items; "

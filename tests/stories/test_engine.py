@@ -78,18 +78,16 @@ def test_features_computed_in_worker_processes_give_the_same_stories(
 def test_cycles_and_random_arrival_stay_close_to_one_cycle(
     held_out: tuple[list[Row], list[tuple[str, str, str]]],
 ) -> None:
-    """The issue asks for 0.01; measured on the held-out part: seven time-ordered
-    cycles lose 0.019 recall, random arrival 0.045 precision and 0.058 recall. The
-    bounds are what holds today, so a change that makes it worse fails."""
+    """The issue asks for 0.01. Items published before stored ones make the window be
+    grouped again, and names' rarity is counted over the weeks before a pair, so seven
+    time-ordered or random cycles end where one cycle does."""
     rows, negatives = held_out
     once = score(production_labels(cycles_of(rows, 1), StoryMatcher()), rows, negatives)
-    for cycles, tolerance in (
-        (cycles_of(rows, 7), 0.03),
-        (cycles_of(rows, 7, shuffle_seed=7), 0.07),
-    ):
+    for cycles in (cycles_of(rows, 7), cycles_of(rows, 7, shuffle_seed=7)):
         other = score(production_labels(cycles, StoryMatcher()), rows, negatives)
-        assert abs(other.precision - once.precision) <= tolerance
-        assert abs(other.recall - once.recall) <= tolerance
+        assert abs(other.precision - once.precision) <= 0.01
+        assert abs(other.recall - once.recall) <= 0.01
+        assert other.merged_hard_negatives == once.merged_hard_negatives
 
 
 def _two_items(rows: list[Row]) -> tuple[Row, Row, Row]:

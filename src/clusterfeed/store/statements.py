@@ -49,14 +49,6 @@ class _Statements:
             .where(stories.c.id == bindparam("b_id"))
             .values(updated_at=bindparam("updated_at"))
         )
-        self.earlier_story = (
-            update(stories)
-            .where(
-                stories.c.id == bindparam("b_id"),
-                stories.c.published_at > bindparam("b_published", type_=_UTCDateTime()),
-            )
-            .values(published_at=bindparam("b_published", type_=_UTCDateTime()))
-        )
         self.join_entry = (
             update(entries)
             .where(entries.c.id == bindparam("b_id"))

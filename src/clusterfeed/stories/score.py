@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -26,20 +26,40 @@ from clusterfeed.stories.features import ItemFeatures, latin_skeleton
 from clusterfeed.stories.kinds import publisher
 
 
-def name_frequencies(items: Iterable[ItemFeatures]) -> tuple[Counter[str], int]:
-    """In how many items each name occurs, and of how many: names that many items of
-    the window carry (the cluster's own name, a city, a month) are no evidence."""
-    counts: Counter[str] = Counter()
-    total = 0
-    for f in items:
-        counts.update(f.evidence.names)
-        total += 1
-    return counts, total
+class NameCounts:
+    """How many items carried each name in the days before a moment, and of how many.
 
+    Names that many items carry (the cluster's own name, a city, a month) are no
+    evidence. They are counted over the ``days`` *before* the later item of a pair,
+    never after it: the count then depends only on what was published before, not on
+    which items have arrived yet, so re-clustering a window after late items came gives
+    what one cycle over all of them gives. A longer basis than the matching window,
+    because a name frequent in the field (Kobe, Lübeck) can be quiet for a week.
+    """
 
-def _rare(names: Iterable[str], counts: Mapping[str, int], total: int) -> set[str]:
-    limit = 2 + 0.02 * total
-    return {n for n in names if counts.get(n, 0) <= limit}
+    def __init__(self, items: Iterable[ItemFeatures], days: float) -> None:
+        self.days = days
+        times: list[float] = []
+        by_name: dict[str, list[float]] = {}
+        for f in items:
+            t = f.published.timestamp()
+            times.append(t)
+            for name in f.evidence.names:
+                by_name.setdefault(name, []).append(t)
+        self._times = np.sort(np.asarray(times, dtype=np.float64))
+        self._by_name = {n: np.sort(np.asarray(v)) for n, v in by_name.items()}
+
+    def rare(self, names: Iterable[str], at: datetime) -> set[str]:
+        """The names at most about 2 % of the items before ``at`` carried."""
+        high = at.timestamp()
+        low = high - self.days * 86400
+
+        def within(values: np.ndarray) -> int:
+            return int(np.searchsorted(values, high, "right") - np.searchsorted(values, low))
+
+        limit = 2 + 0.02 * within(self._times)
+        empty = np.zeros(0)
+        return {n for n in names if within(self._by_name.get(n, empty)) <= limit}
 
 
 def _katakana_hits(latin: Iterable[str], skeletons: frozenset[str]) -> int:
@@ -70,11 +90,10 @@ FEATURES = (
 )
 
 
-def pair_vector(
-    a: ItemFeatures, b: ItemFeatures, counts: Mapping[str, int], total: int
-) -> list[float]:
+def pair_vector(a: ItemFeatures, b: ItemFeatures, counts: NameCounts) -> list[float]:
     """The pair features, in the order of ``FEATURES``."""
     ea, eb = a.evidence, b.evidence
+    at = max(a.published, b.published)
     cosine = float(np.dot(a.vector, b.vector))
     cross = float(a.language != b.language)
     link = float(
@@ -85,9 +104,9 @@ def pair_vector(
     # Amounts on both sides and none in common: two deals, two grants, two funds.
     conflict = float(bool(ea.amounts and eb.amounts) and not shared_amounts)
     shared_names = ea.names & eb.names
-    rare = _rare(shared_names, counts, total)
-    katakana = _katakana_hits(_rare(ea.names, counts, total), eb.skeletons) + _katakana_hits(
-        _rare(eb.names, counts, total), ea.skeletons
+    rare = counts.rare(shared_names, at)
+    katakana = _katakana_hits(counts.rare(ea.names, at), eb.skeletons) + _katakana_hits(
+        counts.rare(eb.names, at), ea.skeletons
     )
     title_shared = (ea.title_names & (eb.names | eb.title_names)) | (
         eb.title_names & (ea.names | ea.title_names)
@@ -162,6 +181,7 @@ class PairModel:
     join_minimum: float  # and every member's
     window_days: float
     neighbours: int  # the most similar items whose stories are scored
+    rarity_days: float = 30.0  # how far back ``NameCounts`` counts names
 
     def probabilities(self, vectors: Sequence[Sequence[float]]) -> np.ndarray:
         x = (np.asarray(vectors, dtype=np.float64) - self.mean) / self.scale
@@ -190,6 +210,7 @@ class PairModel:
             "join_minimum": self.join_minimum,
             "window_days": self.window_days,
             "neighbours": self.neighbours,
+            "rarity_days": self.rarity_days,
         }
 
     @classmethod
@@ -205,6 +226,7 @@ class PairModel:
             join_minimum=float(data["join_minimum"]),
             window_days=float(data["window_days"]),
             neighbours=int(data["neighbours"]),
+            rarity_days=float(data.get("rarity_days", 30.0)),
         )
 
 

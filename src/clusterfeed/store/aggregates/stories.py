@@ -5,19 +5,19 @@ reading stories back with their sources.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from clusterfeed.model import Source, Story
 from clusterfeed.store.base import StoreBase, _chunks, _short_hash, _utc
 from clusterfeed.store.records import _row_to_entry
 from clusterfeed.store.schema import (
+    _UTCDateTime,
     entries,
     feeds,
     sent_stories,
@@ -26,7 +26,6 @@ from clusterfeed.store.schema import (
     story_features,
 )
 from clusterfeed.store.statements import _STMT
-from clusterfeed.stories.cluster import Match
 from clusterfeed.stories.features import ItemFeatures, StoryItem
 from clusterfeed.stories.matcher import StoryMatcher
 from clusterfeed.stories.representative import (
@@ -42,66 +41,168 @@ class StoriesMixin(StoreBase):
     """Stories and the features story matching reads."""
 
     def join_new_stories(self, since: datetime, matcher: StoryMatcher) -> int:
-        """Join this cycle's new one-item stories to the story they tell, if any.
+        """Group this cycle's new items into stories, after all feeds of a cycle are
+        stored; returns how many items changed story.
 
-        Runs once after all feeds of a cycle are stored, over the new items in order of
-        publication, so the result does not depend on which partner's server answered
-        first. Only stories created in this cycle are folded into others: nothing that
-        readers or subscribers have already seen changes identity. Each entry's
-        features (embedding and evidence) are computed the first time it is in a
-        window and stored (``story_features``); deciding reads only those
-        (``clusterfeed.stories.cluster.join_new``). Returns how many items joined.
+        The decision is ``clusterfeed.stories.cluster.regroup`` (new items in order of
+        publication; after late arrivals, the recent window grouped again; stories
+        readers saw keep their ids). The store reads what it needs: the entries from
+        the window and the weeks before (for names' rarity), each one's stored features
+        (embedding and evidence, computed the first time an entry is read and kept in
+        ``story_features``), the corrections and which stories subscribers were sent;
+        then it writes the result (``_write_regrouping``).
         """
-        from clusterfeed.stories.cluster import join_new
+        from clusterfeed.stories.cluster import Placed, corrections, reading_span, regroup
 
         with self._tx() as conn:
             new_rows = conn.execute(
-                select(entries.c.id, entries.c.story_id, entries.c.dated_at)
-                .join(stories, stories.c.id == entries.c.story_id)
-                .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
+                select(entries.c.id, entries.c.dated_at).where(entries.c.first_seen_at >= since)
             ).all()
             if not new_rows:
                 return 0
-            window = timedelta(days=matcher.model.window_days)
-            low = min(_utc(r.dated_at) or r.dated_at for r in new_rows) - window
-            high = max(_utc(r.dated_at) or r.dated_at for r in new_rows) + window
+            model = matcher.model
+            earliest = min(_utc(r.dated_at) or r.dated_at for r in new_rows)
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
-                    entries.c.published_at, entries.c.dated_at, entries.c.content_hash,
-                    entries.c.language, entries.c.link_key, feeds.c.name.label("feed_name"),
+                    entries.c.published_at, entries.c.content_hash, entries.c.language,
+                    entries.c.link_key, entries.c.join_reason, entries.c.first_seen_at,
+                    entries.c.feed_id, entries.c.dated_at, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.dated_at >= low, entries.c.dated_at <= high)
+                .where(entries.c.dated_at >= earliest - reading_span(model))
             ).all()  # fmt: skip
             feats = self._story_features(conn, rows, matcher)
-            story_of = {int(r.id): int(r.story_id) for r in rows}
-            links = {int(r.id): r.link for r in rows}
-            order = {
-                int(r.id): (_utc(r.dated_at) or r.dated_at, r.feed_name, r.identity) for r in rows
+            by_id = {int(r.id): r for r in rows if int(r.id) in feats}
+            new_ids = {int(r.id) for r in new_rows}
+            placed = {
+                i: Placed(int(r.story_id), r.link_key, i in new_ids, (r.feed_name, r.identity))
+                for i, r in by_id.items()
             }
-            sizes = Counter(story_of.values())
-            new_ids = sorted(
-                (int(r.id) for r in new_rows if sizes[int(r.story_id)] == 1 and r.id in feats),
-                key=lambda i: order[i],
-            )
-            forced = None
             apart = self._stored_apart(conn, {r.link_key for r in rows if r.link_key})
-            keys = {int(r.id): r.link_key for r in rows}
-            if matcher.forces_pairs or apart:
+            forced = corrections(
+                {i: r.link_key for i, r in by_id.items()},
+                {i: r.link for i, r in by_id.items()},
+                apart,
+                matcher.forced_links if matcher.forces_pairs else None,
+            )
+            story_ids = sorted({p.story for p in placed.values()})
+            sent: set[int] = set()
+            for chunk in _chunks(story_ids, 500):
+                sent.update(
+                    conn.execute(
+                        select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
+                    ).scalars()
+                )
+            plan = regroup(
+                {i: feats[i] for i in by_id}, placed, model, forced=forced, sent=sorted(sent)
+            )
+            return self._write_regrouping(conn, plan, by_id, since)
 
-                def forced(a: int, b: int) -> str | None:
-                    if keys[b] in apart.get(keys[a], ()):
-                        return "apart"
-                    return matcher.forced_links(links[a], links[b])
+    @staticmethod
+    def _write_regrouping(
+        conn: Connection, plan: Any, by_id: Mapping[int, Any], since: datetime
+    ) -> int:
+        """Write what ``regroup`` decided: new stories for the groups that have none,
+        each moved item's story and reason, the dates of the stories that changed; the
+        subscribers who had an absorbed story count as having the story that took its
+        place (so nobody gets one event twice because it was regrouped); stories left
+        empty and never sent go.
 
-            ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
-            decisions = join_new(ordered, story_of, new_ids, matcher.model, forced=forced)
-            if decisions:
-                # The story's shown date is its earliest version's clamped date.
-                published = {int(r.id): _utc(r.published_at) or r.published_at for r in rows}
-                self._write_joins(conn, decisions, new_rows, published, since)
-        return len(decisions)
+        In a few statements for all items: a first cycle of 15,000 items moves
+        thousands, and statements per item took longer than deciding.
+        """
+        reason = {int(i): plan.why.get(i, by_id[i].join_reason) for i in plan.story_of}
+        moved = {
+            int(i): s
+            for i, s in plan.story_of.items()
+            if s != int(by_id[i].story_id) or reason[int(i)] != by_id[i].join_reason
+        }
+        if not moved and not plan.absorbed:
+            return 0
+        created: dict[int, int] = {}
+        for number in sorted({s for s in moved.values() if s < 0}, reverse=True):
+            mine = sorted(
+                (i for i, s in moved.items() if s == number),
+                key=lambda i: (_utc(by_id[i].published_at) or by_id[i].published_at, i),
+            )
+            first = by_id[mine[0]]
+            base = f"{first.feed_id}-{_short_hash(first.identity)}"
+            key, n = base, 1
+            while conn.execute(select(stories.c.id).where(stories.c.key == key)).first():
+                n += 1
+                key = f"{base}-{n}"
+            created[number] = int(
+                conn.execute(
+                    insert(stories)
+                    .values(
+                        key=key,
+                        first_seen_at=min(by_id[i].first_seen_at for i in mine),
+                        updated_at=since,
+                        published_at=min(by_id[i].published_at for i in mine),
+                    )
+                    .returning(stories.c.id)
+                ).scalar_one()
+            )
+        target = {i: created.get(s, s) for i, s in moved.items()}
+        conn.execute(
+            _STMT.join_entry,
+            [
+                {"b_id": i, "story_id": s, "join_reason": reason[i]}
+                for i, s in sorted(target.items())
+            ],
+        )
+        changed = sorted(
+            {s for i, s in target.items() if s != int(by_id[i].story_id)}
+            | {int(by_id[i].story_id) for i, s in target.items() if s != int(by_id[i].story_id)}
+        )
+        for chunk in _chunks(changed, 500):
+            conn.execute(update(stories).where(stories.c.id.in_(chunk)).values(updated_at=since))
+            earliest = conn.execute(
+                select(entries.c.story_id, func.min(entries.c.published_at))
+                .where(entries.c.story_id.in_(chunk))
+                .group_by(entries.c.story_id)
+            ).all()
+            if earliest:
+                conn.execute(
+                    update(stories)
+                    .where(stories.c.id == bindparam("b_id"))
+                    .values(published_at=bindparam("b_published", type_=_UTCDateTime())),
+                    [{"b_id": int(s), "b_published": p} for s, p in earliest],
+                )
+        for old, survivor in sorted(plan.absorbed.items()):
+            had = conn.execute(
+                select(sent_stories.c.subscriber_id, sent_stories.c.delivery_id).where(
+                    sent_stories.c.story_id == old
+                )
+            ).all()
+            known = set(
+                conn.execute(
+                    select(sent_stories.c.subscriber_id).where(sent_stories.c.story_id == survivor)
+                ).scalars()
+            )
+            rows = [
+                dict(subscriber_id=h.subscriber_id, story_id=survivor, delivery_id=h.delivery_id)
+                for h in had
+                if h.subscriber_id not in known
+            ]
+            if rows:
+                conn.execute(insert(sent_stories), rows)
+        for chunk in _chunks(changed, 500):
+            full = set(
+                conn.execute(
+                    select(entries.c.story_id).where(entries.c.story_id.in_(chunk))
+                ).scalars()
+            )
+            kept = set(
+                conn.execute(
+                    select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
+                ).scalars()
+            )
+            gone = [s for s in chunk if s not in full and s not in kept]
+            if gone:
+                conn.execute(stories.delete().where(stories.c.id.in_(gone)))
+        return sum(1 for i, s in target.items() if s != int(by_id[i].story_id))
 
     @staticmethod
     def _stored_apart(conn: Connection, keys: set[str]) -> dict[str, set[str]]:
@@ -199,56 +300,6 @@ class StoriesMixin(StoreBase):
             )
             result.update(zip(ids, computed, strict=True))
         return result
-
-    @staticmethod
-    def _write_joins(
-        conn: Connection,
-        decisions: Sequence[tuple[int, int, Match]],
-        new_rows: Sequence[Any],
-        published: Mapping[int, datetime],
-        since: datetime,
-    ) -> None:
-        """Move the joined items to their stories and drop the stories they leave.
-
-        In a few statements for all of them: a first cycle of 15,000 items joins
-        thousands, and five statements each (and a scan of the new rows each, to find
-        the story an item left) took longer than deciding the joins.
-        """
-        left = {int(r.id): int(r.story_id) for r in new_rows}
-        conn.execute(
-            _STMT.join_entry,
-            [
-                {
-                    "b_id": entry_id,
-                    "story_id": story_id,
-                    "join_reason": f"score {match.score:.2f}: " + "; ".join(match.reasons),
-                }
-                for entry_id, story_id, match in decisions
-            ],
-        )
-        # A story changed (a new source): new ``updated``; and its date is that of its
-        # earliest version, which is also the one shown (as _touch_story does).
-        conn.execute(
-            _STMT.touch_story,
-            [{"b_id": story_id, "updated_at": since} for _, story_id, _ in decisions],
-        )
-        conn.execute(
-            _STMT.earlier_story,
-            [
-                {"b_id": story_id, "b_published": published[entry_id]}
-                for entry_id, story_id, _ in decisions
-            ],
-        )
-        emptied = sorted({left[entry_id] for entry_id, _, _ in decisions})
-        for chunk in _chunks(emptied, 500):
-            kept = set(
-                conn.execute(
-                    select(sent_stories.c.story_id).where(sent_stories.c.story_id.in_(chunk))
-                ).scalars()
-            )
-            gone = [story_id for story_id in chunk if story_id not in kept]
-            if gone:
-                conn.execute(stories.delete().where(stories.c.id.in_(gone)))
 
     def recent_stories(
         self,
