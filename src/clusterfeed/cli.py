@@ -501,6 +501,43 @@ def run(
         _print_delivery_notes(service, report)
 
 
+@main.command()
+@config_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Tasks this worker runs at once.",
+)
+@_handle_errors
+def worker(config_path: Path | None, concurrency: int) -> None:
+    """Run the queued units (fetch, match, publish, plan, deliver); PostgreSQL only."""
+    from clusterfeed.app.workers import NeedsPostgres, conninfo, run_worker
+
+    with _service(config_path) as service:
+        try:
+            conninfo(service.config.database_url)
+            asyncio.run(run_worker(service, concurrency))
+        except NeedsPostgres as exc:
+            _fail([f"error: {exc} ({service.config.source})"])
+
+
+@main.command()
+@config_option
+@_handle_errors
+def scheduler(config_path: Path | None) -> None:
+    """Queue the units for the workers when due (one scheduler per store); PostgreSQL only."""
+    from clusterfeed.app.workers import NeedsPostgres, conninfo, run_scheduler
+
+    with _service(config_path) as service:
+        try:
+            conninfo(service.config.database_url)
+            asyncio.run(run_scheduler(service))
+        except NeedsPostgres as exc:
+            _fail([f"error: {exc} ({service.config.source})"])
+
+
 async def _run_service(
     service: Service, with_web: bool, host: str | None = None, port: int | None = None
 ) -> None:

@@ -702,14 +702,20 @@ class Store:
                 f"clusterfeed understands ({SCHEMA_VERSION}); upgrade clusterfeed"
             )
         if current == 0:
+            # Looked at again under the writers' lock: workers and the scheduler starting
+            # together on a new database must create it once, not each of them.
             with self._tx() as conn:
-                _create_current(conn)
-                conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
-            return SCHEMA_VERSION
+                if not self.engine.dialect.has_table(conn, "schema_info"):
+                    _create_current(conn)
+                    conn.execute(insert(schema_info).values(id=1, version=SCHEMA_VERSION))
+                    return SCHEMA_VERSION
+            current = self.schema_version()
         for version in range(current, SCHEMA_VERSION):
             # One transaction per step: PostgreSQL and SQLite both run DDL in transactions,
             # so a failed step leaves the database at the previous version, not half-way.
             with self._tx() as conn:
+                if conn.execute(select(schema_info.c.version)).scalar() != version:
+                    continue  # another process starting beside this one took the step
                 MIGRATIONS[version - 1](conn)
                 conn.execute(update(schema_info).values(version=version + 1))
         return SCHEMA_VERSION
