@@ -60,10 +60,11 @@ def conninfo(database_url: str) -> str:
     url = make_url(database_url)
     if url.get_backend_name() != "postgresql":
         raise NeedsPostgres(
-            f"workers need PostgreSQL as the store, and database_url is "
-            f"{url.get_backend_name()} ({database_url.split('://')[0]}://...). Set database_url "
-            "in the config to postgresql+psycopg://USER@HOST:5432/DB (the queue lives in "
-            "the same database), or run everything in one process with `clusterfeed run`"
+            f"workers need PostgreSQL as the store, and [store] url is "
+            f"{database_url.split('://')[0]}://...; set it to "
+            "postgresql+psycopg://USER@HOST:5432/DB (the task queue lives in the same "
+            "database) and install the extra: pip install 'clusterfeed[workers]'. "
+            "Or run everything in one process with `clusterfeed run`"
         )
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
