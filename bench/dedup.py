@@ -54,8 +54,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from clusterfeed.dates import MONTHS
-from clusterfeed.normalize import html_to_text
+from clusterfeed.ingest.dates import MONTHS
+from clusterfeed.ingest.normalize import html_to_text
 from clusterfeed.stories import (
     STOPWORDS,
     StoryItem,

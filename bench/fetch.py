@@ -952,8 +952,8 @@ def run_clusterfeed(manifest: dict[str, Any]) -> ClientRun:
     import logging
 
     import clusterfeed
+    from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.service import Service
     from clusterfeed.store import Store
 
     logging.basicConfig(level=logging.WARNING, format="clusterfeed: %(levelname)s %(message)s")

@@ -191,9 +191,9 @@ def _write_subscribers(folder: Path, n: int) -> None:
 
 def role_prepare(folder: Path, n: int, port: int, connections: int, spool: bool) -> dict[str, Any]:
     """Subscribers, stories and one digest's outbox in a fresh store; the spool file."""
+    from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.digest import message_bytes
-    from clusterfeed.service import Service
+    from clusterfeed.digest.digest import message_bytes
     from clusterfeed.store import Store
 
     _write_subscribers(folder, n)
@@ -302,8 +302,8 @@ class TreeMemory:
 
 
 def role_clusterfeed(folder: Path) -> dict[str, Any]:
+    from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.service import Service
     from clusterfeed.store import Store
 
     config = load_config(folder / "send.toml")

@@ -295,7 +295,7 @@ def clusterfeed_command() -> str:
 PURE_PYTHON_SERVE = """
 import sys
 from clusterfeed.cli import _service
-from clusterfeed.web import make_server
+from clusterfeed.web.server import make_server
 from pathlib import Path
 with _service(Path(sys.argv[1])) as service:
     server = make_server(service, "127.0.0.1", int(sys.argv[2]))

@@ -481,8 +481,8 @@ def digest_titles(msg: EmailMessage) -> set[str]:
 def open_service(clock: Clock) -> Iterator[Any]:
     """``open_service(config_path)``: a prepared Service on that config, with the test's
     clock; every store it opened is closed after the test."""
+    from clusterfeed.app.service import Service
     from clusterfeed.config import load_config
-    from clusterfeed.service import Service
     from clusterfeed.store import Store
 
     stores: list[Store] = []
@@ -538,7 +538,7 @@ class RunningServer:
     """The web app (``web.make_server``) in a thread, on a free port of 127.0.0.1."""
 
     def __init__(self, service: Any) -> None:
-        from clusterfeed.web import make_server
+        from clusterfeed.web.server import make_server
 
         self.server = make_server(service, "127.0.0.1", 0)
         self.server.config.install_signal_handlers = False

@@ -246,7 +246,7 @@ if __name__ == "__main__":
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["clusterfeed.reading"])
+    context.set_forkserver_preload(["clusterfeed.ingest.reading"])
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         print(pool.submit(eval, "sorted(m for m in __import__('sys').modules)").result())
 """
@@ -259,6 +259,6 @@ def test_workers_started_by_the_command_import_only_what_they_need(tmp_path: Pat
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
     )
     imported = set(eval(out.stdout.strip().splitlines()[-1]))
-    assert "clusterfeed.reading" in imported  # the worker is really one of ours
-    heavy = {"clusterfeed.cli", "clusterfeed.service", "clusterfeed.store", "sqlalchemy"}
+    assert "clusterfeed.ingest.reading" in imported  # the worker is really one of ours
+    heavy = {"clusterfeed.cli", "clusterfeed.app.service", "clusterfeed.store", "sqlalchemy"}
     assert not heavy & imported, sorted(heavy & imported)

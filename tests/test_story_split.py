@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 
 from clusterfeed.config import load_config
-from clusterfeed.store import Store, story_corrections
+from clusterfeed.store import SCHEMA_VERSION, Store, story_corrections
 from clusterfeed.stories import StoryMatcher
 from clusterfeed.storysplit import apart_pairs, page_key
 from tests.test_store import _back_to_version_8
@@ -106,7 +106,7 @@ def test_a_version_8_database_gets_the_corrections_table(database_url: str) -> N
         with store.engine.begin() as conn:
             _back_to_version_8(conn)
         assert store.schema_version() == 8
-        assert store.migrate() == 9
+        assert store.migrate() == SCHEMA_VERSION
         with store.engine.connect() as conn:
             assert conn.execute(select(story_corrections)).all() == []
     finally:

@@ -23,7 +23,7 @@ def test_a_property_test_without_its_own_settings_has_no_deadline(value: int) ->
 
 def test_no_test_sets_a_deadline_of_its_own() -> None:
     timed = []
-    for path in sorted(TESTS.glob("test_*.py")):
+    for path in sorted(TESTS.rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             unlimited = isinstance(node, ast.keyword) and isinstance(node.value, ast.Constant)
             if (
@@ -33,7 +33,7 @@ def test_no_test_sets_a_deadline_of_its_own() -> None:
                     unlimited and node.value.value is None  # type: ignore[attr-defined]
                 )
             ):
-                timed.append(f"{path.name}:{node.lineno}")
+                timed.append(f"{path.relative_to(TESTS)}:{node.lineno}")
     assert timed == []
 
 

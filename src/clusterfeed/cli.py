@@ -26,7 +26,10 @@ from rich.table import Table
 
 from clusterfeed import __version__
 from clusterfeed.app import units
+from clusterfeed.app.health import Alert
+from clusterfeed.app.scaffold import init_command
 from clusterfeed.app.sequences import FetchReport, cycle, digest_run, fetch_and_match
+from clusterfeed.app.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.config import (
     CONFIG_ENV,
     Config,
@@ -35,15 +38,12 @@ from clusterfeed.config import (
     all_subscribers,
     load_config,
 )
-from clusterfeed.health import Alert
-from clusterfeed.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
+from clusterfeed.delivery.mail import PermanentFailure, SendReport, SetupFailure, TemporaryFailure
+from clusterfeed.digest.templatecheck import TemplateProblem, describe, template_problems
+from clusterfeed.ingest.netguard import fetch_warnings
 from clusterfeed.model import FeedStatus, Story
-from clusterfeed.netguard import fetch_warnings
 from clusterfeed.retired import retired_story_settings
-from clusterfeed.scaffold import init_command
-from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.store import Delivery, Store, StoreError
-from clusterfeed.templatecheck import TemplateProblem, describe, template_problems
 from clusterfeed.words import plural
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -438,7 +438,7 @@ def _print_delivery_notes(service: Service, report: SendReport) -> None:
 @_handle_errors
 def serve(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Serve the published feeds, /healthz and /metrics over HTTP."""
-    from clusterfeed.web import make_server
+    from clusterfeed.web.server import make_server
 
     with _service(config_path) as service:
         server = make_server(service, host, port)
@@ -546,12 +546,12 @@ async def _run_service(
     ``host``/``port`` override web.host/web.port: a container listens on 0.0.0.0
     whatever the mounted config says, since its port is only reachable that way.
     """
-    from clusterfeed.schedule import run_forever
+    from clusterfeed.app.schedule import run_forever
 
     if not with_web:
         await run_forever(service)
         return
-    from clusterfeed.web import make_server
+    from clusterfeed.web.server import make_server
 
     server = make_server(service, host, port)
     server.config.install_signal_handlers = False  # the scheduler owns SIGTERM/SIGINT
@@ -829,7 +829,7 @@ def feeds() -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would be added; change nothing.")
 def feeds_import(config_path: Path | None, opml_file: Path, language: str, dry_run: bool) -> None:
     """Append the feeds of an OPML file to the config, skipping those already there."""
-    from clusterfeed.opml import OpmlError, import_opml
+    from clusterfeed.publish.opml import OpmlError, import_opml
 
     try:
         result = import_opml(config_path, opml_file, language=language, dry_run=dry_run)
@@ -886,8 +886,8 @@ def feeds_export(config_path: Path | None, out_file: Path | None) -> None:
     """Write the configured feeds as OPML 2.0 (local files are left out)."""
     from datetime import UTC
 
-    from clusterfeed.opml import export_opml
-    from clusterfeed.publish import write_atomic
+    from clusterfeed.publish.formats import write_atomic
+    from clusterfeed.publish.opml import export_opml
 
     try:
         config = load_config(config_path)
@@ -1006,8 +1006,8 @@ def subscribers_add(
     confirmed: bool,
 ) -> None:
     """Add one address; without --confirmed it gets a confirmation mail first."""
-    from clusterfeed.csvtext import not_offered
-    from clusterfeed.subscribe import Preferences, Subscriptions
+    from clusterfeed.subscribers.csvtext import not_offered
+    from clusterfeed.subscribers.subscribe import Preferences, Subscriptions
 
     address = _checked_address(email)
     topics = tuple(t.strip().lower() for t in topics)
@@ -1103,7 +1103,7 @@ def subscribers_import(
     feeds offer.
     """
     from clusterfeed.config import read_subscribers_csv
-    from clusterfeed.subscribe import Preferences, Subscriptions, offered_choices
+    from clusterfeed.subscribers.subscribe import Preferences, Subscriptions, offered_choices
 
     extra = set(EXPORT_COLUMNS) - {"email", "name", "topics", "languages", "frequency"}
     try:
@@ -1195,8 +1195,8 @@ def subscribers_export(
     config_path: Path | None, export_all: bool, consents: bool, out_file: Path | None
 ) -> None:
     """Write subscribers (or, with --consents, every consent change) as CSV."""
-    from clusterfeed.publish import write_atomic
-    from clusterfeed.subscribe import consent_row
+    from clusterfeed.publish.formats import write_atomic
+    from clusterfeed.subscribers.subscribe import consent_row
 
     with _service(config_path) as service:
         header: tuple[str, ...]
@@ -1250,7 +1250,7 @@ def subscribers_export(
 def subscribers_erase(config_path: Path | None, email: str) -> None:
     """Delete every personal datum of an address (GDPR erasure); keep a keyed hash so it
     cannot be imported or signed up again by mistake."""
-    from clusterfeed.subscribe import Subscriptions
+    from clusterfeed.subscribers.subscribe import Subscriptions
 
     address = _checked_address(email)
     with _service(config_path) as service:

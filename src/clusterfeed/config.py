@@ -37,10 +37,10 @@ from pydantic import (
 )
 
 from clusterfeed.configwords import located, sentence, shown
-from clusterfeed.proxies import check_proxy
+from clusterfeed.web.proxies import check_proxy
 
 if TYPE_CHECKING:
-    from clusterfeed.filters import FilterRules
+    from clusterfeed.ingest.filters import FilterRules
 
 DEFAULT_CONFIG_PATH = Path("config/clusterfeed.toml")
 CONFIG_ENV = "CLUSTERFEED_CONFIG"
@@ -263,7 +263,7 @@ class SelectorsConfig(_Strict):
     def _css(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        from clusterfeed.scrape import check_selector
+        from clusterfeed.ingest.scrape import check_selector
 
         problem = check_selector(value)
         if problem:
@@ -293,7 +293,7 @@ class FiltersConfig(_Strict):
     """Items with one of these topics are left out."""
 
     def rules(self) -> FilterRules:
-        from clusterfeed.filters import FilterRules
+        from clusterfeed.ingest.filters import FilterRules
 
         return FilterRules(
             tuple(self.include_keywords), tuple(self.exclude_keywords),
@@ -1016,7 +1016,7 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                     "(local paths are relative to the config file's folder)",
                 )
             )
-    from clusterfeed.digest import default_template_dir
+    from clusterfeed.digest.digest import default_template_dir
 
     digest = table("digest")
     folder = digest.get("templates_dir")
@@ -1088,7 +1088,7 @@ def read_subscribers_csv(
     names one. With ``offered`` (topics, languages), any other value is a problem of its
     line: an import takes what the sign-up form offers, nothing a digest cannot match.
     """
-    from clusterfeed import csvtext
+    from clusterfeed.subscribers import csvtext
 
     problems: list[Problem] = []
     result: list[SubscriberConfig] = []

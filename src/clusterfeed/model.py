@@ -82,6 +82,9 @@ class Entry:
     published: datetime
     updated: datetime
     content_hash: str
+    # The date the partner gave, unclamped (``published`` is never after first seen);
+    # None when the feed gave none. Story matching compares these.
+    dated: datetime | None = None
 
 
 @dataclass(frozen=True)

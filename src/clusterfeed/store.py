@@ -55,6 +55,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from clusterfeed.dedup import EntryChange, plan_feed_update
+from clusterfeed.digest.planning import OutboxFacts
 from clusterfeed.model import (
     Consent,
     Entry,
@@ -65,7 +66,6 @@ from clusterfeed.model import (
     Story,
     Subscriber,
 )
-from clusterfeed.planning import OutboxFacts
 from clusterfeed.stories import (
     Match,
     StoryItem,
@@ -180,6 +180,11 @@ entries = Table(
     Column("updated_at", _UTCDateTime(), nullable=False),
     Column("first_seen_at", _UTCDateTime(), nullable=False),
     Column("content_hash", String(64), nullable=False),
+    # The publication date as the partner gave it, even when it lies in the future
+    # (``published_at`` is then clamped to the time it was first seen, for readers).
+    # Story matching compares these: a feed whose dates all lie ahead must not look
+    # as if every item appeared at the same moment. Filled for every row.
+    Column("dated_at", _UTCDateTime()),
     # Schema version 3: why this entry joined its story (empty for the first one).
     Column("join_reason", Text),
     UniqueConstraint("feed_id", "identity", name="uq_entries_feed_identity"),
@@ -187,6 +192,7 @@ entries = Table(
 Index("ix_entries_link_key", entries.c.link_key)
 Index("ix_entries_guid", entries.c.guid)
 Index("ix_entries_story", entries.c.story_id)
+Index("ix_entries_dated", entries.c.dated_at)
 
 subscribers = Table(
     "subscribers",
@@ -319,7 +325,7 @@ story_corrections = Table(
     Column("created_at", _UTCDateTime(), nullable=False),
 )
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Writers take one lock for the length of their transaction. Store writes are short
 # (one feed's entries, one outbox row), so one lock costs little and rules out the
@@ -415,6 +421,15 @@ def _migrate_8_to_9(conn: Connection) -> None:
     story_corrections.create(conn, checkfirst=True)
 
 
+def _migrate_9_to_10(conn: Connection) -> None:
+    # Rows stored before kept only the clamped date: it is the best stated date left.
+    _add_columns(conn, entries, ["dated_at"])
+    conn.execute(update(entries).values(dated_at=entries.c.published_at))
+    for index in entries.indexes:
+        if index.name == "ix_entries_dated":
+            index.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] brings a version-n+1 database to version n+2 (version 1 was the first
 # released schema). Append, never edit: a database in the field may be at any version.
 MIGRATIONS: list[Callable[[Connection], None]] = [
@@ -426,6 +441,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _migrate_6_to_7,
     _migrate_7_to_8,
     _migrate_8_to_9,
+    _migrate_9_to_10,
 ]
 
 
@@ -1087,30 +1103,29 @@ class Store:
 
         with self._tx() as conn:
             new_rows = conn.execute(
-                select(entries.c.id, entries.c.story_id, entries.c.published_at)
+                select(entries.c.id, entries.c.story_id, entries.c.dated_at)
                 .join(stories, stories.c.id == entries.c.story_id)
                 .where(entries.c.first_seen_at >= since, stories.c.first_seen_at >= since)
             ).all()
             if not new_rows:
                 return 0
             window = timedelta(days=matcher.model.window_days)
-            low = min(_utc(r.published_at) or r.published_at for r in new_rows) - window
-            high = max(_utc(r.published_at) or r.published_at for r in new_rows) + window
+            low = min(_utc(r.dated_at) or r.dated_at for r in new_rows) - window
+            high = max(_utc(r.dated_at) or r.dated_at for r in new_rows) + window
             rows = conn.execute(
                 select(
                     entries.c.id, entries.c.story_id, entries.c.link, entries.c.identity,
-                    entries.c.published_at, entries.c.content_hash, entries.c.language,
-                    entries.c.link_key, feeds.c.name.label("feed_name"),
+                    entries.c.published_at, entries.c.dated_at, entries.c.content_hash,
+                    entries.c.language, entries.c.link_key, feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
-                .where(entries.c.published_at >= low, entries.c.published_at <= high)
+                .where(entries.c.dated_at >= low, entries.c.dated_at <= high)
             ).all()  # fmt: skip
             feats = self._story_features(conn, rows, matcher)
             story_of = {int(r.id): int(r.story_id) for r in rows}
             links = {int(r.id): r.link for r in rows}
             order = {
-                int(r.id): (_utc(r.published_at) or r.published_at, r.feed_name, r.identity)
-                for r in rows
+                int(r.id): (_utc(r.dated_at) or r.dated_at, r.feed_name, r.identity) for r in rows
             }
             sizes = Counter(story_of.values())
             new_ids = sorted(
@@ -1130,7 +1145,8 @@ class Store:
             ordered = {i: feats[i] for i in sorted(feats, key=lambda i: (order[i], i))}
             decisions = join_new(ordered, story_of, new_ids, matcher.model, forced=forced)
             if decisions:
-                published = {i: f.published for i, f in feats.items()}
+                # The story's shown date is its earliest version's clamped date.
+                published = {int(r.id): _utc(r.published_at) or r.published_at for r in rows}
                 self._write_joins(conn, decisions, new_rows, published, since)
         return len(decisions)
 
@@ -1189,7 +1205,7 @@ class Store:
             result[i] = ItemFeatures(
                 feed=r.feed_name,
                 language=r.language,
-                published=_utc(r.published_at) or r.published_at,
+                published=_utc(r.dated_at) or r.dated_at,
                 vector=np.frombuffer(found.vector, dtype=np.float16).astype(np.float32),
                 evidence=Evidence.from_json(found.evidence),
             )
@@ -1203,7 +1219,7 @@ class Store:
                 select(
                     entries.c.id, entries.c.language, entries.c.title, entries.c.summary_text,
                     entries.c.summary_html, entries.c.content_html, entries.c.link,
-                    entries.c.published_at, feeds.c.name.label("feed_name"),
+                    entries.c.dated_at.label("published_at"), feeds.c.name.label("feed_name"),
                 )
                 .join(feeds, feeds.c.id == entries.c.feed_id)
                 .where(entries.c.id.in_(chunk))
@@ -2509,6 +2525,7 @@ def _entry_values(entry: Entry) -> dict[str, Any]:
         "published_at": entry.published,
         "updated_at": entry.updated,
         "content_hash": entry.content_hash,
+        "dated_at": entry.dated or entry.published,
     }
 
 
@@ -2569,7 +2586,7 @@ class _Statements:
 _ENTRY_CONTENT = (
     "guid", "link", "link_key", "title", "summary_html", "summary_text", "content_html",
     "image_url", "image_alt", "author", "topics", "language", "published_at", "updated_at",
-    "content_hash",
+    "content_hash", "dated_at",
 )  # fmt: skip
 _STMT = _Statements()
 
@@ -2598,7 +2615,7 @@ def _story_item(row: Any) -> StoryItem:
 def _matching_text(summary: str, content_html: str, limit: int = 6000) -> str:
     """The text matching looks at: the summary, then the full text, cut at a limit
     (the first paragraphs carry the names and numbers; a 5 MB release need not)."""
-    from clusterfeed.normalize import html_to_text
+    from clusterfeed.ingest.normalize import html_to_text
 
     text = summary
     if content_html and len(text) < limit:
@@ -2631,6 +2648,7 @@ def _row_to_entry(row: Any) -> Entry:
         published=_utc(row.published_at) or row.published_at,
         updated=_utc(row.updated_at) or row.updated_at,
         content_hash=row.content_hash,
+        dated=_utc(row.dated_at) if row.dated_at is not None else None,
     )
 
 

@@ -32,7 +32,7 @@ from datetime import date, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from clusterfeed.dates import MONTHS
+from clusterfeed.ingest.dates import MONTHS
 
 _T = TypeVar("_T")
 
@@ -506,7 +506,7 @@ def _frozen(values: Iterable[_T]) -> frozenset[_T]:
 def _link_key(url: str | None) -> str | None:
     if not url:
         return None
-    from clusterfeed.normalize import link_key, normalize_url
+    from clusterfeed.ingest.normalize import link_key, normalize_url
 
     normalized = normalize_url(url)
     if normalized is None:
@@ -531,7 +531,7 @@ class StoryMatcher:
         encoder: str | None = None,
         model: Any = None,
     ) -> None:
-        from clusterfeed.normalize import link_key, normalize_url
+        from clusterfeed.ingest.normalize import link_key, normalize_url
 
         self._encoder_spec = encoder
         self._model = model

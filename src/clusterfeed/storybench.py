@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from clusterfeed.normalize import html_to_text, normalize_entry
+from clusterfeed.ingest.normalize import html_to_text, normalize_entry
 from clusterfeed.stories import StoryItem
 
 HELD_OUT_SHARE = 30  # percent of each set's stories kept out of tuning
@@ -201,10 +201,15 @@ def cycles_of(
 
 
 def production_labels(
-    cycles: Sequence[Sequence[Row]], matcher: Any, *, after_cycle: Any = None
+    cycles: Sequence[Sequence[Row]],
+    matcher: Any,
+    *,
+    after_cycle: Any = None,
+    clock: datetime = _NOW,
 ) -> dict[str, object]:
     """Store the cycles' items through the real store and match them after each cycle,
-    as ``fetch`` does; returns each labelled id's story id read back from the store."""
+    as ``fetch`` does; returns each labelled id's story id read back from the store.
+    ``clock`` is the first cycle's time (by default after every labelled date)."""
     from sqlalchemy import select as sql_select
 
     from clusterfeed.store import Store, entries, feeds
@@ -218,7 +223,7 @@ def production_labels(
             store.sync_feeds([(n, f"https://{slug[n]}.example/feed", None) for n in names])
             label: dict[tuple[str, str], list[str]] = {}
             for number, batch in enumerate(cycles):
-                now = _NOW + timedelta(hours=number)
+                now = clock + timedelta(hours=number)
                 by_feed: dict[str, list[Any]] = {}
                 for row in batch:
                     entry = normalize_entry(

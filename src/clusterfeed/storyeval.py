@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from clusterfeed.normalize import html_to_text, link_key, normalize_url
+from clusterfeed.ingest.normalize import html_to_text, link_key, normalize_url
 from clusterfeed.stories import StoryItem
 
 

@@ -19,7 +19,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, insert, select, update
 
-from clusterfeed.normalize import link_key, normalize_url
+from clusterfeed.ingest.normalize import link_key, normalize_url
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from clusterfeed.app import units
-from clusterfeed.health import Alert
-from clusterfeed.mail import SendReport
-from clusterfeed.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
+from clusterfeed.app.health import Alert
+from clusterfeed.app.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
+from clusterfeed.delivery.mail import SendReport
 from clusterfeed.store import Delivery
 
 Progress = Callable[[Delivery, str], None]

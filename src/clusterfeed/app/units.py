@@ -24,9 +24,9 @@ from collections.abc import Callable, Collection
 from datetime import datetime
 from pathlib import Path
 
-from clusterfeed.health import Alert
-from clusterfeed.mail import SendReport
-from clusterfeed.service import FeedOutcome, PublishReport, Service
+from clusterfeed.app.health import Alert
+from clusterfeed.app.service import FeedOutcome, PublishReport, Service
+from clusterfeed.delivery.mail import SendReport
 from clusterfeed.store import Delivery
 
 

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import make_url
 
 from clusterfeed.app import units
-from clusterfeed.mail import CLAIM_BATCH
-from clusterfeed.schedule import missed_slot, slot_key
-from clusterfeed.service import Service
+from clusterfeed.app.schedule import missed_slot, slot_key
+from clusterfeed.app.service import Service
+from clusterfeed.delivery.mail import CLAIM_BATCH
 from clusterfeed.store import worker_id
 
 if TYPE_CHECKING:
