@@ -97,6 +97,13 @@ class Workers:
         self.kills.append(time.monotonic())
         self.procs[0] = self._start("worker", "--concurrency", "4")
 
+    def working(self, timeout: float = 60) -> None:
+        """Wait until the restarted worker takes tasks, so that kills hit work, not start-up."""
+        log = self.logs[-1]
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and b"running" not in log.read_bytes():
+            time.sleep(0.2)
+
     def stop(self) -> None:
         for proc in [self.scheduler, *self.procs]:
             if proc.poll() is None:
@@ -167,12 +174,12 @@ def test_killed_worker_loses_nothing_and_repeats_nothing(
                 "[workers]",
                 "tick_seconds = 1",
                 "heartbeat_seconds = 1",
-                "stalled_after_seconds = 4",
+                "stalled_after_seconds = 10",
             ]
         ),
     )
     engine = sqlalchemy.create_engine(pg_schema_url)
-    bound = 4 + 1 + 20  # stalled_after + tick + a task's own time, seconds
+    bound = 10 + 1 + 20  # stalled_after + tick + a task's own time, seconds
 
     def count(sql: str) -> int:
         try:
@@ -193,7 +200,8 @@ def test_killed_worker_loses_nothing_and_repeats_nothing(
         while len(workers.kills) < n_kills and not killer_stop.is_set():
             if len(workers.kills) == n_kills // 2:
                 mailing.wait()
-            if killer_stop.wait(rng.uniform(0.3, 2.5)):
+            workers.working()
+            if killer_stop.wait(rng.uniform(0.3, 3.0)):
                 return
             workers.kill_and_restart()
 

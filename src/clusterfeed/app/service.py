@@ -30,6 +30,7 @@ from clusterfeed.app.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.app.lifeline import lifeline, start_worker
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.delivery.mail import (
+    CLAIM_BATCH,
     Outgoing,
     PermanentFailure,
     Prepared,
@@ -1046,7 +1047,10 @@ class Service:
             self._story_cache.clear()  # stories may have changed since the last run
         self._composer, self._run_secret = None, None  # and templates and the secret
         transport = transport or self.transport()
-        workers = self._render_processes(self.store.count_due(self.clock()))
+        due = self.store.count_due(self.clock())
+        if batches is not None:  # a task's batch: too few messages to start processes for
+            due = min(due, batches * CLAIM_BATCH)
+        workers = self._render_processes(due)
         pool = None
 
         async def compose_here(delivery: Delivery) -> Outgoing:

@@ -123,9 +123,16 @@ def make_app(service: Service, pool_size: int = 4) -> procrastinate.App:
         if batches:
             await app.configure_task(DELIVER).batch_defer_async(*([{}] * batches))
 
+    sending = asyncio.Lock()
+
     @app.task(name=DELIVER, queue="mail")
     async def deliver() -> None:
-        report = await units.deliver(service, batches=1)
+        # Sending composes and records on its own thread and event loop: on the worker's
+        # loop it held up the heartbeats, and a busy worker was taken for dead. One
+        # batch at a time per process (a sending run keeps its renderings on the
+        # service); the other workers send theirs meanwhile.
+        async with sending:
+            report = await asyncio.to_thread(asyncio.run, units.deliver(service, batches=1))
         if report.sent or report.failed or report.retry:
             log.info("delivered a batch: %d sent, %d deferred, %d failed",
                      report.sent, report.retry, report.failed)  # fmt: skip
