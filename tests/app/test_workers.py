@@ -10,6 +10,7 @@ the test PostgreSQL, feeds on a real HTTP server and subscribers behind a real S
 
 from __future__ import annotations
 
+import asyncio
 import email
 import os
 import random
@@ -62,6 +63,44 @@ def pg_schema_url() -> Iterator[str]:
         with admin.begin() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def test_scheduler_queues_a_due_feed_once_and_a_worker_fetches_it_once(
+    tmp_path: Path, feed_server: FeedServer, pg_schema_url: str, rss_feed: Any, open_service: Any
+) -> None:
+    """In one process: the scheduler's look, twice, queues each due feed once; a worker
+    that runs the queue fetches each once; the next look finds nothing due."""
+    from clusterfeed.app.workers import ensure_schema, make_app, tick
+
+    recent = formatdate(time.time() - 3600, usegmt=True)
+    feeds = []
+    for i in range(3):
+        item = {"title": f"Partner {i} news", "link": f"https://p{i}.example/1", "date": recent}
+        feed_server.routes[f"/p{i}.rss"] = _route(rss_feed(f"P{i}", [item]))
+        feeds.append({"name": f"P{i}", "url": feed_server.url(f"/p{i}.rss"), "language": "en"})
+    config = write_config(
+        tmp_path,
+        feeds,
+        database_url=pg_schema_url,
+        extra="[fetch]\nallow_private_addresses = true\n",
+    )
+    service = open_service(config)
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        app = make_app(service)
+        async with app.open_async():
+            await ensure_schema(app)
+            first = await tick(service, app)
+            second = await tick(service, app)  # the same feeds still queued: not again
+            await app.run_worker_async(wait=False, install_signal_handlers=False)
+            third = await tick(service, app)  # fetched: not due for fetch_interval_minutes
+        return first, second, third
+
+    first, second, third = asyncio.run(scenario())
+    assert (first["fetch"], second["fetch"], third["fetch"]) == (3, 0, 0)
+    requests = [r.path for r in feed_server.requests]
+    assert sorted(requests) == ["/p0.rss", "/p1.rss", "/p2.rss"]
+    assert service.store.count_entries() == 3
 
 
 def _size() -> tuple[int, int, int]:
