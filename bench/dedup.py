@@ -4,11 +4,11 @@ One run generates a synthetic stream of partner items from the labelled set, the
 measures, each in a fresh subprocess (cold imports and a memory peak of its own):
 
 1. ``scratch``: the production engine (items stored through the real store, then
-   ``Store.join_new_stories``, as ``fetch`` does; ``storybench.production_labels``)
+   ``Store.join_new_stories``, as ``fetch`` does; ``stories.benchmark.production_labels``)
    on all N items (default 100,000) in one cycle;
 2. ``incremental``: the same store holding those N items, then the timed cycle of
    the 1,000 items that come after them in time;
-3. ``naive``: the naive baseline of ``storyeval.naive_labels`` (exact URL plus title
+3. ``naive``: the naive baseline of ``stories.evaluate.naive_labels`` (exact URL plus title
    word Jaccard >= 0.5) on the same N items, with an inverted index on title words
    (the same rule and the same result, see ``naive_indexed``), and the literal
    O(n^2) ``naive_labels`` on a smaller sample, whose time is extrapolated to N.
@@ -16,7 +16,7 @@ measures, each in a fresh subprocess (cold imports and a memory peak of its own)
 Each run reports wall time, CPU time and peak RSS, and the pairwise precision and
 recall against the generator's own labels (a check that the events it makes are the
 ones matching finds). The labelled set's quality is measured too, so a faster
-``stories.py`` that matches worse cannot go unnoticed.
+``clusterfeed.stories`` that matches worse cannot go unnoticed.
 
 The generator (``generate``) reuses every story of ``tests/data/stories`` as a
 template: each generated event is one template story with its company, people,
@@ -56,18 +56,18 @@ from typing import Any
 
 from clusterfeed.ingest.dates import MONTHS
 from clusterfeed.ingest.normalize import html_to_text
-from clusterfeed.stories import (
-    STOPWORDS,
-    StoryItem,
-    katakana_skeletons,
-    latin_skeleton,
-)
-from clusterfeed.storyeval import (
+from clusterfeed.stories.evaluate import (
     load_labelled,
     measure,
     naive_labels,
     same_link_groups,
     title_words,  # naive_labels' own rule
+)
+from clusterfeed.stories.features import (
+    STOPWORDS,
+    StoryItem,
+    katakana_skeletons,
+    latin_skeleton,
 )
 
 BENCH = Path(__file__).resolve().parent
@@ -134,7 +134,7 @@ _FIXED = STOPWORDS | _NUMBER_WORDS | _KEEP | frozenset(MONTHS)
 _LETTERS = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ]+")
 _KATAKANA_WORD = re.compile(r"[\u30a0-\u30fa\u30fc-\u30ff]+")
 _URL_IN_TEXT = re.compile(r"https?://[^\s\"'<>]+")
-# Unlike stories.py, also inside Japanese text ("シートOST-12の"), where \b fails.
+# Unlike stories.features, also inside Japanese text ("シートOST-12の"), where \b fails.
 _CODE = re.compile(r"(?<![A-Za-z0-9])([A-Za-z]{1,6})(-?)(\d{2,5})([A-Za-z]?)(?![A-Za-z0-9])")
 _CODE_KEEP = frozenset({"Q", "H", "KW", "CW", "FY", "COVID", "ISO", "DIN"})
 
@@ -738,7 +738,7 @@ def generate(items: int, seed: int = SEED) -> tuple[list[StoryItem], dict[str, s
 
 
 def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[str, object]:
-    """``storyeval.naive_labels`` (the same links, the same title words, the same
+    """``stories.evaluate.naive_labels`` (the same links, the same title words, the same
     Jaccard test), without comparing every pair of titles: prefix filtering.
 
     With the title words of all items in one order, rarest first, two word sets with
@@ -771,7 +771,7 @@ def naive_indexed(items: Sequence[StoryItem], min_overlap: float = 0.5) -> dict[
 
 
 def pairwise(predicted: Mapping[str, object], truth: Mapping[str, object]) -> tuple[float, float]:
-    """``storyeval.pairwise_scores`` by counting, not listing pairs: the naive baseline
+    """``stories.evaluate.pairwise_scores`` by counting, not listing pairs: the naive baseline
     makes groups of thousands at this scale, whose pairs would not fit in memory."""
 
     def pairs(sizes: Iterable[int]) -> int:
@@ -829,8 +829,8 @@ def run_child(kind: str, data: Path, n: int, extra: int, sample: int) -> dict[st
     """One measurement, in this (fresh) process; the figures as a dict."""
     # The production engine: the items stored through the real store and matched by
     # ``Store.join_new_stories`` after each cycle, as ``fetch`` does.
-    from clusterfeed.stories import StoryMatcher
-    from clusterfeed.storybench import production_labels, row_of
+    from clusterfeed.stories.benchmark import production_labels, row_of
+    from clusterfeed.stories.matcher import StoryMatcher
 
     items, truth = _load(data)
     base, later = items[:n], items[n : n + extra]
@@ -977,8 +977,8 @@ def _count_between(times: Sequence[float], low: float, high: float) -> int:
 
 def labelled_quality() -> dict[str, Any]:
     """The labelled sets a-c through the production path (as ``bench/stories.py``)."""
-    from clusterfeed.stories import StoryMatcher
-    from clusterfeed.storybench import cycles_of, load_rows, production_labels, score
+    from clusterfeed.stories.benchmark import cycles_of, load_rows, production_labels, score
+    from clusterfeed.stories.matcher import StoryMatcher
 
     data = load_labelled(LABELLED)
     rows, negatives = load_rows(LABELLED)

@@ -3,7 +3,7 @@
     python bench/stories.py [FOLDER ...]        (default: tests/data/stories)
 
 Runs clusterfeed through the production path (items stored, then matched by the store:
-``clusterfeed.storybench``) beside three baselines that run on the same items: naive
+``clusterfeed.stories.benchmark``) beside three baselines that run on the same items: naive
 (exact URL + title word overlap), NewsBlur's title tiers, and TF-IDF cosine (threshold
 picked on the tuning part). Prints a Markdown table for bench/RESULTS.md and docs/stories.md.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from clusterfeed.storybench import (  # noqa: E402
+from clusterfeed.stories.benchmark import (  # noqa: E402
     Row,
     Score,
     cycles_of,
@@ -29,7 +29,7 @@ from clusterfeed.storybench import (  # noqa: E402
     score,
     select,
 )
-from clusterfeed.storyeval import UnionFind, naive_labels, newsblur_labels  # noqa: E402
+from clusterfeed.stories.evaluate import UnionFind, naive_labels, newsblur_labels  # noqa: E402
 
 Negatives = Sequence[tuple[str, str, str]]
 Method = Callable[[Sequence[Row]], dict[str, object]]
@@ -61,7 +61,7 @@ def best_tfidf_threshold(rows: Sequence[Row], negatives: Negatives) -> float:
 
 
 def production(rows: Sequence[Row]) -> dict[str, object]:
-    from clusterfeed.stories import StoryMatcher
+    from clusterfeed.stories.matcher import StoryMatcher
 
     return production_labels(cycles_of(rows, 1), StoryMatcher())
 

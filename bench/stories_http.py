@@ -39,7 +39,7 @@ from xml.sax.saxutils import escape
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from clusterfeed.storybench import Row, load_rows, score  # noqa: E402
+from clusterfeed.stories.benchmark import Row, load_rows, score  # noqa: E402
 
 
 def feed_slug(name: str) -> str:

@@ -25,9 +25,9 @@ sys.path.insert(0, str(HERE))
 
 from dedup import generate  # noqa: E402
 
-from clusterfeed.stories import StoryMatcher  # noqa: E402
-from clusterfeed.storybench import Row, production_labels, score  # noqa: E402
-from clusterfeed.storybench import row_of as as_row  # noqa: E402
+from clusterfeed.stories.benchmark import Row, production_labels, score  # noqa: E402
+from clusterfeed.stories.benchmark import row_of as as_row  # noqa: E402
+from clusterfeed.stories.matcher import StoryMatcher  # noqa: E402
 
 
 def run(cycles: Sequence[Sequence[Row]], label: str) -> None:

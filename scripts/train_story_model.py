@@ -2,12 +2,12 @@
 
     python scripts/train_story_model.py [FOLDER ...]   (default: tests/data/stories)
 
-Fits a logistic regression over ``clusterfeed.storymodel.pair_vector`` on every pair of
+Fits a logistic regression over ``clusterfeed.stories.score.pair_vector`` on every pair of
 tuning items of one set within 14 days (label: same story), then picks the clustering
-thresholds by running ``clusterfeed.storycluster.join_new`` (the function production
+thresholds by running ``clusterfeed.stories.cluster.join_new`` (the function production
 runs) on the tuning items: the highest recall with precision >= 0.98 and no hard
 negative merged, else the best F1. Writes src/clusterfeed/data/story_pairs.json.
-The held-out part is never read here (``clusterfeed.storybench.part_of``).
+The held-out part is never read here (``clusterfeed.stories.benchmark.part_of``).
 """
 
 from __future__ import annotations
@@ -23,16 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from clusterfeed.encoder import load_encoder  # noqa: E402
-from clusterfeed.storybench import Row, load_rows, score, select  # noqa: E402
-from clusterfeed.storycluster import join_new  # noqa: E402
-from clusterfeed.storymodel import (  # noqa: E402
-    ItemFeatures,
-    PairModel,
-    item_features,
-    name_frequencies,
-    pair_vector,
-)
+from clusterfeed.stories.benchmark import Row, load_rows, score, select  # noqa: E402
+from clusterfeed.stories.cluster import join_new  # noqa: E402
+from clusterfeed.stories.encoder import load_encoder  # noqa: E402
+from clusterfeed.stories.features import ItemFeatures, item_features  # noqa: E402
+from clusterfeed.stories.score import PairModel, name_frequencies, pair_vector  # noqa: E402
 
 PAIR_DAYS = 14.0
 OUT = ROOT / "src" / "clusterfeed" / "data" / "story_pairs.json"

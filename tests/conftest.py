@@ -341,7 +341,7 @@ def write_config(
 # The bundled example's 47 items form 36 stories by its answer key
 # (config/example-feeds/README.md). The matcher makes 35: it joins KristallWerk's
 # English and German lab opening (D) and keeps newsletter issues apart from other
-# publishers' issues and from the items they list (clusterfeed.storykinds), but still
+# publishers' issues and from the items they list (clusterfeed.stories.kinds), but still
 # joins the Summit programme with KristallWerk's "meet us at the Summit". Known and
 # open (issue 15): this constant says what the pipeline stores today, not what is right.
 EXAMPLE_STORIES = 35

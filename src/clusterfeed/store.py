@@ -54,8 +54,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from clusterfeed.dedup import EntryChange, plan_feed_update
 from clusterfeed.digest.planning import OutboxFacts
+from clusterfeed.ingest.dedup import EntryChange, plan_feed_update
 from clusterfeed.model import (
     Consent,
     Entry,
@@ -66,13 +66,10 @@ from clusterfeed.model import (
     Story,
     Subscriber,
 )
-from clusterfeed.stories import (
-    Match,
-    StoryItem,
-    StoryMatcher,
-)
-from clusterfeed.storymodel import ItemFeatures
-from clusterfeed.storysplit import SplitResult
+from clusterfeed.stories.cluster import Match
+from clusterfeed.stories.features import ItemFeatures, StoryItem
+from clusterfeed.stories.matcher import StoryMatcher
+from clusterfeed.stories.split import SplitResult
 
 
 class StoreError(Exception):
@@ -1097,9 +1094,9 @@ class Store:
         readers or subscribers have already seen changes identity. Each entry's
         features (embedding and evidence) are computed the first time it is in a
         window and stored (``story_features``); deciding reads only those
-        (``clusterfeed.storycluster.join_new``). Returns how many items joined.
+        (``clusterfeed.stories.cluster.join_new``). Returns how many items joined.
         """
-        from clusterfeed.storycluster import join_new
+        from clusterfeed.stories.cluster import join_new
 
         with self._tx() as conn:
             new_rows = conn.execute(
@@ -1167,8 +1164,8 @@ class Store:
 
     def split_story(self, url: str, now: datetime) -> SplitResult:
         """Take the item at ``url`` out of its story and keep its page apart from the
-        pages left there (``clusterfeed.storysplit``)."""
-        from clusterfeed.storysplit import split_entry
+        pages left there (``clusterfeed.stories.split``)."""
+        from clusterfeed.stories.split import split_entry
 
         with self._tx() as conn:
             return split_entry(conn, url, now)
@@ -1179,7 +1176,7 @@ class Store:
     ) -> dict[int, ItemFeatures]:
         """Every row's stored features; those missing or computed from another text or
         encoder are computed now (in one batch) and stored."""
-        from clusterfeed.storymodel import EVIDENCE_VERSION, Evidence, item_features
+        from clusterfeed.stories.features import EVIDENCE_VERSION, Evidence, item_features
 
         prints = {
             int(r.id): _short_hash(

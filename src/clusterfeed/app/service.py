@@ -93,7 +93,7 @@ from clusterfeed.publish.site import (
     site_pages,
 )
 from clusterfeed.store import Delivery, PlannedDelivery, Store
-from clusterfeed.stories import StoryMatcher
+from clusterfeed.stories.matcher import StoryMatcher
 from clusterfeed.subscribers.tokens import (
     UNSUBSCRIBE,
     make_token,

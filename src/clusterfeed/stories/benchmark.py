@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterfeed.ingest.normalize import html_to_text, normalize_entry
-from clusterfeed.stories import StoryItem
+from clusterfeed.stories.features import StoryItem
 
 HELD_OUT_SHARE = 30  # percent of each set's stories kept out of tuning
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clusterfeed.storybench import cycles_of, load_rows, part_of, select
+from clusterfeed.stories.benchmark import cycles_of, load_rows, part_of, select
 
-LABELLED = Path(__file__).resolve().parent / "data" / "stories"
+LABELLED = Path(__file__).resolve().parent.parent / "data" / "stories"
 
 
 def test_no_story_has_items_on_both_sides_and_the_split_is_fixed() -> None:

@@ -14,9 +14,10 @@ overlap finds only a fraction of the pairs. What stays the same across languages
 - links: one release linking to another partner's release;
 - titles that are the same apart from a number (a series).
 
-Pure functions over plain data (``features``). The pair score and the clustering that
-use them are ``clusterfeed.storymodel`` and ``clusterfeed.storycluster``;
-``StoryMatcher`` carries the config's corrections, the encoder and the model.
+``evidence`` extracts them; ``item_features`` adds the embedding of title and lead
+(``clusterfeed.stories.encoder``). Both are computed once per item and stored, so
+matching never reads an item's text again. Pure functions over plain data; the pair
+score that compares two items is ``clusterfeed.stories.score``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ import math
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
+import numpy as np
+
 from clusterfeed.ingest.dates import MONTHS
+from clusterfeed.stories.kinds import notice_kind
 
 _T = TypeVar("_T")
 
@@ -51,9 +55,14 @@ class StoryItem:
     links: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Features:
+@dataclass(frozen=True)
+class Evidence:
+    """What an item says that stays the same across languages."""
+
     names: frozenset[str]
+    # The names in the title: who the news is about (``score.pair_vector``'s
+    # "other_protagonists").
+    title_names: frozenset[str]
     skeletons: frozenset[str]
     amounts: frozenset[tuple[str, int]]
     percents: frozenset[str]
@@ -63,21 +72,41 @@ class Features:
     own_link: str | None
     series_title: str | None
     series_numbers: tuple[str, ...]
-    # The names in the title: who the news is about (see ``different_protagonists``).
-    title_names: frozenset[str] = frozenset()
+    # A partner's own publication ("roundup": ``clusterfeed.stories.kinds``), or None.
+    kind: str | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "names": sorted(self.names),
+            "title_names": sorted(self.title_names),
+            "skeletons": sorted(self.skeletons),
+            "amounts": sorted([c, v] for c, v in self.amounts),
+            "percents": sorted(self.percents),
+            "dates": sorted(d.isoformat() for d in self.dates),
+            "codes": sorted(self.codes),
+            "links": sorted(self.links),
+            "own_link": self.own_link,
+            "series_title": self.series_title,
+            "series_numbers": list(self.series_numbers),
+            "kind": self.kind,
+        }
 
-@dataclass(frozen=True)
-class Match:
-    """Why two items were (or were not) joined."""
-
-    score: float
-    reasons: tuple[str, ...]
-    veto: str | None = None
-
-    @property
-    def joined(self) -> bool:
-        return self.veto is None and self.score > 0
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Evidence:
+        return cls(
+            names=frozenset(data["names"]),
+            title_names=frozenset(data["title_names"]),
+            skeletons=frozenset(data["skeletons"]),
+            amounts=frozenset((c, int(v)) for c, v in data["amounts"]),
+            percents=frozenset(data["percents"]),
+            dates=frozenset(date.fromisoformat(d) for d in data["dates"]),
+            codes=frozenset(data["codes"]),
+            links=frozenset(data["links"]),
+            own_link=data["own_link"],
+            series_title=data["series_title"],
+            series_numbers=tuple(data["series_numbers"]),
+            kind=data.get("kind"),
+        )
 
 
 # -- text --------------------------------------------------------------------------
@@ -121,10 +150,6 @@ def _lower_token(token: str) -> str:
     return lowered
 
 
-def latin_tokens(text: str) -> list[str]:
-    return [_lower_token(t) for t in _LATIN_TOKEN.findall(text)]
-
-
 _SENTENCE_MARKS = frozenset('.!?:;–—-"„“»«()[]')
 
 
@@ -160,37 +185,22 @@ def _name_token_info(token: str) -> tuple[bool, str] | None:
     return info  # type: ignore[return-value]
 
 
-def name_tokens(text: str) -> set[str]:
-    """Words that look like names: capitalized inside a sentence, or with capitals or
-    digits inside ("HafenCity", "FDA", "HV-201"), lower-cased for comparison.
-
-    Common words ("opens", "employees") are what two unrelated English items share
-    most; names are what two versions of one event share across languages. German
-    capitalizes every noun, so German nouns pass too: they are rarer than names across
-    partners, which the document frequencies take care of.
-    """
-    result = set()
-    for match in _LATIN_TOKEN.finditer(text):
-        token = match.group(0)
-        info = _name_token_info(token)
-        if info is None:
-            continue
-        strong, lowered = info
-        if strong or (token[0].isupper() and not _at_sentence_start(text, match.start())):
-            result.add(lowered)
-    return result
-
-
 # token -> (its lower-cased form, 0: no name, 1: a name inside a sentence, 2: a name)
 _token_info: dict[str, tuple[str, int]] = {}
 
 
-def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str], frozenset[str]]:
-    """``latin_tokens`` of title and body, their ``name_tokens``, and the title's names,
-    in one pass."""
+def _names(title: str, body: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The names in title and body, and those in the title: words capitalized inside a
+    sentence, or with capitals or digits inside ("HafenCity", "FDA", "HV-201"),
+    lower-cased for comparison.
+
+    Common words ("opens", "employees") are what two unrelated English items share
+    most; names are what two versions of one event share across languages. German
+    capitalizes every noun, so German nouns pass too: they are rarer than names across
+    partners, which the window's name counts take care of.
+    """
     text = f"{title} {body}"
     body_start = len(title) + 1
-    tokens: list[str] = []
     in_title: set[str] = set()
     in_body: set[str] = set()
     info = _token_info
@@ -205,13 +215,12 @@ def _tokens_and_names(title: str, body: str) -> tuple[list[str], frozenset[str],
             kind = 0 if name is None else 2 if name[0] else 1 if token[0].isupper() else 0
             known = info[token] = (lowered, kind)
         lowered, kind = known
-        tokens.append(lowered)
         if kind:
             start = match.start()
             segment = body_start if start >= body_start else 0
             if kind == 2 or not _at_sentence_start(text, start, segment):
                 (in_body if segment else in_title).add(lowered)
-    return tokens, _frozen(in_title | in_body), _frozen(in_title)
+    return _frozen(in_title | in_body), _frozen(in_title)
 
 
 # -- phonetic skeletons for katakana and Latin names ------------------------------
@@ -276,30 +285,6 @@ def _katakana_skeleton(word: str) -> str:
     romaji = romaji.replace("shi", "si").replace("chi", "ti").replace("tsu", "tu")
     romaji = romaji.replace("fu", "hu").replace("ji", "zi")
     return sys.intern(_consonants(romaji))
-
-
-def _close(a: str, b: str) -> bool:
-    """Skeletons that differ by at most one consonant (for names of 4+ consonants)."""
-    if a == b:
-        return True
-    length_a, length_b = len(a), len(b)
-    if length_a < 4 or length_b < 4 or abs(length_a - length_b) > 1:
-        return False
-    # One edit: substitution, insertion or deletion.
-    if length_a == length_b:
-        differences = 0
-        for x, y in zip(a, b, strict=True):
-            if x != y:
-                differences += 1
-                if differences > 1:
-                    return False
-        return True
-    short, long_ = (a, b) if length_a < length_b else (b, a)
-    # Deleting the first character where they part is as good as any deletion.
-    i = 0
-    while i < len(short) and short[i] == long_[i]:
-        i += 1
-    return short[i:] == long_[i + 1 :]
 
 
 # -- numbers -------------------------------------------------------------------------
@@ -466,20 +451,21 @@ def series_key(title: str) -> tuple[str | None, tuple[str, ...]]:
     return masked, numbers
 
 
-# -- features and scores ----------------------------------------------------------------
+# -- one item's features ---------------------------------------------------------------
 
 
-def features(item: StoryItem) -> Features:
-    """Everything matching uses, computed once per item."""
+def evidence(item: StoryItem) -> Evidence:
+    """Everything matching reads in an item's text, computed once per item."""
     title = normalize_text(item.title)
     body = normalize_text(item.text)
     text = f"{title} {body}"
-    _tokens, names, title_names = _tokens_and_names(title, body)
+    names, title_names = _names(title, body)
     skeletons = _frozen(katakana_skeletons(text)) if _KATAKANA_RUN.search(text) else _EMPTY
     links = _frozen(filter(None, (_link_key(u) for u in (*item.links, *_URL.findall(item.text)))))
     masked, numbers = series_key(title)
-    return Features(
+    return Evidence(
         names=names,
+        title_names=title_names,
         skeletons=skeletons,
         amounts=_frozen(amounts(text, item.language)),
         percents=_frozen(percents(text, item.language)),
@@ -489,7 +475,7 @@ def features(item: StoryItem) -> Features:
         own_link=_link_key(item.link) if item.link else None,
         series_title=masked,
         series_numbers=numbers,
-        title_names=title_names,
+        kind=notice_kind(item.title),
     )
 
 
@@ -518,59 +504,37 @@ def _link_key(url: str | None) -> str | None:
     return key
 
 
-class StoryMatcher:
-    """The live pipeline's side of matching: the config's corrections, the encoder and
-    the pair model (loaded once; ``clusterfeed.storycluster`` decides, the store
-    keeps the features)."""
+LEAD_CHARS = 400  # the lead: what the embedding reads after the title
+# Part of the stored features' fingerprint: raising it recomputes them once, when
+# what ``evidence`` extracts changes (2: the item's kind).
+EVIDENCE_VERSION = 2
 
-    def __init__(
-        self,
-        *,
-        together: Iterable[tuple[str, str]] = (),
-        apart: Iterable[tuple[str, str]] = (),
-        encoder: str | None = None,
-        model: Any = None,
-    ) -> None:
-        from clusterfeed.ingest.normalize import link_key, normalize_url
 
-        self._encoder_spec = encoder
-        self._model = model
+def embedding_text(item: StoryItem) -> str:
+    """Title and lead, the part of an item that says which event it reports."""
+    return f"{item.title}. {item.text[:LEAD_CHARS]}"
 
-        def key(url: str) -> str:
-            return link_key(normalize_url(url) or url) or url
 
-        self._together = {frozenset((key(a), key(b))) for a, b in together}
-        self._apart = {frozenset((key(a), key(b))) for a, b in apart}
-        self._key = key
+@dataclass(frozen=True)
+class ItemFeatures:
+    """One item as matching sees it: computed once, stored, never the text again."""
 
-    @property
-    def model(self) -> Any:
-        """The pair model (``clusterfeed.storymodel.PairModel``), loaded once."""
-        if self._model is None:
-            from clusterfeed.storymodel import default_model
+    feed: str
+    language: str
+    published: datetime
+    vector: np.ndarray
+    evidence: Evidence
 
-            self._model = default_model()
-        return self._model
 
-    @property
-    def encoder(self) -> Any:
-        """The sentence encoder (``clusterfeed.encoder.Encoder``), shared by the process."""
-        from clusterfeed.encoder import load_encoder
+def stored_vector(vector: np.ndarray) -> np.ndarray:
+    """The vector as the store keeps it (float16): every path compares the same values."""
+    return np.asarray(vector, dtype=np.float16).astype(np.float32)
 
-        return load_encoder(self._encoder_spec)
 
-    def forced_links(self, a: str | None, b: str | None) -> str | None:
-        """ "together", "apart" or None for the items at two links (the config's pairs)."""
-        if not a or not b:
-            return None
-        pair = frozenset((self._key(a), self._key(b)))
-        if pair in self._apart:
-            return "apart"
-        if pair in self._together:
-            return "together"
-        return None
-
-    @property
-    def forces_pairs(self) -> bool:
-        """Whether the config forces any pair together or apart."""
-        return bool(self._together or self._apart)
+def item_features(items: Sequence[StoryItem], encoder: Any) -> list[ItemFeatures]:
+    """The features of each item (``encoder``: a ``clusterfeed.stories.encoder.Encoder``)."""
+    vectors = encoder.encode([embedding_text(i) for i in items])
+    return [
+        ItemFeatures(i.feed, i.language, i.published, stored_vector(v), evidence(i))
+        for i, v in zip(items, vectors, strict=True)
+    ]

@@ -12,14 +12,23 @@ store loads the features and writes the decisions.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from clusterfeed.stories import Match
-from clusterfeed.storymodel import ItemFeatures, PairModel, name_frequencies, pair_vector, veto
+from clusterfeed.stories.features import ItemFeatures
+from clusterfeed.stories.score import PairModel, name_frequencies, pair_vector, veto
 
 K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Why an item joined a story: the score and what carried it (``stories`` shows both)."""
+
+    score: float
+    reasons: tuple[str, ...]
 
 
 def join_new(

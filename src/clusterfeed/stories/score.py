@@ -1,12 +1,11 @@
-"""Per-item features and the pair score of story matching.
+"""The pair score of story matching: are two items one event?
 
-An item's features are computed once and stored (``ItemFeatures``): the embedding of
-its title and lead (``clusterfeed.encoder``) and the evidence ``clusterfeed.stories``
-extracts (names, katakana skeletons, amounts, percentages, dates, codes, links). Two
-items' features give a short vector of pair features (``pair_vector``); a logistic
+Two items' stored features (``clusterfeed.stories.features``: the embedding and the
+evidence) give a short vector of pair features (``pair_vector``); a logistic
 regression trained on labelled pairs of the tuning part turns it into the probability
 that both tell one event (``PairModel``). Its coefficients live in
-``data/story_pairs.json``, written by ``scripts/train_story_model.py``.
+``data/story_pairs.json``, written by ``scripts/train_story_model.py``. ``veto`` holds
+the rules that stand above the score.
 
 Pure functions over plain data: no I/O but reading the model file.
 """
@@ -18,105 +17,13 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
 from importlib import resources
 from typing import Any
 
 import numpy as np
 
-from clusterfeed.stories import StoryItem, features, latin_skeleton
-from clusterfeed.storykinds import notice_kind, publisher
-
-LEAD_CHARS = 400  # the lead: what the embedding reads after the title
-# Part of the stored features' fingerprint: raising it recomputes them once, when
-# what ``evidence`` extracts changes (2: the item's kind).
-EVIDENCE_VERSION = 2
-
-
-def embedding_text(item: StoryItem) -> str:
-    """Title and lead, the part of an item that says which event it reports."""
-    return f"{item.title}. {item.text[:LEAD_CHARS]}"
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What an item says that stays the same across languages."""
-
-    names: frozenset[str]
-    title_names: frozenset[str]
-    skeletons: frozenset[str]
-    amounts: frozenset[tuple[str, int]]
-    percents: frozenset[str]
-    dates: frozenset[date]
-    codes: frozenset[str]
-    links: frozenset[str]
-    own_link: str | None
-    series_title: str | None
-    series_numbers: tuple[str, ...]
-    # A partner's own publication ("roundup": ``clusterfeed.storykinds``), or None.
-    kind: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "names": sorted(self.names),
-            "title_names": sorted(self.title_names),
-            "skeletons": sorted(self.skeletons),
-            "amounts": sorted([c, v] for c, v in self.amounts),
-            "percents": sorted(self.percents),
-            "dates": sorted(d.isoformat() for d in self.dates),
-            "codes": sorted(self.codes),
-            "links": sorted(self.links),
-            "own_link": self.own_link,
-            "series_title": self.series_title,
-            "series_numbers": list(self.series_numbers),
-            "kind": self.kind,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Evidence:
-        return cls(
-            names=frozenset(data["names"]),
-            title_names=frozenset(data["title_names"]),
-            skeletons=frozenset(data["skeletons"]),
-            amounts=frozenset((c, int(v)) for c, v in data["amounts"]),
-            percents=frozenset(data["percents"]),
-            dates=frozenset(date.fromisoformat(d) for d in data["dates"]),
-            codes=frozenset(data["codes"]),
-            links=frozenset(data["links"]),
-            own_link=data["own_link"],
-            series_title=data["series_title"],
-            series_numbers=tuple(data["series_numbers"]),
-            kind=data.get("kind"),
-        )
-
-
-def evidence(item: StoryItem) -> Evidence:
-    f = features(item)
-    return Evidence(
-        names=f.names,
-        title_names=f.title_names,
-        skeletons=f.skeletons,
-        amounts=f.amounts,
-        percents=f.percents,
-        dates=f.dates,
-        codes=f.codes,
-        links=f.links,
-        own_link=f.own_link,
-        series_title=f.series_title,
-        series_numbers=f.series_numbers,
-        kind=notice_kind(item.title),
-    )
-
-
-@dataclass(frozen=True)
-class ItemFeatures:
-    """One item as matching sees it: computed once, stored, never the text again."""
-
-    feed: str
-    language: str
-    published: datetime
-    vector: np.ndarray
-    evidence: Evidence
+from clusterfeed.stories.features import ItemFeatures, latin_skeleton
+from clusterfeed.stories.kinds import publisher
 
 
 def name_frequencies(items: Iterable[ItemFeatures]) -> tuple[Counter[str], int]:
@@ -227,7 +134,7 @@ def veto(a: ItemFeatures, b: ItemFeatures) -> str | None:
     not announce one event twice in one language (a bilingual feed may carry both
     versions); titles the same but for a number are a series ("Newsletter 03/2026" and
     "04/2026", "Teil 1" and "Teil 2", "news number 2" and "3"). A newsletter issue
-    (``clusterfeed.storykinds``) is one story only with its other language version
+    (``clusterfeed.stories.kinds``) is one story only with its other language version
     from the same site: it names the events it lists and is none of them.
     """
     if a.feed == b.feed and a.language == b.language:
@@ -305,17 +212,3 @@ def default_model() -> PairModel:
     """The model shipped with clusterfeed, trained on the tuning part of the labelled sets."""
     text = resources.files("clusterfeed").joinpath("data/story_pairs.json").read_text("utf-8")
     return PairModel.from_json(json.loads(text))
-
-
-def stored_vector(vector: np.ndarray) -> np.ndarray:
-    """The vector as the store keeps it (float16): every path compares the same values."""
-    return np.asarray(vector, dtype=np.float16).astype(np.float32)
-
-
-def item_features(items: Sequence[StoryItem], encoder: Any) -> list[ItemFeatures]:
-    """The features of each item (``encoder``: a ``clusterfeed.encoder.Encoder``)."""
-    vectors = encoder.encode([embedding_text(i) for i in items])
-    return [
-        ItemFeatures(i.feed, i.language, i.published, stored_vector(v), evidence(i))
-        for i, v in zip(items, vectors, strict=True)
-    ]

@@ -1,6 +1,6 @@
 """Story matching as production runs it: stored features, pair model, average link.
 
-Every test here goes through the store (``clusterfeed.storybench.production_labels``
+Every test here goes through the store (``clusterfeed.stories.benchmark.production_labels``
 stores labelled items as feed entries and runs ``Store.join_new_stories``), the path
 ``fetch`` and ``run`` take.
 """
@@ -17,18 +17,18 @@ from sqlalchemy import inspect, select
 
 from clusterfeed.model import Entry
 from clusterfeed.store import SCHEMA_VERSION, Store, entries, story_features
-from clusterfeed.stories import StoryMatcher
-from clusterfeed.storybench import (
+from clusterfeed.stories.benchmark import (
     Row,
     cycles_of,
     load_rows,
     production_labels,
     score,
 )
-from clusterfeed.storybench import select as select_rows
+from clusterfeed.stories.benchmark import select as select_rows
+from clusterfeed.stories.matcher import StoryMatcher
 from tests.test_store import _back_to_version_6
 
-LABELLED = Path(__file__).resolve().parent / "data" / "stories"
+LABELLED = Path(__file__).resolve().parent.parent / "data" / "stories"
 NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
 
 

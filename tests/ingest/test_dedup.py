@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from clusterfeed.dedup import plan_feed_update
+from clusterfeed.ingest.dedup import plan_feed_update
 from clusterfeed.model import Entry
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)

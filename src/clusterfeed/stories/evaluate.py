@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from clusterfeed.ingest.normalize import html_to_text, link_key, normalize_url
-from clusterfeed.stories import StoryItem
+from clusterfeed.stories.features import StoryItem
 
 
 @dataclass(frozen=True)

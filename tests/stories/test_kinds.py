@@ -3,7 +3,7 @@
 On the bundled example the matcher joined NordBio's Newsletter 11/2026 with Kansai's
 mail magazine of the same month (two publishers' issues, a hard negative of the
 example's key) and Newsletter 10/2026 with the Keiko Brandt item it mentions. The rule
-(``clusterfeed.storykinds``, applied in ``storymodel.veto``): a roundup is one story
+(``clusterfeed.stories.kinds``, applied in ``stories.score.veto``): a roundup is one story
 only with another roundup of the same site.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from clusterfeed.stories import StoryItem
-from clusterfeed.storykinds import notice_kind, publisher
-from clusterfeed.storymodel import Evidence, ItemFeatures, evidence, veto
+from clusterfeed.stories.features import Evidence, ItemFeatures, StoryItem, evidence
+from clusterfeed.stories.kinds import notice_kind, publisher
+from clusterfeed.stories.score import veto
 
 WHEN = datetime(2026, 11, 3, 9, tzinfo=UTC)
 

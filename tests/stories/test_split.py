@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from clusterfeed.config import load_config
 from clusterfeed.store import SCHEMA_VERSION, Store, story_corrections
-from clusterfeed.stories import StoryMatcher
-from clusterfeed.storysplit import apart_pairs, page_key
+from clusterfeed.stories.matcher import StoryMatcher
+from clusterfeed.stories.split import apart_pairs, page_key
 from tests.test_store import _back_to_version_8
 
 
