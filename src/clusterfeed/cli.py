@@ -25,8 +25,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from clusterfeed import __version__
+from clusterfeed.app import units
 from clusterfeed.app.health import Alert
 from clusterfeed.app.scaffold import init_command
+from clusterfeed.app.sequences import FetchReport, cycle, digest_run, fetch_and_match
 from clusterfeed.app.service import FeedOutcome, PublishReport, Service, adhoc_digest_key
 from clusterfeed.config import (
     CONFIG_ENV,
@@ -223,35 +225,62 @@ def migrate(config_path: Path | None) -> None:
     out.print(said, markup=False)
 
 
-def _fetch_with_progress(service: Service) -> list[FeedOutcome]:
-    total = sum(1 for f in service.config.feeds if f.enabled)
+def _fetch_with_progress(service: Service) -> FetchReport:
+    """``fetch``: the fetch-and-match sequence, with a progress bar on a terminal."""
+    with _progress(service) as (on_feed, _on_sent):
+        return asyncio.run(fetch_and_match(service, on_feed=on_feed))
+
+
+FeedCallback = Callable[[FeedOutcome], None]
+SendCallback = Callable[[Delivery, str], None]
+
+
+def _log_feed(o: FeedOutcome) -> None:
+    logging.getLogger("clusterfeed.fetch").info(
+        "%s: %s%s",
+        o.name,
+        o.state,
+        f" ({o.new_entries} new, {o.updated_entries} updated)"
+        if o.state == "new"
+        else (f" – {o.message}" if o.message else ""),
+    )
+
+
+def _log_delivery(d: Delivery, outcome: str) -> None:
+    logging.getLogger("clusterfeed.mail").info("%s: %s", d.subscriber.email, outcome)
+
+
+@contextmanager
+def _progress(service: Service) -> Iterator[tuple[FeedCallback, SendCallback]]:
+    """Callbacks for each fetched feed and each delivery: progress bars on a terminal
+    (one live display for both, as rich allows only one), else a log line each."""
     if not _interactive():
-
-        def log_one(o: FeedOutcome) -> None:
-            logging.getLogger("clusterfeed.fetch").info(
-                "%s: %s%s",
-                o.name,
-                o.state,
-                f" ({o.new_entries} new, {o.updated_entries} updated)"
-                if o.state == "new"
-                else (f" – {o.message}" if o.message else ""),
-            )
-
-        return asyncio.run(service.fetch(log_one))
+        yield _log_feed, _log_delivery
+        return
     with Progress(
-        TextColumn("fetching"),
+        TextColumn("{task.fields[verb]}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.description}"),
         console=err,
         transient=True,
     ) as progress:
-        task = progress.add_task("", total=total)
+        feeds = sum(1 for f in service.config.feeds if f.enabled)
+        fetching = progress.add_task("", total=feeds, verb="fetching", visible=False)
+        sending = progress.add_task(
+            "", total=service.store.count_due(service.clock()), verb="sending", visible=False
+        )
 
         def advance(o: FeedOutcome) -> None:
-            progress.update(task, advance=1, description=o.name)
+            progress.update(fetching, advance=1, description=o.name, visible=True)
 
-        return asyncio.run(service.fetch(advance))
+        def sent(d: Delivery, outcome: str) -> None:
+            task = progress.tasks[sending]
+            if task.completed >= (task.total or 0):  # a digest planned after the first pass
+                progress.update(sending, total=task.completed + 1)
+            progress.update(sending, advance=1, visible=True)
+
+        yield advance, sent
 
 
 def _print_outcomes(outcomes: list[FeedOutcome]) -> None:
@@ -274,8 +303,9 @@ def _print_outcomes(outcomes: list[FeedOutcome]) -> None:
 def fetch(config_path: Path | None) -> None:
     """Fetch every feed once and store new items."""
     with _service(config_path) as service:
-        _print_outcomes(_fetch_with_progress(service))
-        _print_alerts(asyncio.run(service.send_alerts()), service)
+        report = _fetch_with_progress(service)
+        _print_outcomes(report.feeds)
+        _print_alerts(report.alerts, service)
 
 
 @main.command()
@@ -292,12 +322,10 @@ def publish(config_path: Path | None, out_dir: Path | None) -> None:
     """Write the feeds (Atom, RSS, JSON Feed; per topic and language), archive and OPML."""
     with _service(config_path) as service:
         try:
-            report = service.publish(out_dir)
+            report = asyncio.run(units.publish(service, out_dir))
         except OSError as exc:
             _fail([f"error: {exc.filename or out_dir}: cannot write ({exc.strerror or exc})"])
         _print_publish(report, report.folder / service.config.publish.filename)
-        if out_dir is None:  # a copy elsewhere is not what the hub's readers fetch
-            asyncio.run(service.notify_hub(report))
 
 
 def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = False) -> None:
@@ -313,21 +341,6 @@ def _print_publish(report: PublishReport, main_feed: Path, *, in_cycle: bool = F
         + (f", {len(report.removed)} removed" if report.removed else ""),
         markup=False,
     )
-
-
-def _send_with_progress(service: Service) -> Any:
-    if not _interactive():
-
-        def log_one(d: Delivery, outcome: str) -> None:
-            logging.getLogger("clusterfeed.mail").info("%s: %s", d.subscriber.email, outcome)
-
-        return asyncio.run(service.send_pending(on_progress=log_one))
-    total = service.store.count_due(service.clock())
-    with Progress(
-        TextColumn("sending"), BarColumn(), MofNCompleteColumn(), console=err, transient=True
-    ) as progress:
-        task = progress.add_task("", total=total)
-        return asyncio.run(service.send_pending(on_progress=lambda d, o: progress.advance(task)))
 
 
 def _file_name_not_option(
@@ -396,18 +409,20 @@ def digest(
                 markup=False,
             )
             return
-        earlier = _send_with_progress(service)  # finish what an earlier run left
         now = service.clock()
-        _created, planned = service.create_digest(adhoc_digest_key("manual", now), now)
-        report = _send_with_progress(service)
+        with _progress(service) as (_on_feed, on_progress):
+            run = asyncio.run(
+                digest_run(service, adhoc_digest_key("manual", now), now, on_progress)
+            )
+        report = run.send
         # Count what the first pass delivered too: a message deferred last time and
         # sent now was reported as "0 sent". Deferred is what is still waiting for a
         # retry, from this run or an earlier one.
         waiting = service.store.delivery_counts().get("pending", 0)
         report.retry = waiting
         out.print(
-            f"digest: {planned} planned, {earlier.sent + report.sent} sent, "
-            f"{waiting} deferred, {earlier.failed + report.failed} failed"
+            f"digest: {run.planned} planned, {run.sent} sent, "
+            f"{waiting} deferred, {run.failed} failed"
             + (
                 f" (mail in {service.config.mail.maildir}/new)"
                 if service.config.mail.transport == "maildir"
@@ -489,18 +504,18 @@ def run(
         if not once:
             asyncio.run(_run_service(service, with_web, host, port))
             return
-        outcomes = _fetch_with_progress(service)
-        _print_outcomes(outcomes)
-        _print_alerts(asyncio.run(service.send_alerts()), service)
-        published = service.publish()
-        _print_publish(published, service.feed_path(), in_cycle=True)
-        asyncio.run(service.notify_hub(published))
-        earlier = _send_with_progress(service)  # finish what an earlier run left
-        now = service.clock()
-        _created, planned = service.create_digest(adhoc_digest_key("once", now), now)
-        report = _send_with_progress(service)
-        report.sent += earlier.sent
-        report.failed += earlier.failed
+        with _progress(service) as (on_feed, on_progress):
+            done = asyncio.run(
+                cycle(service, with_digest=True, on_feed=on_feed, on_progress=on_progress)
+            )
+        _print_outcomes(done.feeds)
+        _print_alerts(done.fetched.alerts, service)
+        _print_publish(done.publish, service.feed_path(), in_cycle=True)
+        assert done.digest is not None
+        planned = done.digest.planned
+        report = done.digest.send
+        report.sent = done.digest.sent
+        report.failed = done.digest.failed
         where = (
             f"{service.config.mail.maildir / 'new'}"
             if service.config.mail.transport == "maildir"
@@ -514,6 +529,43 @@ def run(
             markup=False,
         )
         _print_delivery_notes(service, report)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Tasks this worker runs at once.",
+)
+@_handle_errors
+def worker(config_path: Path | None, concurrency: int) -> None:
+    """Run the queued units (fetch, match, publish, plan, deliver); PostgreSQL only."""
+    from clusterfeed.app.workers import NeedsPostgres, conninfo, run_worker
+
+    with _service(config_path) as service:
+        try:
+            conninfo(service.config.database_url)
+            asyncio.run(run_worker(service, concurrency))
+        except NeedsPostgres as exc:
+            _fail([f"error: {exc} ({service.config.source})"])
+
+
+@main.command()
+@config_option
+@_handle_errors
+def scheduler(config_path: Path | None) -> None:
+    """Queue the units for the workers when due (one scheduler per store); PostgreSQL only."""
+    from clusterfeed.app.workers import NeedsPostgres, conninfo, run_scheduler
+
+    with _service(config_path) as service:
+        try:
+            conninfo(service.config.database_url)
+            asyncio.run(run_scheduler(service))
+        except NeedsPostgres as exc:
+            _fail([f"error: {exc} ({service.config.source})"])
 
 
 async def _run_service(

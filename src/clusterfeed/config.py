@@ -772,6 +772,26 @@ class AlertsConfig(_Strict):
         return None if value is None else normalize_email(value)
 
 
+class WorkersConfig(_Strict):
+    """Task workers on PostgreSQL (`clusterfeed worker`, `clusterfeed scheduler`).
+
+    Not used by `clusterfeed run`, which runs everything in one process.
+    """
+
+    tick_seconds: float = Field(10.0, ge=0.5, le=600)
+    """How often `clusterfeed scheduler` looks for due feeds, a due digest and stalled tasks.
+    A due feed is queued at most this late.
+    """
+    heartbeat_seconds: float = Field(5.0, ge=0.5, le=300)
+    """How often a worker tells the database it is alive."""
+    stalled_after_seconds: float = Field(30.0, ge=2, le=3600)
+    """A worker silent for this long is taken for dead (killed, its machine gone): the
+    scheduler hands its unfinished tasks to the other workers. Keep it a few times
+    `heartbeat_seconds`; the work of a dead worker is finished within about this plus
+    `tick_seconds`.
+    """
+
+
 class Config(_Strict):
     """The whole config. Paths are absolute once ``load_config`` returns it."""
 
@@ -792,6 +812,7 @@ class Config(_Strict):
     signup: SignupConfig = SignupConfig()
     alerts: AlertsConfig = AlertsConfig()
     stories: StoriesConfig = StoriesConfig()
+    workers: WorkersConfig = WorkersConfig()
     filters: FiltersConfig = FiltersConfig()
     subscribers: list[SubscriberConfig] = Field(default_factory=list)
     # Not read from TOML: where the file lives, so relative paths and messages can use it.

@@ -116,6 +116,14 @@ many cycles it lasts; a new outage after a recovery is a new incident.
 """,
     ),
     Section(
+        "workers",
+        "`[workers]`",
+        after="""\
+Read by `clusterfeed worker` and `clusterfeed scheduler` only (PostgreSQL stores; see
+[operations](operations.md#workers-on-postgresql)).
+""",
+    ),
+    Section(
         "subscribers",
         "`[[subscribers]]` (one block per subscriber)",
         after="""\

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import feedparser
 
+from clusterfeed.app.sequences import cycle
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.store import Store
@@ -33,17 +34,17 @@ def test_cycle_fetches_publishes_and_mails_once(
     example_config: Path, feed_server: FeedServer
 ) -> None:
     service = _service(example_config)
-    report = asyncio.run(service.cycle(with_digest=True))
+    report = asyncio.run(cycle(service, with_digest=True))
 
     assert [f.state for f in report.feeds] == ["new"] * 9
     assert sum(f.new_entries for f in report.feeds) == 47
     assert report.published
-    assert report.send is not None and report.send.sent == 1
+    assert report.digest is not None and report.digest.send.sent == 1
     mails = _maildir_messages(example_config.parent / "mail")
     assert len(mails) == 1
     assert mails[0]["To"].addresses[0].addr_spec == "reader@example.org"
 
-    parsed = feedparser.parse(report.feed_path.read_bytes())
+    parsed = feedparser.parse(service.feed_path().read_bytes())
     assert not parsed.bozo
     # 47 items in 36 stories: the acquisition is told by four partners (three of them
     # link one release, plain, with utm_ parameters, with an upper-case host and a
@@ -53,13 +54,13 @@ def test_cycle_fetches_publishes_and_mails_once(
 
     # Second cycle: every feed answers 304, nothing new is stored or mailed.
     before = feed_server.requests_for("/feeds/helix-vektor.rss")
-    again = asyncio.run(service.cycle(with_digest=True))
+    again = asyncio.run(cycle(service, with_digest=True))
     after = feed_server.requests_for("/feeds/helix-vektor.rss")
     assert len(after) == len(before) + 1
     assert after[-1].headers.get("if-none-match")
     assert [f.state for f in again.feeds] == ["unchanged"] * 9
     assert not again.published
-    assert again.send is not None and again.send.sent == 0
+    assert again.digest is not None and again.digest.sent == 0
     assert service.store.count_entries() == 47
     assert len(_maildir_messages(example_config.parent / "mail")) == 1
     service.store.close()

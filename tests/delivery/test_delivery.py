@@ -33,6 +33,7 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
 from sqlalchemy import select
 
+from clusterfeed.app.sequences import digest_run
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.delivery.pacing import RateLimiter, RetryPolicy, next_attempt
@@ -204,7 +205,7 @@ def _state(service: Service, address: str) -> list[Any]:
 def _round(service: Service, clock: Clock, label: str) -> Any:
     """One digest as the scheduler would build it at the clock's time."""
     asyncio.run(service.fetch())
-    _created, _planned, report = asyncio.run(service.digest(f"test:{label}", clock()))
+    report = asyncio.run(digest_run(service, f"test:{label}", clock())).send
     return report
 
 

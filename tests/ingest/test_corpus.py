@@ -35,7 +35,8 @@ import feedparser
 import lxml.html
 import pytest
 
-from clusterfeed.app.service import CycleReport, Service
+from clusterfeed.app.sequences import CycleReport, cycle
+from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.model import FeedStatus, Story
 from clusterfeed.store import Store
@@ -300,7 +301,7 @@ def run_case(
     service = start_service(tmp_path, feed_server.url("/partner"), good_url, database_url, language)
     started.append(service)
     began = time.perf_counter()
-    report = asyncio.run(service.cycle(with_digest=True))
+    report = asyncio.run(cycle(service, with_digest=True))
     return Run(tmp_path, service, report, time.perf_counter() - began)
 
 
@@ -555,7 +556,7 @@ def run_rotating(
     feed_server.routes["/partner"] = Route(
         rotating_feed(), content_type="application/rss+xml", etag=False, last_modified=False
     )
-    run.report = asyncio.run(run.service.cycle(with_digest=True))
+    run.report = asyncio.run(cycle(run.service, with_digest=True))
     return run, first, run.service.store.count_stories()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterfeed.app.sequences import cycle
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.store import Store
@@ -57,7 +58,7 @@ def test_external_entities_are_never_read(
     service = Service(config, Store(config.database_url))
     service.prepare()
 
-    report = asyncio.run(service.cycle(with_digest=True))
+    report = asyncio.run(cycle(service, with_digest=True))
 
     output = _all_output(tmp_path)
     assert marker not in output
@@ -96,7 +97,7 @@ def test_entity_expansion_ends_fast_with_bounded_memory(
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     tracemalloc.start()
     started = time.perf_counter()
-    report = asyncio.run(service.cycle(with_digest=True))
+    report = asyncio.run(cycle(service, with_digest=True))
     seconds = time.perf_counter() - started
     _current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 import feedparser
 import pytest
 
+from clusterfeed.app.sequences import cycle
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.store import Store
@@ -66,7 +67,7 @@ def test_feeds_carry_hub_and_self_and_the_hub_is_pinged_on_change(
     service = Service(config, Store(config.database_url))
     service.prepare()
 
-    report = asyncio.run(service.cycle(with_digest=False))
+    report = asyncio.run(cycle(service, with_digest=False))
 
     public = tmp_path / "public"
     atom = feedparser.parse((public / "feed.atom").read_bytes())
@@ -86,6 +87,6 @@ def test_feeds_carry_hub_and_self_and_the_hub_is_pinged_on_change(
     assert not any("/archive/" in u or u.endswith(".html") for u in ping["hub.url"])
 
     # Nothing changed: no ping.
-    asyncio.run(service.cycle(with_digest=False))
+    asyncio.run(cycle(service, with_digest=False))
     assert len(hub.pings) == 1
     service.store.close()

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from clusterfeed.app.sequences import digest_run
 from clusterfeed.app.service import Service
 from clusterfeed.config import load_config
 from clusterfeed.store import _LOCK_KEY, Store
@@ -444,7 +445,7 @@ def test_the_news_page_and_digest_pages_lead_to_the_sign_up_form(
 
     asyncio.run(service.fetch())
     now = service.clock()
-    asyncio.run(service.digest("manual:test", now))
+    asyncio.run(digest_run(service, "manual:test", now))
     service.publish()
     form_url = "https://news.nordbio.example/subscribe"  # web.base_url: where the form is
 

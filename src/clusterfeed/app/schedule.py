@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from clusterfeed.app.sequences import cycle, digest_run
 from clusterfeed.app.service import Service
 from clusterfeed.config import cron_trigger
 from clusterfeed.digest.templatecheck import TemplateProblem, describe
@@ -81,11 +82,8 @@ def missed_slot(service: Service, now: datetime) -> datetime | None:
 
 async def _fetch_and_publish(service: Service) -> None:
     try:
-        outcomes = await service.fetch(due_only=True)
-        await service.send_alerts()
-        published = service.publish()
-        await service.notify_hub(published)
-        await _send_due_retries(service)
+        report = await cycle(service, due_only=True)
+        outcomes = report.feeds
         failed = sum(1 for o in outcomes if o.state == "failed")
         statuses = await asyncio.to_thread(service.store.feed_statuses, None, with_counts=False)
         due = cycle_line(
@@ -96,6 +94,7 @@ async def _fetch_and_publish(service: Service) -> None:
             service.clock(),
             service.config.schedule.timezone,
         )
+        published = report.publish
         log.info(
             "fetch cycle: %s; feed %s (%s written, %d unchanged)",
             due,
@@ -103,6 +102,13 @@ async def _fetch_and_publish(service: Service) -> None:
             plural(len(published.written), "file"),
             len(published.unchanged),
         )
+        if report.retries is not None:
+            log.info(
+                "deferred deliveries: %d sent, %d deferred again, %d failed",
+                report.retries.sent,
+                report.retries.retry,
+                report.retries.failed,
+            )
     except (TemplateProblem, jinja2.TemplateError) as exc:  # the operator's to fix
         problem = exc if isinstance(exc, TemplateProblem) else describe(exc)
         log.error("fetch cycle stopped, a template cannot be rendered: %s", problem)
@@ -110,30 +116,17 @@ async def _fetch_and_publish(service: Service) -> None:
         log.exception("fetch cycle failed")
 
 
-async def _send_due_retries(service: Service) -> None:
-    """Deferred deliveries come due between digests; the fetch cycle sends them."""
-    if not service.store.count_due(service.clock()):
-        return
-    report = await service.send_pending()
-    log.info(
-        "deferred deliveries: %d sent, %d deferred again, %d failed",
-        report.sent,
-        report.retry,
-        report.failed,
-    )
-
-
 async def _digest(service: Service, slot: datetime) -> None:
     try:
-        created, planned, report = await service.digest(slot_key(slot), slot)
+        run = await digest_run(service, slot_key(slot), slot)
         log.info(
             "digest %s: %s, %s planned, %d sent, %d deferred, %d failed",
             slot.isoformat(),
-            "built" if created else "already built",
-            plural(planned, "delivery"),
-            report.sent,
-            report.retry,
-            report.failed,
+            "built" if run.created else "already built",
+            plural(run.planned, "delivery"),
+            run.send.sent,
+            run.send.retry,
+            run.send.failed,
         )
     except TemplateProblem as exc:  # the operator's to fix: a sentence, no traceback
         log.error(

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import secrets
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -29,7 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clusterfeed.app.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.app.lifeline import lifeline, start_worker
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
-from clusterfeed.delivery.outbox import SendReport, deliver_pending
+from clusterfeed.delivery.outbox import CLAIM_BATCH, SendReport, deliver_pending
 from clusterfeed.delivery.pacing import RetryPolicy
 from clusterfeed.delivery.transports import (
     Outgoing,
@@ -164,22 +164,6 @@ class PublishReport:
 
     def __bool__(self) -> bool:
         return self.changed
-
-
-@dataclass
-class CycleReport:
-    feeds: list[FeedOutcome] = field(default_factory=list)
-    published: bool = False
-    publish: PublishReport | None = None
-    feed_path: Path | None = None
-    digest_created: bool = False
-    deliveries_planned: int = 0
-    send: SendReport | None = None
-    alerts: list[Alert] = field(default_factory=list)
-
-    @property
-    def failed_feeds(self) -> list[FeedOutcome]:
-        return [f for f in self.feeds if f.state == "failed"]
 
 
 def _settle(
@@ -360,12 +344,18 @@ class Service:
         on_feed: Callable[[FeedOutcome], None] | None = None,
         *,
         due_only: bool = False,
+        names: Collection[str] | None = None,
+        match: bool = True,
     ) -> list[FeedOutcome]:
         """Fetch the enabled feeds concurrently and store what changed.
 
         With ``due_only`` (the scheduler's periodic job) a feed is asked only when the
         politeness rules allow it (back-off after failures, Retry-After, max-age); a
         command the operator types asks every feed except those that are gone.
+        ``names`` limits the fetch to those feeds (a worker fetches one feed per task).
+        With ``match`` the cycle's new items are joined to stories at the end; a worker
+        leaves that to its own unit (``clusterfeed.app.units.match_new``), which runs
+        once after many feeds' tasks instead of once per feed.
         """
         now = self.clock()
         cycle_started = now
@@ -375,6 +365,8 @@ class Service:
         for feed in self.config.feeds:
             status = statuses.get(feed.name)
             if not feed.enabled or status is None or status.state == "gone":
+                continue
+            if names is not None and feed.name not in names:
                 continue
             if due_only and not status.is_due(now):
                 continue
@@ -395,15 +387,22 @@ class Service:
             retried = await self._fetch_and_ingest(retries, statuses, on_feed)
             done = {o.name for o in retried}
             outcomes = [o for o in outcomes if o.name not in done] + retried
-        if self.matcher is not None and any(o.new_entries for o in outcomes):
-            joined = await asyncio.to_thread(
-                self.store.join_new_stories, cycle_started, self.matcher
-            )
-            if joined:
-                log.info("%s joined stories told by other partners", plural(joined, "new item"))
+        if match and any(o.new_entries for o in outcomes):
+            await asyncio.to_thread(self.match_new, cycle_started)
         order = {f.name: i for i, f in enumerate(self.config.feeds)}
         outcomes.sort(key=lambda o: order.get(o.name, 0))
         return outcomes
+
+    def match_new(self, since: datetime) -> int:
+        """Join the one-item stories created since ``since`` to the stories they tell
+        (``Store.join_new_stories``); how many items joined. Run again over the same
+        items it changes nothing: a joined item is no one-item story any more."""
+        if self.matcher is None:
+            return 0
+        joined = self.store.join_new_stories(since, self.matcher)
+        if joined:
+            log.info("%s joined stories told by other partners", plural(joined, "new item"))
+        return joined
 
     async def _fetch_and_ingest(
         self,
@@ -1035,11 +1034,15 @@ class Service:
         self,
         transport: Transport | None = None,
         on_progress: Callable[[Delivery, str], None] | None = None,
+        *,
+        batches: int | None = None,
     ) -> SendReport:
-        """Send every due delivery. Messages are composed in this process, each story
-        list rendered once; only templates that need a full rendering per message are
-        rendered in worker processes for a large outbox, so that CPU-bound rendering
-        runs beside the sending instead of taking turns with it on one core."""
+        """Send every due delivery (or at most ``batches`` claimed batches of them).
+
+        Messages are composed in this process, each story list rendered once; only
+        templates that need a full rendering per message are rendered in worker
+        processes for a large outbox, so that CPU-bound rendering runs beside the
+        sending instead of taking turns with it on one core."""
         # Before anything is claimed: a template the operator broke stops the run with
         # a sentence and costs no delivery an attempt.
         require_digest_templates(self.config)
@@ -1047,7 +1050,10 @@ class Service:
             self._story_cache.clear()  # stories may have changed since the last run
         self._composer, self._run_secret = None, None  # and templates and the secret
         transport = transport or self.transport()
-        workers = self._render_processes(self.store.count_due(self.clock()))
+        due = self.store.count_due(self.clock())
+        if batches is not None:  # a task's batch: too few messages to start processes for
+            due = min(due, batches * CLAIM_BATCH)
+        workers = self._render_processes(due)
         pool = None
 
         async def compose_here(delivery: Delivery) -> Outgoing:
@@ -1084,6 +1090,7 @@ class Service:
                 policy=RetryPolicy.from_config(self.config.mail),
                 bounce_after=self.config.mail.bounce_after,
                 on_progress=on_progress,
+                batches=batches,
             )
         finally:
             if pool is not None:
@@ -1102,13 +1109,6 @@ class Service:
     def transport(self) -> Transport:
         """The configured transport, DKIM signer and rate limit included."""
         return make_transport(self.config.mail, self.config.source)
-
-    async def digest(self, key: str, slot: datetime) -> tuple[bool, int, SendReport]:
-        """Finish any earlier digest's deliveries, then build and send ``key``."""
-        await self.send_pending()
-        created, planned = self.create_digest(key, slot)
-        report = await self.send_pending()
-        return created, planned, report
 
     # -- operator alerts ------------------------------------------------------------
 
@@ -1160,22 +1160,6 @@ class Service:
 
     def _enabled_feeds(self) -> set[str]:
         return {f.name for f in self.config.feeds if f.enabled}
-
-    # -- a whole cycle --------------------------------------------------------------
-
-    async def cycle(self, *, with_digest: bool) -> CycleReport:
-        report = CycleReport()
-        report.feeds = await self.fetch()
-        report.alerts = await self.send_alerts()
-        report.publish = self.publish()
-        report.published = report.publish.changed
-        await self.notify_hub(report.publish)
-        report.feed_path = self.feed_path()
-        if with_digest:
-            now = self.clock()
-            created, planned, send = await self.digest(adhoc_digest_key("once", now), now)
-            report.digest_created, report.deliveries_planned, report.send = created, planned, send
-        return report
 
 
 def _already_holds(path: Path, keep_if: KeepIf | KeepExisting) -> bool:

@@ -65,8 +65,12 @@ async def deliver_pending(
     bounce_after: int = 3,
     spread: Callable[[], float] = random.random,
     on_progress: Callable[[Delivery, str], None] | None = None,
+    batches: int | None = None,
 ) -> SendReport:
     """Send every delivery that is due; safe to run in several processes at once.
+
+    ``batches`` stops after claiming that many batches of ``CLAIM_BATCH`` rows: a task
+    worker sends one batch per task, so a worker that dies holds one batch's claims.
 
     One task claims rows in batches and has up to ``ahead`` of them rendered at once
     (``compose`` in a thread, or ``render``, e.g. in worker processes), in outbox
@@ -109,9 +113,11 @@ async def deliver_pending(
             message = await future
             await queue.put((delivery, message))
 
+        claimed = 0
         try:
-            while not stop.is_set():
+            while not stop.is_set() and (batches is None or claimed < batches):
                 batch = store.claim_due(me, clock(), CLAIM_BATCH)
+                claimed += 1
                 if not batch and not recover():
                     # Nothing due, and no run beside this one died holding claims
                     # meanwhile (if one did, its rows are due again: sent by this run,
