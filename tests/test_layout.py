@@ -62,3 +62,40 @@ def test_the_package_data_is_found_from_its_new_home() -> None:
     from clusterfeed.resources import default_template_dir
 
     assert (default_template_dir() / "digest.html").is_file()
+
+
+def _store_reaches(source: str, name: str) -> list[str]:
+    """Every ``x.store`` read in a module, as ``name:line``: an attribute named ``store``
+    anywhere in a chain (``service.store.count_stories()``, ``self.service.store``, or a
+    bound method handed on, such as ``service.store.email_of``)."""
+    return [
+        f"{name}:{node.lineno}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute) and node.attr == "store"
+    ]
+
+
+def test_the_cli_and_the_web_app_never_reach_into_the_store() -> None:
+    """The CLI and the web app read through ``service.queries`` and change through
+    ``service.commands``: the store's shape can change behind the service without a
+    command or a page having to follow it."""
+    faces = [PACKAGE / "cli.py", *sorted((PACKAGE / "web").rglob("*.py"))]
+    assert PACKAGE / "web" / "signup.py" in faces  # the web app's modules are found
+    reaches = [
+        hit for path in faces for hit in _store_reaches(path.read_text(encoding="utf-8"), path.name)
+    ]
+    assert reaches == [], f"call service.queries or service.commands instead: {reaches}"
+
+
+def test_the_store_check_sees_each_kind_of_reach() -> None:
+    """The check above is not blind: a call, a bound method handed on and a read
+    through ``self`` are each found; the service's queries are not."""
+    sample = (
+        "def f(self, service):\n"
+        "    service.queries.count_stories()\n"
+        "    n = service.store.count_stories()\n"
+        "    run(service.store.email_of)\n"
+        "    store = self.service.store\n"
+    )
+    found = sorted(_store_reaches(sample, "sample.py"))
+    assert found == ["sample.py:3", "sample.py:4", "sample.py:5"]

@@ -268,7 +268,7 @@ def _progress(service: Service) -> Iterator[tuple[FeedCallback, SendCallback]]:
         feeds = sum(1 for f in service.config.feeds if f.enabled)
         fetching = progress.add_task("", total=feeds, verb="fetching", visible=False)
         sending = progress.add_task(
-            "", total=service.store.count_due(service.clock()), verb="sending", visible=False
+            "", total=service.queries.count_due(service.clock()), verb="sending", visible=False
         )
 
         def advance(o: FeedOutcome) -> None:
@@ -418,7 +418,7 @@ def digest(
         # Count what the first pass delivered too: a message deferred last time and
         # sent now was reported as "0 sent". Deferred is what is still waiting for a
         # retry, from this run or an earlier one.
-        waiting = service.store.delivery_counts().get("pending", 0)
+        waiting = service.queries.delivery_counts().get("pending", 0)
         report.retry = waiting
         out.print(
             f"digest: {run.planned} planned, {run.sent} sent, "
@@ -437,7 +437,7 @@ def _print_delivery_notes(service: Service, report: SendReport) -> None:
     """What the operator must know after sending: when deferred mail is tried again,
     and which addresses were just marked bouncing."""
     if report.retry:
-        when = service.store.next_retry_at()
+        when = service.queries.next_retry_at()
         out.print(
             f"deferred deliveries are tried again from {_when(when, 'now')} "
             "(by `clusterfeed run`, or the next `clusterfeed digest`)",
@@ -445,7 +445,7 @@ def _print_delivery_notes(service: Service, report: SendReport) -> None:
         )
     # Rows still being sent once this run is done belong to a run started elsewhere
     # (claims of a run that died were taken over when this one started).
-    elsewhere = service.store.delivery_counts().get("sending", 0)
+    elsewhere = service.queries.delivery_counts().get("sending", 0)
     if elsewhere:
         out.print(
             f"{elsewhere} {'message is' if elsewhere == 1 else 'messages are'} being sent "
@@ -662,7 +662,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
     with _service(config_path) as service:
         if max_age is not None:
             latest = max(
-                (s.last_success_at for s in service.store.feed_statuses() if s.last_success_at),
+                (s.last_success_at for s in service.queries.feed_statuses() if s.last_success_at),
                 default=None,
             )
             fresh = latest is not None and service.clock() - latest <= timedelta(minutes=max_age)
@@ -670,7 +670,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
             sys.exit(0 if fresh else 1)
         configured = {f.name for f in service.config.feeds if f.enabled}
         now = service.clock()
-        rows = [s for s in service.store.feed_statuses(now) if s.name in configured]
+        rows = [s for s in service.queries.feed_statuses(now) if s.name in configured]
         if as_json:
             click.echo(json.dumps([_status_json(s) for s in rows], indent=2, ensure_ascii=False))
             return
@@ -701,9 +701,10 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
         # A pipe or a log file has no width: do not squeeze the table to 80 columns.
         wide = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
         wide.print(table)
-        counts = service.store.delivery_counts()
+        queries = service.queries
+        counts = queries.delivery_counts()
         out.print(
-            f"stories: {service.store.count_stories()}, items: {service.store.count_entries()}, "
+            f"stories: {queries.count_stories()}, items: {queries.count_entries()}, "
             f"deliveries: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'none'}",
             markup=False,
         )
@@ -711,7 +712,7 @@ def status(config_path: Path | None, as_json: bool, max_age: int | None) -> None
 
 
 def _print_bouncing(service: Service) -> None:
-    bouncing = service.store.bouncing()
+    bouncing = service.queries.bouncing()
     if not bouncing:
         return
     out.print(
@@ -737,7 +738,7 @@ def bounces(ctx: click.Context, config_path: Path | None) -> None:
     if ctx.invoked_subcommand is not None:
         return
     with _service(config_path) as service:
-        if not service.store.bouncing():
+        if not service.queries.bouncing():
             out.print("no bouncing addresses", markup=False)
             return
         _print_bouncing(service)
@@ -750,7 +751,7 @@ def bounces(ctx: click.Context, config_path: Path | None) -> None:
 def bounces_clear(config_path: Path | None, email: str) -> None:
     """Let the next digests reach EMAIL again (after the address was fixed)."""
     with _service(config_path) as service:
-        if not service.store.clear_bouncing(email):
+        if not service.commands.clear_bouncing(email):
             _fail([f"error: {email} is not marked bouncing (see `clusterfeed bounces`)"], 1)
         out.print(f"{email} is no longer bouncing; the next digest includes it", markup=False)
 
@@ -778,10 +779,10 @@ def stories(ctx: click.Context, config_path: Path | None, limit: int, as_json: b
         return
     with _service(config_path) as service:
         if as_json:
-            data = [_story_json(story) for story in service.store.recent_stories()]
+            data = [_story_json(story) for story in service.queries.recent_stories()]
             click.echo(json.dumps(data, indent=2, ensure_ascii=False))
             return
-        for story in service.store.recent_stories(limit=limit):
+        for story in service.queries.recent_stories(limit):
             out.print(f"{story.entry.title}", markup=False)
             for source in story.sources:
                 reason = source.join_reason or "first version"
@@ -801,7 +802,7 @@ def stories(ctx: click.Context, config_path: Path | None, limit: int, as_json: b
 def stories_split(config_path: Path | None, url: str) -> None:
     """Take the item at URL out of the story it was wrongly joined to, for good."""
     with _service(config_path) as service:
-        result = service.store.split_story(url, service.clock())
+        result = service.commands.split_story(url)
     if not result.found:
         _fail(
             [
@@ -986,7 +987,7 @@ def _checked_address(value: str) -> str:
 def subscribers_list(config_path: Path | None, show_all: bool) -> None:
     """Show subscribers with their state and choices (empty choices mean "all")."""
     with _service(config_path) as service:
-        members = service.store.memberships()
+        members = service.queries.memberships()
         shown = [m for m in members if show_all or m.status in ("confirmed", "pending")]
         # Plain aligned columns, every cell in full whatever the terminal's width: the
         # address is what the operator copies into the next command.
@@ -1094,13 +1095,11 @@ def subscribers_remove(config_path: Path | None, email: str) -> None:
                     "subscribers_csv); remove it there, it would come back at the next start"
                 ]
             )
-        membership = service.store.membership(email=address)
+        membership = service.queries.membership(address)
         if membership is None:
             _fail([f"error: {address} is not a subscriber"])
         assert membership is not None and membership.subscriber.id is not None
-        if service.store.unsubscribe(
-            membership.subscriber.id, service.clock(), action="remove", status="removed"
-        ):
+        if service.commands.remove_subscriber(membership.subscriber.id):
             out.print(f"removed {address}", markup=False)
         else:
             out.print(f"{address} was not subscribed; nothing changed", markup=False)
@@ -1243,7 +1242,7 @@ def subscribers_export(
                     consent_row(c.choices),
                     c.ip_hash or "",
                 ]
-                for c in service.store.consents()
+                for c in service.queries.consents()
             ]
         else:
             header = EXPORT_COLUMNS
@@ -1261,7 +1260,7 @@ def subscribers_export(
                     _iso(m.confirmed_at) or "",
                     _iso(m.unsubscribed_at) or "",
                 ]
-                for m in service.store.memberships()
+                for m in service.queries.memberships()
                 if export_all or m.status in ("confirmed", "pending")
             ]
     data = _csv_text(header, rows)

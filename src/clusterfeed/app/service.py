@@ -26,8 +26,10 @@ from urllib.parse import urljoin
 import jinja2
 from sqlalchemy.exc import SQLAlchemyError
 
+from clusterfeed.app.commands import Commands
 from clusterfeed.app.health import Alert, alert_key, alert_message, feed_alerts
 from clusterfeed.app.lifeline import lifeline, start_worker
+from clusterfeed.app.queries import Queries
 from clusterfeed.config import Config, ConfigError, FeedConfig, Problem, all_subscribers
 from clusterfeed.delivery.outbox import CLAIM_BATCH, SendReport, deliver_pending
 from clusterfeed.delivery.pacing import RetryPolicy
@@ -205,6 +207,9 @@ class Service:
         self.config = config
         self.store = store
         self.clock = clock
+        # What the CLI and the web app read and change, so they never hold the store.
+        self.queries = Queries(store)
+        self.commands = Commands(store, lambda: self.clock())
         self._pool: ProcessPoolExecutor | None = None
         self._digest_pages: dict[int, DigestPage] = {}  # a sent digest's page never moves
         self._digest_env: jinja2.Environment | None = None

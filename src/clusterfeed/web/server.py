@@ -320,7 +320,7 @@ class StoreCollector(Collector):
         self.service = service
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        store = self.service.store
+        store = self.service.queries  # read through the service, never the store
         statuses = store.feed_statuses(self.service.clock())
         feeds = GaugeMetricFamily("clusterfeed_feeds", "Feeds by state", labels=["state"])
         for state in ("new", "ok", "failing", "gone"):
@@ -357,7 +357,7 @@ class StoreCollector(Collector):
 def health(service: Service) -> tuple[bool, dict[str, Any]]:
     """Healthy when a fetch succeeded within three fetch intervals and the feed exists."""
     now = service.clock()
-    statuses = service.store.feed_statuses(now)
+    statuses = service.queries.feed_statuses(now)
     last_fetch = max((s.last_success_at for s in statuses if s.last_success_at), default=None)
     limit = timedelta(minutes=3 * service.config.schedule.fetch_interval_minutes)
     fetch_ok = last_fetch is not None and now - last_fetch <= limit

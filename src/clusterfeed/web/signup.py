@@ -243,7 +243,7 @@ def routes(service: Service) -> list[Route]:
                     subs.secret,
                     CONFIRM,
                     token,
-                    service.store.email_of,
+                    service.queries.email_of,
                     service.clock(),
                     timedelta(hours=service.config.signup.confirm_hours),
                 )
@@ -293,9 +293,8 @@ def routes(service: Service) -> list[Route]:
                 error = exc
             else:
                 await run_in_threadpool(
-                    service.store.set_preferences,
+                    service.commands.set_preferences,
                     membership.subscriber.id or 0,
-                    service.clock(),
                     topics=prefs.topics,
                     languages=prefs.languages,
                     frequency=prefs.frequency,
@@ -338,9 +337,8 @@ def routes(service: Service) -> list[Route]:
         # "List-Unsubscribe=One-Click" without cookies or a form token; the token in
         # the URL is the proof, so nothing else is asked for.
         await run_in_threadpool(
-            service.store.unsubscribe,
+            service.commands.unsubscribe,
             membership.subscriber.id or 0,
-            service.clock(),
             ip_hash=client(request),
         )
         return _message_page(

@@ -309,7 +309,10 @@ class StoriesMixin(StoreBase):
         exclude_ids: Iterable[int] = (),
         only_ids: Iterable[int] | None = None,
     ) -> list[Story]:
-        """Stories newest first (by their representative's publication date)."""
+        """Stories newest first by the story's own date (``stories.published_at``: the
+        earliest publication date among its items, kept when items join or are split
+        off), not by its representative's, which a configured rule may pick later; ties
+        newest id first. ``since`` counts from when a story was first seen."""
         query = select(stories).order_by(stories.c.published_at.desc(), stories.c.id.desc())
         if since is not None:
             query = query.where(stories.c.first_seen_at >= since)
