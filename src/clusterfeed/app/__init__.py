@@ -2,9 +2,10 @@
 
 ``service`` wires the edges (network, store, transport, clock) to the pure stages;
 ``units`` are its units of work and ``sequences`` the sequences made of them, written
-once; ``schedule`` runs them on their timetable in one process (``clusterfeed run``),
-``workers`` as tasks of many processes on PostgreSQL (``clusterfeed worker`` and
-``clusterfeed scheduler``); ``lifeline`` keeps worker processes from outliving their
-parent, ``health`` decides which feeds the operator must hear about, ``scaffold`` writes
-a new config folder (``clusterfeed init``).
+once; ``queries`` and ``commands`` are what the CLI and the web app read and change,
+so they never hold the store. ``schedule`` runs the sequences on their timetable in
+one process (``clusterfeed run``), ``workers`` as tasks of many processes on
+PostgreSQL (``clusterfeed worker`` and ``clusterfeed scheduler``); ``lifeline`` keeps
+worker processes from outliving their parent, ``health`` decides which feeds the
+operator must hear about, ``scaffold`` writes a new config folder (``clusterfeed init``).
 """
