@@ -99,3 +99,19 @@ def test_the_store_check_sees_each_kind_of_reach() -> None:
     )
     found = sorted(_store_reaches(sample, "sample.py"))
     assert found == ["sample.py:3", "sample.py:4", "sample.py:5"]
+
+
+def test_the_cli_builds_a_store_only_to_hand_it_to_the_service() -> None:
+    """``Store(...)`` appears in one function of cli.py, the one that builds the
+    service; ``migrate`` and every other command go through ``clusterfeed.app``."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    builders = sorted(
+        function.name
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Store"
+    )
+    assert builders == ["_service"]

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from clusterfeed import __version__
 from clusterfeed.app import units
+from clusterfeed.app.commands import upgrade_schema
 from clusterfeed.app.health import Alert
 from clusterfeed.app.scaffold import init_command
 from clusterfeed.app.sequences import FetchReport, cycle, digest_run, fetch_and_match
@@ -210,12 +211,8 @@ def migrate(config_path: Path | None) -> None:
             [f"error: {p}" for p in exc.problems]
             + [f"{plural(len(exc.problems), 'problem')} in the config."]
         )
-    store = Store(config.database_url)
-    try:
-        change = store.upgrade_schema()
-    finally:
-        store.close()
-    where = f"database {store.safe_url()}"
+    change, address = upgrade_schema(config.database_url)
+    where = f"database {address}"
     if change.created:
         said = f"{where}: created the schema at version {change.after}"
     elif change.changed:

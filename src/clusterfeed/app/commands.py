@@ -14,9 +14,23 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from clusterfeed.store import Store
+
 if TYPE_CHECKING:
-    from clusterfeed.store import Store
+    from clusterfeed.store import SchemaChange
     from clusterfeed.stories.split import SplitResult
+
+
+def upgrade_schema(database_url: str) -> tuple[SchemaChange, str]:
+    """Bring the database's schema to this version (``clusterfeed migrate``) and say
+    from which version to which, with the database's address without its password
+    for the operator's message. Only the schema: no feeds or subscribers are synced,
+    so it is safe to run before a new config is in place."""
+    store = Store(database_url)
+    try:
+        return store.upgrade_schema(), store.safe_url()
+    finally:
+        store.close()
 
 
 class Commands:
