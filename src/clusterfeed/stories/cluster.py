@@ -448,6 +448,15 @@ def regroup(
     work = {k: work[k] for k in order}
     counts = NameCounts(feats.values(), model.rarity_days)
     sent_ids = set(sent)
+    # A stored story's age is its earliest item's date: story ids follow the order the
+    # partners' servers answered in, which is no order at all.
+    since: dict[int, float] = {}
+    for k in order:
+        since.setdefault(placed[k].story, feats[k].published.timestamp())
+
+    def older(story: int) -> tuple[bool, float, int]:
+        return story not in sent_ids, since.get(story, float("inf")), story
+
     joined = cluster(
         feats,
         work,
@@ -456,7 +465,7 @@ def regroup(
         forced=forced,
         # A stored story outlives a group of this cycle; of two stored ones, the one
         # subscribers were sent, else the older.
-        keeps=lambda s: (s < 0, s not in sent_ids, s),
+        keeps=lambda s: (s < 0, *older(s)),
         names=counts,
     )
     # Each earlier story of a region item goes to the group that holds most of its
@@ -484,7 +493,7 @@ def regroup(
         if g >= 0:
             survivor = g
         elif candidates:
-            survivor = min(candidates, key=lambda s: (s not in sent_ids, s))
+            survivor = min(candidates, key=older)
         else:
             survivor = g  # a new story
         final[g] = survivor
