@@ -17,7 +17,7 @@ COPY templates ./templates
 # The example feeds and subscribers go into the package, for `clusterfeed init`.
 COPY config ./config
 COPY scripts/docker-entrypoint /usr/local/bin/clusterfeed-entrypoint
-RUN pip install ".[postgres]" \
+RUN pip install ".[postgres,workers]" \
  && chmod 755 /usr/local/bin/clusterfeed-entrypoint \
  && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin clusterfeed \
  && mkdir -p /config /data \

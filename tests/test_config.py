@@ -290,6 +290,29 @@ def test_smtp_password_variable_must_be_set(tmp_path: Path, monkeypatch) -> None
     assert load_config(path).mail.password_env == "CF_TEST_SMTP_PASSWORD"
 
 
+def test_store_url_from_an_environment_variable(tmp_path: Path, monkeypatch) -> None:
+    """As the docker compose setup passes it: the URL (with its password) stays out of the
+    file; a variable that is not set stops clusterfeed instead of falling back to SQLite."""
+    monkeypatch.delenv("CF_TEST_STORE_URL", raising=False)
+    path = write_config(
+        tmp_path,
+        [{"name": "Partner", "url": "https://partner.example/feed"}],
+    )
+    text = path.read_text(encoding="utf-8").replace(
+        'url = "sqlite:///state.sqlite3"', 'url_env = "CF_TEST_STORE_URL"'
+    )
+    path.write_text(text, encoding="utf-8")
+
+    by_key = _by_key(_problems(path))
+
+    assert set(by_key) == {"store.url_env"}
+    assert "CF_TEST_STORE_URL is not set" in by_key["store.url_env"]
+
+    url = "postgresql+psycopg://clusterfeed:s3cret@db:5432/clusterfeed"
+    monkeypatch.setenv("CF_TEST_STORE_URL", url)
+    assert load_config(path).database_url == url
+
+
 def test_password_env_without_username_is_reported_at_its_key(tmp_path: Path) -> None:
     path = write_config(
         tmp_path,

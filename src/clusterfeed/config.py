@@ -608,6 +608,11 @@ class StoreConfig(_Strict):
     `sqlite:////absolute/path` is absolute; `postgresql+psycopg://user@host/dbname` uses
     PostgreSQL (install with `pip install 'clusterfeed[postgres]'`).
     """
+    url_env: str | None = None
+    """Or: the name of an environment variable holding the database URL, used instead of `url`
+    (for containers, and to keep the database password out of the file; the `docker compose`
+    setup sets `CLUSTERFEED_STORE_URL`). clusterfeed refuses to start when it is not set.
+    """
 
 
 class WebConfig(_Strict):
@@ -933,6 +938,8 @@ def _resolve_paths(config: Config, file: Path) -> Config:
         return p if p.is_absolute() else (base / p).resolve()
 
     store_url = config.store.url
+    if config.store.url_env and os.environ.get(config.store.url_env):
+        store_url = os.environ[config.store.url_env]
     if store_url and store_url.startswith("sqlite:///") and not store_url.startswith("sqlite:////"):
         rel = store_url.removeprefix("sqlite:///")
         if rel and rel != ":memory:":
@@ -1052,6 +1059,17 @@ def _file_problems(file: Path, raw: dict[str, Any]) -> list[Problem]:
                 "mail.password_env",
                 f"environment variable {password_env} is not set; "
                 "export it with the SMTP password before starting clusterfeed",
+            )
+        )
+    url_env = table("store").get("url_env")
+    if isinstance(url_env, str) and url_env and not os.environ.get(url_env):
+        problems.append(
+            Problem(
+                file,
+                "store.url_env",
+                f"environment variable {url_env} is not set; export it with the database URL "
+                "(postgresql+psycopg://USER:PASSWORD@HOST:5432/DB) before starting clusterfeed, "
+                "or set [store] url instead",
             )
         )
     dkim = mail.get("dkim")

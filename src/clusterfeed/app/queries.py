@@ -17,6 +17,7 @@ from clusterfeed.model import Consent, FeedStatus, Membership, Story
 
 if TYPE_CHECKING:
     from clusterfeed.store import Bouncing, Store
+    from clusterfeed.store.aggregates.taskqueue import TaskQueueCounts
 
 
 class Queries:
@@ -53,6 +54,11 @@ class Queries:
     def delivery_counts(self) -> dict[str, int]:
         """Deliveries by state ("pending", "sending", "sent", "failed"); absent is 0."""
         return self._store.delivery_counts()
+
+    def task_queue(self) -> list[TaskQueueCounts] | None:
+        """The workers' queue per unit (queued, running, failed, oldest wait), or None
+        where there is no queue (SQLite, or no worker or scheduler has started yet)."""
+        return self._store.task_queue()
 
     def count_due(self, now: datetime) -> int:
         """Deliveries a sender would take at ``now``, to size a progress bar."""

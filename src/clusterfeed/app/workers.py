@@ -43,6 +43,8 @@ MATCH = "clusterfeed.match"
 PUBLISH = "clusterfeed.publish"
 PLAN = "clusterfeed.plan_digest"
 DELIVER = "clusterfeed.deliver"
+# Every unit the workers run, for /metrics: a unit with nothing queued shows 0.
+TASKS = (FETCH, MATCH, PUBLISH, PLAN, DELIVER)
 
 MATCHED_KEY = "workers_matched_through"
 # Items are matched from a little before the last match started: an item stored by a

@@ -19,6 +19,7 @@ they share:
 ``subscribers``           subscribers, consent, erasure, sign-up rate limits
 ``digests``               planning a digest from the outbox's facts, and what it held
 ``outbox``, ``sent``      deliveries: claims, answers, bounces, recovery
+``taskqueue``             the workers' queue (procrastinate's tables), read for metrics
 ``records``               the plain records handed out, and rows mapped to them
 ========================  ===============================================================
 """
@@ -34,6 +35,8 @@ from clusterfeed.store.aggregates.sent import SentRecorder as SentRecorder
 from clusterfeed.store.aggregates.settings import SettingsMixin
 from clusterfeed.store.aggregates.stories import StoriesMixin
 from clusterfeed.store.aggregates.subscribers import SubscribersMixin
+from clusterfeed.store.aggregates.taskqueue import TaskQueueCounts as TaskQueueCounts
+from clusterfeed.store.aggregates.taskqueue import TaskQueueMixin
 from clusterfeed.store.base import _LOCK_KEY as _LOCK_KEY
 from clusterfeed.store.base import StoreError as StoreError
 from clusterfeed.store.base import _short_hash as _short_hash
@@ -71,6 +74,7 @@ class Store(
     SubscribersMixin,
     DigestsMixin,
     OutboxMixin,
+    TaskQueueMixin,
 ):
     """The one gateway to the database: ``Store(url)``, then ``migrate()`` at start-up.
 

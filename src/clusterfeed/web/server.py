@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from clusterfeed.app.service import Service
+from clusterfeed.app.workers import TASKS
 from clusterfeed.web import signup
 from clusterfeed.web.proxies import ForwardedClient, networks
 from clusterfeed.web.webguard import LocalRedirectsOnly, PathTooLong, clean_path, local_location
@@ -352,6 +353,41 @@ class StoreCollector(Collector):
             "When a feed was last fetched successfully (Unix time)",
             value=last_fetch.timestamp() if last_fetch else 0.0,
         )
+        yield from self._task_queue()
+
+    def _task_queue(self) -> Iterator[GaugeMetricFamily]:
+        """The workers' queue per unit, where there is one (PostgreSQL, and a worker or
+        the scheduler has started): absent on SQLite, where `run` does the work in one
+        process and there is no queue to measure, rather than a misleading 0."""
+        queue = self.service.queries.task_queue()
+        if queue is None:
+            return
+        found = {q.task: q for q in queue}
+        names = [*TASKS, *sorted(set(found) - set(TASKS))]
+        jobs = GaugeMetricFamily(
+            "clusterfeed_tasks", "Worker tasks queued (todo) and running (doing), by unit",
+            labels=["task", "state"],
+        )  # fmt: skip
+        failed = GaugeMetricFamily(
+            "clusterfeed_tasks_failed",
+            "Worker tasks that ended in an error and are kept in the queue table, by unit",
+            labels=["task"],
+        )
+        waiting = GaugeMetricFamily(
+            "clusterfeed_task_oldest_waiting_seconds",
+            "How long the oldest queued task of a unit has waited for a worker (0: none waits)",
+            labels=["task"],
+        )
+        for name in names:
+            label = name.removeprefix("clusterfeed.")
+            q = found.get(name)
+            jobs.add_metric([label, "todo"], q.todo if q else 0)
+            jobs.add_metric([label, "doing"], q.doing if q else 0)
+            failed.add_metric([label], q.failed if q else 0)
+            waiting.add_metric([label], q.oldest_waiting_seconds if q else 0.0)
+        yield jobs
+        yield failed
+        yield waiting
 
 
 def health(service: Service) -> tuple[bool, dict[str, Any]]:
