@@ -42,12 +42,14 @@ def test_a_digest_planned_while_another_is_written_waits_and_sees_its_rows(
     (sub,) = subscribers(store, "rita@example.org")
     story_ids = [s.id for s in store.recent_stories()]
     other = Store(database_url)
+    first_inside = threading.Event()
     second_started = threading.Event()
     seen: list[OutboxFacts] = []
 
     def first(facts: OutboxFacts) -> list[PlannedDelivery]:
         # Inside the first transaction, with its rows not yet written: let the second
         # build start and run into the lock, then finish.
+        first_inside.set()
         assert second_started.wait(30)
         time.sleep(0.3)
         return [(sub, story_ids, "<first@nordbio.example>")]
@@ -58,6 +60,9 @@ def test_a_digest_planned_while_another_is_written_waits_and_sees_its_rows(
         return [(sub, new, "<second@nordbio.example>")] if new else []
 
     def build_second() -> int | None:
+        # Only once the first holds the lock: on a loaded machine the second thread
+        # could otherwise take it first, and the test would measure the scheduler.
+        assert first_inside.wait(30)
         second_started.set()
         return other.build_digest("manual:b", NOW, NOW, story_ids, second)
 
