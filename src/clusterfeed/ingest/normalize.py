@@ -295,6 +295,26 @@ def _written_date(value: Any) -> datetime | None:
     return parse_human_date(value[:200])
 
 
+def _plain(raw: Mapping[str, Any], key: str) -> Any:
+    # dict.get, not raw.get: feedparser's mapping silently aliases a missing
+    # updated_parsed to published_parsed (with a deprecation warning).
+    return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
+
+
+def _published_and_updated(raw: Mapping[str, Any]) -> tuple[datetime | None, datetime | None]:
+    """The dates as the partner wrote them (UTC), each parsed once."""
+    published = (
+        _struct_to_datetime(_plain(raw, "published_parsed"))
+        or _struct_to_datetime(_plain(raw, "created_parsed"))
+        or _written_date(_plain(raw, "published"))
+        or _written_date(_plain(raw, "created"))
+    )
+    updated = _struct_to_datetime(_plain(raw, "updated_parsed")) or _written_date(
+        _plain(raw, "updated")
+    )
+    return published, updated
+
+
 def stated_date(raw: Mapping[str, Any]) -> datetime | None:
     """The publication date as the partner wrote it (UTC), future or not; None if none.
 
@@ -302,37 +322,31 @@ def stated_date(raw: Mapping[str, Any]) -> datetime | None:
     stated one, since clamping every item of a feed dated ahead to one moment would
     make unrelated items look simultaneous.
     """
+    return _stated(*_published_and_updated(raw))
 
-    # dict.get, not raw.get: feedparser's mapping silently aliases a missing
-    # updated_parsed to published_parsed (with a deprecation warning).
-    def plain(key: str) -> Any:
-        return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
 
-    stated = (
-        _struct_to_datetime(plain("published_parsed"))
-        or _struct_to_datetime(plain("created_parsed"))
-        or _written_date(plain("published"))
-        or _written_date(plain("created"))
-        or _struct_to_datetime(plain("updated_parsed"))
-        or _written_date(plain("updated"))
-    )
+def _stated(published: datetime | None, updated: datetime | None) -> datetime | None:
+    stated = published or updated
     return stated.replace(microsecond=0) if stated is not None else None
 
 
 def entry_dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime]:
     """(published, updated) in UTC; missing means first seen now, the future is clamped."""
+    published, updated, _ = _dates(raw, now)
+    return published, updated
 
-    def plain(key: str) -> Any:
-        return dict.get(raw, key) if isinstance(raw, dict) else raw.get(key)
 
-    updated = _struct_to_datetime(plain("updated_parsed")) or _written_date(plain("updated"))
-    published = stated_date(raw) or now
+def _dates(raw: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime, datetime | None]:
+    """(published, updated) as readers see them, and the stated publication date."""
+    published, updated = _published_and_updated(raw)
+    stated = _stated(published, updated)
+    published = stated or now
     updated = updated or published
     limit = now + FUTURE_TOLERANCE
     published = min(published, now) if published > limit else published
     updated = min(updated, now) if updated > limit else updated
     updated = max(updated, published)
-    return published.replace(microsecond=0), updated.replace(microsecond=0)
+    return published.replace(microsecond=0), updated.replace(microsecond=0), stated
 
 
 _IMG = re.compile(r"<img\b[^>]*?\bsrc\s*=\s*(['\"])(.*?)\1", re.IGNORECASE | re.DOTALL)
@@ -445,7 +459,7 @@ def normalize_entry(
         if term:
             topics.add(term)
 
-    published, updated = entry_dates(raw, now)
+    published, updated, dated = _dates(raw, now)
     image_url, image_alt = entry_image(raw, [content_raw, summary_raw], base)
     author = clean_title(_first_text(raw, "author")) or None
     content_hash = hashlib.sha256(
@@ -469,7 +483,7 @@ def normalize_entry(
         published=published,
         updated=updated,
         content_hash=content_hash,
-        dated=stated_date(raw),
+        dated=dated,
     )
 
 
