@@ -261,11 +261,19 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
         return
-    import sqlalchemy
-
     base = _postgres_url()
     assert base is not None
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with postgres_schema(base, "t") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def postgres_schema(base: str, prefix: str) -> Iterator[str]:
+    """A new schema in the PostgreSQL at ``base``, as a database URL whose connections
+    work in it; dropped afterwards with everything in it."""
+    import sqlalchemy
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = sqlalchemy.create_engine(base)
     with admin.begin() as conn:
         conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FeedServer, SmtpServer, write_config
+from tests.conftest import FeedServer, SmtpServer, postgres_schema, write_config
 
 PG = os.environ.get("CLUSTERFEED_TEST_DATABASE_URL")
 
@@ -50,19 +49,8 @@ def pg_schema_url() -> Iterator[str]:
     """A fresh schema in the test PostgreSQL, as the store's database_url."""
     if not PG:
         pytest.skip("needs CLUSTERFEED_TEST_DATABASE_URL (workers run on PostgreSQL only)")
-    import sqlalchemy
-
-    schema = f"w_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(PG)
-    with admin.begin() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG else "?"
-    try:
-        yield f"{PG}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with postgres_schema(PG, "w") as url:
+        yield url
 
 
 def test_scheduler_queues_a_due_feed_once_and_a_worker_fetches_it_once(
